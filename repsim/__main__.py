@@ -1,0 +1,5 @@
+import sys
+
+from repsim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model("bert" | "opt" | "gpt2" | "llama", seed=0, padding_side="right") -> folder path."""
+    made: dict[tuple, Path] = {}
+
+    def make(kind: str, seed: int = 0, padding_side: str = "right", **kw) -> Path:
+        key = (kind, seed, padding_side, tuple(sorted(kw.items())))
+        if key not in made:
+            made[key] = make_tiny_model(kind, tmp_path_factory.mktemp(f"{kind}{seed}{padding_side}"), seed=seed,
+                                        padding_side=padding_side, **kw)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own activation cache unless it asks for the shared one (real-model tests)."""
+    if "REPSIM_TEST_SHARED_CACHE" not in os.environ:
+        monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "repsim-cache"))
