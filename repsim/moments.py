@@ -1,0 +1,588 @@
+"""Streaming sufficient statistics from which every linear metric is computed exactly.
+
+Memory depends on the widths, never on the number of rows n: feed batches with :meth:`LayerMoments.update`,
+combine accumulators with :meth:`~LayerMoments.merge` (any order, any batch sizes) or across
+``torch.distributed`` ranks with :meth:`~LayerMoments.all_reduce`, then read the metrics.
+
+What is accumulated (float64 by default), for teacher rows x_i ∈ ℝᵖ and student rows y_i ∈ ℝ^q, always
+*centred at the running mean* (Chan et al. parallel update, so nothing cancels even when the data carry a large
+offset): with x̄ = mean of x, u_i = x_i − x̄, v_i = y_i − ȳ, a_i = ‖u_i‖², b_i = ‖v_i‖²,
+
+==============  ========================  =========================================
+statistic       formula                   needed for
+==============  ========================  =========================================
+``n``           number of rows            all
+``mean``        x̄, ȳ                      merging
+``cov``         Σ u uᵀ  (p×p), Σ v vᵀ      all (trace A = Σ a_i = ‖X̃‖²_F before scaling)
+``cross``       Σ u vᵀ  (p×q)              all
+``quart``       Σ a_i², Σ b_i²             debiased CKA (denominator)
+``cub``         Σ a_i u_i, Σ b_i v_i       merging ``quart``
+``s_ab``        Σ a_i b_i                  debiased CKA (numerator)
+``t_ay``        Σ a_i v_i  (q)             merging ``s_ab``
+``t_bx``        Σ b_i u_i  (p)             merging ``s_ab``
+==============  ========================  =========================================
+
+Moving a state centred at its own mean m to a new centre c (d = m − c, δ = ‖d‖², and e, ε likewise for the
+student side) is exact:
+
+    cov  ← cov + n d dᵀ                     cross ← cross + n d eᵀ
+    cub  ← cub + A d + 2 cov d + n δ d      quart ← quart + 4 dᵀcub + 4 dᵀcov d + 2 δ A + n δ²
+    t_ay ← t_ay + A e + 2 crossᵀd + n δ e   t_bx  ← t_bx + B d + 2 cross e + n ε d
+    s_ab ← s_ab + 2 eᵀt_ay + 2 dᵀt_bx + 4 dᵀcross e + ε A + δ B + n δ ε
+
+so merging = move both parts to the pooled mean, then add; ``all_reduce`` = all-reduce n and the sum of rows to
+get the global mean, move every rank's state there, then all-reduce (sum) every statistic.
+
+Metrics (DESIGN.md §3; X̃ = centred X / ‖centred X‖_F, so X̃ᵀỸ = cross/√(AB), A = tr cov_x, B = tr cov_y):
+
+- Procrustes ρ = ‖cross‖_* / √(AB); distance √max(0, 2−2ρ), angular arccos(clip(ρ, 0, 1)), squared 2−2ρ.
+- Gram-Frobenius² = ‖cov_x‖²_F/A² + ‖cov_y‖²_F/B² − 2‖cross‖²_F/(AB)  (= ‖X̃X̃ᵀ − ỸỸᵀ‖²_F, no n×n matrix).
+- linear CKA (biased) = ‖cross‖²_F / (‖cov_x‖_F ‖cov_y‖_F).
+- linear CKA (debiased, Song et al. 2012 / Kornblith's ``debiased=True``): with K = XXᵀ, the U-statistic
+  HSIC_u(K, L) · n(n−3) = ‖cross‖²_F + AB/((n−1)(n−2)) − n/(n−2) · Σ a_i b_i
+  (the U-statistic is unchanged by centring, and for centred data K̃1 = −a, 1ᵀK̃1 = −A);
+  CKA = HSIC_u(K,L)/√(HSIC_u(K,K)·HSIC_u(L,L)).
+- projection residual (in-sample) min_W ‖X̃ − ỸW‖²_F = 1 − Σ_k g_k/λ_k over the eigenpairs (λ_k, q_k) of
+  S = ỸᵀỸ above a rank tolerance, g_k = ‖X̃ᵀỸ q_k‖²; with ``ridge`` λ > 0, W = (S + λI)⁻¹ỸᵀX̃ and the residual is
+  1 − Σ_k g_k (λ_k + 2λ)/(λ_k + λ)² (the fit error ‖X̃ − ỸW‖²_F, penalty not included).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from repsim.arrays import as_matrix
+from repsim.errors import UserError
+
+_PAIR_KEYS = ("cross", "s_ab", "t_ay", "t_bx")
+
+
+def _rank_tolerance(eigenvalues: torch.Tensor, size: int) -> torch.Tensor:
+    """Eigenvalues of a Gram/covariance matrix below this are rounding noise (relative to the largest)."""
+    return eigenvalues.max().clamp_min(0) * (10 * max(size, 1) * torch.finfo(eigenvalues.dtype).eps)
+
+
+def _widths(widths: int | Sequence[int], name: str) -> list[int]:
+    if isinstance(widths, (int, np.integer)):
+        widths = [int(widths)]
+    out = [int(w) for w in widths]
+    if not out:
+        raise UserError(f"{name} must list at least one layer width")
+    if any(w < 1 for w in out):
+        raise UserError(f"{name} must be positive integers, got {out}")
+    return out
+
+
+class LayerMoments:
+    """Cross moments between every teacher layer and every student layer (Lt × Ls pairs), streamed.
+
+    Per-layer self moments (mean, covariance, fourth-moment sums) are kept once per layer; pair moments are
+    stored as one block matrix ``cross`` of shape (Σp, Σq) whose block (t, s) is Σ u_t v_sᵀ, so one batch update
+    is one GEMM for all pairs. Memory: 8·(Σp·Σq + Σp² + Σq²) bytes in float64 (13×768 vs 7×384: ≈ 0.3 GB).
+
+    Args:
+        teacher_widths: width p_t of each teacher layer (an int for one layer).
+        student_widths: width q_s of each student layer.
+        dtype: accumulation dtype (float64 by default; float32 only if you accept rounding).
+        device: where the statistics live (e.g. "cuda").
+    """
+
+    def __init__(
+        self,
+        teacher_widths: int | Sequence[int],
+        student_widths: int | Sequence[int],
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.teacher_widths = _widths(teacher_widths, "teacher_widths")
+        self.student_widths = _widths(student_widths, "student_widths")
+        if not dtype.is_floating_point:
+            raise UserError(f"dtype must be a floating dtype, got {dtype}")
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.n = 0
+        lt, ls = len(self.teacher_widths), len(self.student_widths)
+        pt, ps = sum(self.teacher_widths), sum(self.student_widths)
+        z = self._zeros
+        self.mean_t, self.mean_s = z(pt), z(ps)
+        self.cov_t = [z(p, p) for p in self.teacher_widths]
+        self.cov_s = [z(q, q) for q in self.student_widths]
+        self.quart_t, self.quart_s = z(lt), z(ls)
+        self.cub_t, self.cub_s = z(pt), z(ps)
+        self.cross = z(pt, ps)
+        self.s_ab = z(lt, ls)
+        self.t_ay = z(lt, ps)
+        self.t_bx = z(ls, pt)
+        self._seg_t = torch.repeat_interleave(torch.arange(lt, device=self.device),
+                                              torch.tensor(self.teacher_widths, device=self.device))
+        self._seg_s = torch.repeat_interleave(torch.arange(ls, device=self.device),
+                                              torch.tensor(self.student_widths, device=self.device))
+
+    # ------------------------------------------------------------------ helpers
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def n_teacher_layers(self) -> int:
+        return len(self.teacher_widths)
+
+    @property
+    def n_student_layers(self) -> int:
+        return len(self.student_widths)
+
+    def _empty_like(self) -> LayerMoments:
+        return LayerMoments(self.teacher_widths, self.student_widths, dtype=self.dtype, device=self.device)
+
+    def _segsum_rows(self, m: torch.Tensor, seg: torch.Tensor, n_seg: int) -> torch.Tensor:
+        """Sum the rows of ``m`` within each layer segment: (P, k) → (L, k)."""
+        return torch.zeros(n_seg, m.shape[1], dtype=m.dtype, device=m.device).index_add_(0, seg, m)
+
+    def _check_same_shape(self, other: LayerMoments) -> None:
+        if not isinstance(other, LayerMoments):
+            raise UserError(f"can only merge another {type(self).__name__}, got {type(other).__name__}")
+        if other.teacher_widths != self.teacher_widths or other.student_widths != self.student_widths:
+            raise UserError(
+                f"cannot merge moments of different layer widths: teacher {self.teacher_widths} vs "
+                f"{other.teacher_widths}, student {self.student_widths} vs {other.student_widths}")
+
+    def _layers(self, batches: Any, widths: list[int], side: str) -> list[torch.Tensor]:
+        if isinstance(batches, (torch.Tensor, np.ndarray)) and batches.ndim == 3:
+            batches = list(batches)
+        elif isinstance(batches, (torch.Tensor, np.ndarray)):
+            raise UserError(f"{side} batches must be a list of (b, width) arrays or a (layers, b, width) array, "
+                            f"got shape {tuple(batches.shape)}")
+        batches = list(batches)
+        if len(batches) != len(widths):
+            raise UserError(f"expected {len(widths)} {side} layer batch(es), got {len(batches)}")
+        out = []
+        for i, (b, w) in enumerate(zip(batches, widths, strict=True)):
+            t = as_matrix(b, f"{side} layer {i} batch", dtype=self.dtype, device=self.device)
+            if t.shape[1] != w:
+                raise UserError(f"{side} layer {i} batch has width {t.shape[1]}, expected {w}")
+            out.append(t)
+        rows = {t.shape[0] for t in out}
+        if len(rows) != 1:
+            raise UserError(f"all {side} layer batches must have the same number of rows, got {sorted(rows)}")
+        return out
+
+    # ------------------------------------------------------------------ accumulation
+    def update(self, teacher_batches: Any, student_batches: Any) -> LayerMoments:
+        """Add a batch: ``teacher_batches`` is a list of (b, p_t) arrays (or a (Lt, b, p) array), rows paired
+        with ``student_batches`` (list of (b, q_s) or (Ls, b, q)). Returns self."""
+        xs = self._layers(teacher_batches, self.teacher_widths, "teacher")
+        ys = self._layers(student_batches, self.student_widths, "student")
+        if xs[0].shape[0] != ys[0].shape[0]:
+            raise UserError(f"teacher and student batches must have the same number of rows (paired samples), "
+                            f"got {xs[0].shape[0]} and {ys[0].shape[0]}")
+        self._merge_in(self._batch_moments(xs, ys))
+        return self
+
+    def _batch_moments(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> LayerMoments:
+        """Statistics of one batch, centred at the batch's own mean."""
+        b = self._empty_like()
+        b.n = xs[0].shape[0]
+        us, a = b._side_moments(xs, b.cov_t, "t")
+        vs, bb = b._side_moments(ys, b.cov_s, "s")
+        u_all, v_all = torch.cat(us, dim=1), torch.cat(vs, dim=1)
+        b.cross = u_all.T @ v_all
+        b.s_ab = a.T @ bb
+        b.t_ay = a.T @ v_all
+        b.t_bx = bb.T @ u_all
+        return b
+
+    def _side_moments(self, xs: list[torch.Tensor], covs: list[torch.Tensor], side: str):
+        means, centred, sq_norms, cubs = [], [], [], []
+        for i, x in enumerate(xs):
+            m = x.mean(dim=0)
+            u = x - m
+            a = (u * u).sum(dim=1)
+            covs[i] = u.T @ u
+            means.append(m)
+            centred.append(u)
+            sq_norms.append(a)
+            cubs.append(a @ u)
+        sq = torch.stack(sq_norms, dim=1)  # (b, L)
+        setattr(self, f"mean_{side}", torch.cat(means))
+        setattr(self, f"quart_{side}", (sq * sq).sum(dim=0))
+        setattr(self, f"cub_{side}", torch.cat(cubs))
+        return centred, sq
+
+    def _traces(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.stack([torch.trace(c) for c in self.cov_t])
+        b = torch.stack([torch.trace(c) for c in self.cov_s])
+        return a, b
+
+    def _shift(self, d: torch.Tensor, e: torch.Tensor) -> None:
+        """Move this state (centred at its own mean) to the centre mean − (d, e), in place. Exact formulas in the
+        module docstring; right-hand sides use the old values."""
+        n = float(self.n)
+        lt, ls = self.n_teacher_layers, self.n_student_layers
+        A, B = self._traces()
+        dt = list(d.split(self.teacher_widths))
+        es = list(e.split(self.student_widths))
+        delta = torch.stack([(x * x).sum() for x in dt])  # (Lt,)
+        eps = torch.stack([(x * x).sum() for x in es])  # (Ls,)
+        # pair pieces (old values on the right-hand side)
+        e_t_ay = self._segsum_rows((self.t_ay * e).T, self._seg_s, ls).T  # (Lt, Ls): e_sᵀ t_ay[t, s-block]
+        d_t_bx = self._segsum_rows((self.t_bx * d).T, self._seg_t, lt)  # (Lt, Ls): d_tᵀ t_bx[s, t-block]
+        cross_e = self._segsum_rows((self.cross * e).T, self._seg_s, ls).T  # (Pt, Ls): cross[:, s] e_s
+        d_cross = self._segsum_rows(d[:, None] * self.cross, self._seg_t, lt)  # (Lt, Ps): d_tᵀ cross[t, :]
+        d_cross_e = self._segsum_rows(d[:, None] * cross_e, self._seg_t, lt)  # (Lt, Ls)
+        self.s_ab = (self.s_ab + 2 * e_t_ay + 2 * d_t_bx + 4 * d_cross_e + eps[None, :] * A[:, None]
+                     + delta[:, None] * B[None, :] + n * delta[:, None] * eps[None, :])
+        self.t_ay = self.t_ay + A[:, None] * e[None, :] + 2 * d_cross + n * delta[:, None] * e[None, :]
+        self.t_bx = (self.t_bx + B[:, None] * d[None, :] + 2 * cross_e.T
+                     + n * eps[:, None] * d[None, :])
+        self.cross = self.cross + n * torch.outer(d, e)
+        # self pieces
+        for side, covs, vecs, A_l, delta_l in (("t", self.cov_t, dt, A, delta), ("s", self.cov_s, es, B, eps)):
+            cub = list(getattr(self, f"cub_{side}").split([v.shape[0] for v in vecs]))
+            quart = getattr(self, f"quart_{side}").clone()
+            for i, (c, v) in enumerate(zip(covs, vecs, strict=True)):
+                cv = c @ v
+                quart[i] = quart[i] + 4 * (v @ cub[i]) + 4 * (v @ cv) + 2 * delta_l[i] * A_l[i] + n * delta_l[i] ** 2
+                cub[i] = cub[i] + A_l[i] * v + 2 * cv + n * delta_l[i] * v
+                covs[i] = c + n * torch.outer(v, v)
+            setattr(self, f"cub_{side}", torch.cat(cub))
+            setattr(self, f"quart_{side}", quart)
+        self.mean_t = self.mean_t - d
+        self.mean_s = self.mean_s - e
+
+    def _add(self, other: LayerMoments) -> None:
+        """Add the statistics of ``other`` (both must be centred at the same point)."""
+        self.n += other.n
+        self.cov_t = [a + b for a, b in zip(self.cov_t, other.cov_t, strict=True)]
+        self.cov_s = [a + b for a, b in zip(self.cov_s, other.cov_s, strict=True)]
+        for key in ("quart_t", "quart_s", "cub_t", "cub_s", *_PAIR_KEYS):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+    def _merge_in(self, other: LayerMoments) -> None:
+        if other.n == 0:
+            return
+        if self.n == 0:
+            for key, value in other._tensors().items():
+                setattr(self, key, value.clone())
+            self.cov_t = [c.clone() for c in other.cov_t]
+            self.cov_s = [c.clone() for c in other.cov_s]
+            self.n = other.n
+            return
+        other = other._copy()
+        n = self.n + other.n
+        w = other.n / n
+        delta_t, delta_s = other.mean_t - self.mean_t, other.mean_s - self.mean_s
+        mean_t, mean_s = self.mean_t + w * delta_t, self.mean_s + w * delta_s
+        self._shift(self.mean_t - mean_t, self.mean_s - mean_s)
+        other._shift(other.mean_t - mean_t, other.mean_s - mean_s)
+        self._add(other)
+        self.mean_t, self.mean_s = mean_t, mean_s
+
+    def merge(self, other: LayerMoments) -> LayerMoments:
+        """Absorb ``other`` (same widths; rows of both count once). Exact and order-free. Returns self."""
+        self._check_same_shape(other)
+        if other.dtype != self.dtype or other.device != self.device:
+            other = LayerMoments.from_state_dict(other.state_dict(), dtype=self.dtype, device=self.device)
+        self._merge_in(other)
+        return self
+
+    def all_reduce(self, group: Any = None) -> LayerMoments:
+        """Combine this accumulator with those of all ranks in ``group`` (torch.distributed), in place.
+
+        Two all-reduces: (1) n and Σ rows → the global mean; (2) after each rank moves its state to the global
+        mean (exact shift), the sum of every statistic. Every rank ends with the pooled statistics. Returns self.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise UserError("all_reduce needs an initialised torch.distributed process group "
+                            "(torch.distributed.init_process_group)")
+        head = torch.cat([torch.tensor([float(self.n)], dtype=self.dtype, device=self.device),
+                          self.n * self.mean_t, self.n * self.mean_s])
+        dist.all_reduce(head, group=group)
+        n_total = int(round(float(head[0])))
+        if n_total == 0:
+            return self
+        pt = self.mean_t.shape[0]
+        mean_t, mean_s = head[1:1 + pt] / n_total, head[1 + pt:] / n_total
+        if self.n > 0:
+            self._shift(self.mean_t - mean_t, self.mean_s - mean_s)
+        flat = torch.cat([t.reshape(-1) for t in self._summed_tensors()])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        new = []
+        for t in self._summed_tensors():
+            new.append(flat[offset:offset + t.numel()].view_as(t).clone())
+            offset += t.numel()
+        self._set_summed_tensors(new)
+        self.n = n_total
+        self.mean_t, self.mean_s = mean_t, mean_s
+        return self
+
+    def _summed_tensors(self) -> list[torch.Tensor]:
+        return [*self.cov_t, *self.cov_s, self.quart_t, self.quart_s, self.cub_t, self.cub_s,
+                *(getattr(self, k) for k in _PAIR_KEYS)]
+
+    def _set_summed_tensors(self, tensors: list[torch.Tensor]) -> None:
+        lt, ls = self.n_teacher_layers, self.n_student_layers
+        self.cov_t, self.cov_s = tensors[:lt], tensors[lt:lt + ls]
+        rest = tensors[lt + ls:]
+        for key, value in zip(("quart_t", "quart_s", "cub_t", "cub_s", *_PAIR_KEYS), rest, strict=True):
+            setattr(self, key, value)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        keys = ("mean_t", "mean_s", "quart_t", "quart_s", "cub_t", "cub_s", *_PAIR_KEYS)
+        return {k: getattr(self, k) for k in keys}
+
+    def _copy(self) -> LayerMoments:
+        return LayerMoments.from_state_dict(self.state_dict(), dtype=self.dtype, device=self.device)
+
+    # ------------------------------------------------------------------ serialisation
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All statistics as a flat dict of tensors (safe for ``torch.save(..., )``/``safetensors``; no pickle)."""
+        d = {"n": torch.tensor(self.n, dtype=torch.int64),
+             "teacher_widths": torch.tensor(self.teacher_widths, dtype=torch.int64),
+             "student_widths": torch.tensor(self.student_widths, dtype=torch.int64)}
+        d.update({k: v.clone() for k, v in self._tensors().items()})
+        d.update({f"cov_t.{i}": c.clone() for i, c in enumerate(self.cov_t)})
+        d.update({f"cov_s.{i}": c.clone() for i, c in enumerate(self.cov_s)})
+        return d
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> LayerMoments:
+        """Rebuild an accumulator from :meth:`state_dict` output."""
+        try:
+            tw = [int(w) for w in state["teacher_widths"].tolist()]
+            sw = [int(w) for w in state["student_widths"].tolist()]
+            dtype = dtype or state["cross"].dtype
+            obj = LayerMoments.__new__(cls)
+            LayerMoments.__init__(obj, tw, sw, dtype=dtype, device=device)
+            obj.n = int(state["n"])
+            for k in obj._tensors():
+                v = state[k].to(dtype=dtype, device=obj.device)
+                if v.shape != getattr(obj, k).shape:
+                    raise UserError(f"moments state entry {k!r} has shape {tuple(v.shape)}, "
+                                    f"expected {tuple(getattr(obj, k).shape)}")
+                setattr(obj, k, v.clone())
+            obj.cov_t = [state[f"cov_t.{i}"].to(dtype=dtype, device=obj.device).clone() for i in range(len(tw))]
+            obj.cov_s = [state[f"cov_s.{i}"].to(dtype=dtype, device=obj.device).clone() for i in range(len(sw))]
+        except KeyError as exc:
+            raise UserError(f"moments state is missing entry {exc.args[0]!r}") from exc
+        return obj
+
+    # ------------------------------------------------------------------ metrics
+    def _require(self, min_rows: int, what: str) -> None:
+        if self.n < min_rows:
+            raise UserError(f"{what} needs at least {min_rows} samples (rows), got {self.n}")
+
+    def _pair_blocks(self) -> list[list[torch.Tensor]]:
+        rows = self.cross.split(self.teacher_widths, dim=0)
+        return [list(r.split(self.student_widths, dim=1)) for r in rows]
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_t = tr cov_t, B_s = tr cov_s (the squared Frobenius norms of the centred layers); must be > 0."""
+        A, B = self._traces()
+        for name, v in (("teacher", A), ("student", B)):
+            bad = torch.nonzero(v <= 0).flatten().tolist()
+            if bad:
+                raise UserError(f"{name} layer(s) {bad} have zero variance (all rows equal after centering); "
+                                f"the metric is undefined")
+        return A, B
+
+    def _nuclear(self) -> torch.Tensor:
+        """‖cross_ts‖_* for every pair, (Lt, Ls); batched svdvals where the student widths agree."""
+        out = self._zeros(self.n_teacher_layers, self.n_student_layers)
+        uniform = len(set(self.student_widths)) == 1
+        for t, blocks in enumerate(self._pair_blocks()):
+            if uniform:
+                out[t] = torch.linalg.svdvals(torch.stack(blocks)).sum(dim=-1)
+            else:
+                out[t] = torch.stack([torch.linalg.svdvals(b).sum() for b in blocks])
+        return out
+
+    def _cross_sq(self) -> torch.Tensor:
+        """‖cross_ts‖²_F for every pair, (Lt, Ls)."""
+        sq = self.cross * self.cross
+        sq = self._segsum_rows(sq, self._seg_t, self.n_teacher_layers)
+        return self._segsum_rows(sq.T, self._seg_s, self.n_student_layers).T
+
+    def _self_sq(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.stack([(c * c).sum() for c in self.cov_t]), torch.stack([(c * c).sum() for c in self.cov_s]))
+
+    def procrustes_matrix(self, output: str = "distance") -> torch.Tensor:
+        """Procrustes for every pair (see module docstring); output "distance" | "angular" | "squared" | "rho"."""
+        self._require(2, "procrustes")
+        A, B = self._scales()
+        rho = self._nuclear() / torch.sqrt(A[:, None] * B[None, :])
+        return _procrustes_output(rho, output)
+
+    def gram_frobenius_matrix(self, squared: bool = False) -> torch.Tensor:
+        """‖X̃X̃ᵀ − ỸỸᵀ‖_F (or its square) for every pair, from d×d moments only."""
+        self._require(2, "gram_frobenius")
+        A, B = self._scales()
+        kx, ky = self._self_sq()
+        sq = kx[:, None] / A[:, None] ** 2 + ky[None, :] / B[None, :] ** 2 - 2 * self._cross_sq() / (
+            A[:, None] * B[None, :])
+        return _gram_output(sq, squared)
+
+    def cka_matrix(self, estimator: str = "biased") -> torch.Tensor:
+        """Linear CKA for every pair; estimator "biased" (Kornblith 2019) or "debiased" (Song 2012 U-statistic)."""
+        if estimator == "biased":
+            self._require(2, "cka")
+            self._scales()
+            kx, ky = self._self_sq()
+            return self._cross_sq() / torch.sqrt(kx[:, None] * ky[None, :])
+        if estimator == "debiased":
+            self._require(4, "debiased cka")
+            n = float(self.n)
+            A, B = self._scales()
+            kx, ky = self._self_sq()
+            c = 1.0 / ((n - 1) * (n - 2))
+            f = n / (n - 2)
+            hxy = self._cross_sq() + c * A[:, None] * B[None, :] - f * self.s_ab
+            hxx = kx + c * A * A - f * self.quart_t
+            hyy = ky + c * B * B - f * self.quart_s
+            for name, h in (("teacher", hxx), ("student", hyy)):
+                bad = torch.nonzero(h <= 0).flatten().tolist()
+                if bad:
+                    raise UserError(f"debiased HSIC of {name} layer(s) {bad} with itself is not positive "
+                                    f"(n={self.n} is too small for the unbiased estimator); debiased CKA undefined")
+            return hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
+        raise UserError(f"linear CKA from moments supports estimator 'biased' or 'debiased', got {estimator!r}")
+
+    def projection_residual_matrix(self, ridge: float = 0.0) -> torch.Tensor:
+        """In-sample min_W ‖X̃ − ỸW‖²_F for every pair (1 − R² of predicting the teacher from the student).
+
+        With ridge λ > 0: W = (ỸᵀỸ + λI)⁻¹ỸᵀX̃ on the unit-Frobenius-scaled data, value = fit error without the
+        penalty. λ = 0 uses the pseudo-inverse (eigenvalues of ỸᵀỸ below 10·q·eps·λ_max count as 0).
+        """
+        if ridge < 0 or not math.isfinite(ridge):
+            raise UserError(f"ridge must be a finite number ≥ 0, got {ridge}")
+        self._require(2, "projection_residual")
+        A, B = self._scales()
+        out = self._zeros(self.n_teacher_layers, self.n_student_layers)
+        blocks = self._pair_blocks()
+        for s, cov in enumerate(self.cov_s):
+            lam, Q = torch.linalg.eigh(cov / B[s])
+            if ridge > 0:
+                weight = (lam + 2 * ridge) / (lam + ridge) ** 2
+            else:
+                keep = lam > _rank_tolerance(lam, cov.shape[0])
+                weight = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+            for t in range(self.n_teacher_layers):
+                g = ((blocks[t][s] @ Q) ** 2).sum(dim=0) / (A[t] * B[s])
+                out[t, s] = 1.0 - (g * weight).sum()
+        return _clamp_rounding(out, 0.0, 1.0, "projection residual")
+
+    def matrix(self, metric_id: str) -> np.ndarray:
+        """(Lt, Ls) float64 array of the metric ``metric_id`` (any id accepted by ``repsim.metrics.get_metric``
+        whose metric is linear, i.e. computable from second moments)."""
+        family, kwargs = _linear_metric(metric_id)
+        if family == "procrustes":
+            m = self.procrustes_matrix(kwargs.get("output", "distance"))
+        elif family == "gram_frobenius":
+            m = self.gram_frobenius_matrix(bool(kwargs.get("squared", False)))
+        elif family == "cka":
+            m = self.cka_matrix(kwargs.get("estimator", "biased"))
+        else:
+            m = self.projection_residual_matrix(float(kwargs.get("ridge", 0.0) or 0.0))
+        return m.detach().cpu().double().numpy()
+
+
+class CrossMoments(LayerMoments):
+    """Streaming moments of one (teacher, student) pair: X batches (b, p) with paired Y batches (b, q).
+
+    ``update(Xb, Yb)``, ``merge``, ``all_reduce``, ``state_dict``/``from_state_dict`` as for
+    :class:`LayerMoments`; each metric method returns a Python float, equal (to rounding) to the in-memory
+    ``repsim.metrics`` function on all rows seen.
+    """
+
+    def __init__(self, p: int, q: int, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str | None = None) -> None:
+        if not isinstance(p, (int, np.integer)) or not isinstance(q, (int, np.integer)):
+            raise UserError(f"CrossMoments(p, q) takes two integer widths, got {p!r}, {q!r}")
+        super().__init__([int(p)], [int(q)], dtype=dtype, device=device)
+
+    @property
+    def p(self) -> int:
+        return self.teacher_widths[0]
+
+    @property
+    def q(self) -> int:
+        return self.student_widths[0]
+
+    def _empty_like(self) -> LayerMoments:
+        return LayerMoments(self.teacher_widths, self.student_widths, dtype=self.dtype, device=self.device)
+
+    def update(self, Xb: Any, Yb: Any) -> CrossMoments:  # type: ignore[override]
+        """Add paired rows Xb (b, p) and Yb (b, q). Returns self."""
+        return super().update([Xb], [Yb])  # type: ignore[return-value]
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> CrossMoments:
+        obj = super().from_state_dict(state, dtype=dtype, device=device)
+        if obj.n_teacher_layers != 1 or obj.n_student_layers != 1:
+            raise UserError("this state holds several layers: load it with LayerMoments.from_state_dict")
+        return obj  # type: ignore[return-value]
+
+    def procrustes(self, output: str = "distance") -> float:
+        """ρ = ‖X̃ᵀỸ‖_*; output "distance" √(2−2ρ), "angular" arccos ρ, "squared" 2−2ρ (or "rho")."""
+        return float(self.procrustes_matrix(output)[0, 0])
+
+    def gram_frobenius(self, squared: bool = False) -> float:
+        """‖X̃X̃ᵀ − ỸỸᵀ‖_F (squared if asked)."""
+        return float(self.gram_frobenius_matrix(squared)[0, 0])
+
+    def cka(self, estimator: str = "biased") -> float:
+        """Linear CKA, "biased" or "debiased"."""
+        return float(self.cka_matrix(estimator)[0, 0])
+
+    def projection_residual(self, ridge: float = 0.0) -> float:
+        """In-sample min_W ‖X̃ − ỸW‖²_F."""
+        return float(self.projection_residual_matrix(ridge)[0, 0])
+
+    def value(self, metric_id: str) -> float:
+        """The linear metric ``metric_id`` (e.g. "procrustes[angular]", "cka[linear,debiased]")."""
+        return float(self.matrix(metric_id)[0, 0])
+
+
+# ---------------------------------------------------------------------- shared output conventions
+def _clamp_rounding(v: torch.Tensor, lo: float, hi: float, what: str, tol: float = 1e-9) -> torch.Tensor:
+    """Clamp values that leave [lo, hi] by rounding only; a larger excursion is a bug and raises."""
+    if bool(((v < lo - tol) | (v > hi + tol)).any()):
+        raise RuntimeError(f"{what} left [{lo}, {hi}] by more than rounding: {v.min().item()}..{v.max().item()}")
+    return v.clamp(lo, hi)
+
+
+def _procrustes_output(rho: torch.Tensor, output: str) -> torch.Tensor:
+    rho = _clamp_rounding(rho, 0.0, 1.0, "Procrustes ρ")
+    if output == "distance":
+        return torch.sqrt(torch.clamp(2 - 2 * rho, min=0))
+    if output == "angular":
+        return torch.arccos(rho)
+    if output == "squared":
+        return 2 - 2 * rho
+    if output in ("rho", "similarity"):
+        return rho
+    raise UserError(f"procrustes output must be 'distance', 'angular' or 'squared', got {output!r}")
+
+
+def _gram_output(sq: torch.Tensor, squared: bool) -> torch.Tensor:
+    sq = _clamp_rounding(sq, 0.0, 2.0, "squared Gram-Frobenius distance")
+    return sq if squared else torch.sqrt(sq)
+
+
+def _linear_metric(metric_id: str) -> tuple[str, dict[str, Any]]:
+    """(family, kwargs) of a metric id that the moments can compute; UserError otherwise."""
+    from repsim.metrics import get_metric
+
+    spec = get_metric(metric_id)
+    if not spec.linear:
+        raise UserError(f"metric {spec.id!r} is not computable from streaming moments (it is not a linear "
+                        f"second-moment metric); compute it in memory instead")
+    return spec.family, dict(spec.kwargs)
