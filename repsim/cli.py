@@ -19,7 +19,62 @@ from repsim.errors import UserError
 # ------------------------------------------------------------------------------------ compare
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="compare a teacher and a student layer by layer (Procrustes, Gram-Frobenius, CKA, ...)",
+        description="Compare a teacher and a student layer by layer. With no models named, runs the embedded "
+        "default: all-mpnet-base-v2 (teacher) vs all-MiniLM-L6-v2 (student) on sst2.")
+    p.add_argument("teacher", nargs="?", default=None, help="teacher model: HF id, short name or local folder")
+    p.add_argument("student", nargs="?", default=None, help="student model: HF id, short name or local folder")
+    p.add_argument("--data", default="sst2", help="sst2 | PATH (.txt/.csv/.jsonl) | hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--text-column", default=None, help="column holding the texts (files / hf data sets)")
+    p.add_argument("--label-column", default=None, help="column holding the labels (optional)")
+    p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
+                   help="metric ids, e.g. procrustes gram_frobenius cka 'projection_residual[folds=5]' "
+                   "(default: the four default metrics)")
+    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens"], help="pooling per text")
+    p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
+                   help="layer indices for both models (0 = embeddings, -1 = last, ranges 0-6); "
+                   "prefix t: or s: for one side, e.g. t:0-12 s:0-6")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N", help="use at most N texts")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B")
+    p.add_argument("--max-length", type=int, default=128, metavar="T", help="truncate texts to T tokens")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="B",
+                   help="bootstrap replicates over texts for 95%% percentile intervals (e.g. 200)")
+    p.add_argument("--permutations", type=int, default=0, metavar="P",
+                   help="student-row permutations for p-values (e.g. 200)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    p.add_argument("--seed", type=int, default=0, help="seed for data sampling, bootstrap and permutations")
+    p.add_argument("--suggest-map", default=None, metavar="METRIC",
+                   help="print the monotone teacher->student layer map maximising total similarity under METRIC")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from repsim.compare import run_compare_cli
+
+    return run_compare_cli(args)
+
+
 # ------------------------------------------------------------------------------------ plot
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="redraw heatmaps and the best-match plot from a results.csv",
+                       description="Redraw heatmap_<metric>.png/.svg and best_match.png/.svg from a results.csv "
+                       "written by `repsim compare --out`.")
+    p.add_argument("results", metavar="RESULTS.csv")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: beside RESULTS.csv)")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from repsim.compare import run_plot_cli
+
+    return run_plot_cli(args)
 
 
 # ------------------------------------------------------------------------------------ extract

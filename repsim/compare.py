@@ -1,0 +1,656 @@
+"""Teacher × student comparison, layer by layer: data → activations → all-pairs metrics → results → files.
+
+`compare(teacher, student, data)` extracts (or reads from the cache) one pooled hidden-state matrix per layer
+for each model, computes every metric for every (teacher layer, student layer) pair with
+:func:`repsim.pairwise.pairwise`, optionally adds bootstrap intervals and permutation p-values
+(:mod:`repsim.stats`), and returns a :class:`Comparison`. Layer k is the output of block k; layer 0 is the
+embedding output (the convention of :mod:`repsim.extract`).
+
+A :class:`Comparison` holds one long table (columns ``teacher_layer, student_layer, metric, value, ci_low,
+ci_high, p_value``; ``metric`` is the canonical id with its convention, e.g. ``procrustes[distance]``) and
+provenance (``meta``). ``save(dir)`` writes results.csv, heatmaps, a best-match plot and report.json
+atomically: everything is written into a temporary folder beside ``dir`` first and only then moved in,
+so a failure leaves a previous run's files as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from repsim.errors import UserError
+
+COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "ci_low", "ci_high", "p_value"]
+POOLS = ("mean", "cls", "last", "tokens")
+MIN_TEXTS = 2
+
+Echo = Callable[[str], None]
+
+
+def _spec(metric: str):
+    from repsim.metrics import get_metric
+
+    return get_metric(metric)
+
+
+def resolve_metrics(metrics: Sequence[str] | str | None) -> list[str]:
+    """User metric names/aliases → canonical ids (unique, in order); None → the default four."""
+    from repsim.metrics import DEFAULT_METRICS
+
+    if metrics is None:
+        metrics = DEFAULT_METRICS
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    ids = [_spec(m).id for m in metrics]
+    if not ids:
+        raise UserError("no metrics given")
+    return list(dict.fromkeys(ids))
+
+
+def in_sample_projection_warning(metric_ids: Sequence[str], n: int, student_widths: Sequence[int]) -> str | None:
+    """A warning when an in-sample projection residual is read at n ≤ q (centred student reaches rank n−1 ⇒ 0)."""
+    q = max(student_widths)
+    if n > q:
+        return None
+    for m in metric_ids:
+        spec = _spec(m)
+        if spec.family == "projection_residual" and not (spec.kwargs or {}).get("folds"):
+            return (f"{m}: n = {n} texts ≤ student width {q}; the in-sample projection residual is ~0 for any "
+                    f"student of rank n−1 (a blind spot, not similarity); use projection_residual[folds=5]")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ Comparison
+
+
+@dataclass
+class Comparison:
+    """Results of a layer-by-layer comparison.
+
+    ``table``: long DataFrame, one row per (teacher layer, student layer, metric) with ``value``, the
+    percentile-bootstrap interval ``ci_low``/``ci_high`` and the permutation ``p_value`` (NaN when not
+    computed). ``meta``: provenance (models, revisions, data, pooling, versions, seeds, timings, warnings).
+    """
+
+    table: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_layers(cls, teacher_layers, student_layers, metrics: Sequence[str] | str | None = None, *,
+                    teacher_layer_ids: Sequence[int] | None = None, student_layer_ids: Sequence[int] | None = None,
+                    bootstrap: int = 0, permutations: int = 0, seed: int = 0, alpha: float = 0.05,
+                    device: str | None = None, meta: dict[str, Any] | None = None,
+                    progress: bool = False) -> Comparison:
+        """Compare already-extracted layer stacks: sequences of (n, width) arrays (or (L, n, width) arrays).
+
+        Rows must be paired (row i of every layer comes from text i). ``bootstrap`` = B resamples of the
+        rows for percentile intervals, ``permutations`` = P shuffles of the student's rows for p-values.
+        """
+        from repsim.pairwise import pairwise
+
+        ids = resolve_metrics(metrics)
+        teacher = list(teacher_layers) if not isinstance(teacher_layers, np.ndarray) else list(teacher_layers)
+        student = list(student_layers) if not isinstance(student_layers, np.ndarray) else list(student_layers)
+        if not teacher or not student:
+            raise UserError("need at least one teacher layer and one student layer")
+        rows = {int(x.shape[0]) for x in teacher} | {int(y.shape[0]) for y in student}
+        if len(rows) != 1:
+            raise UserError(f"teacher and student must have the same number of rows (texts); got {sorted(rows)}")
+        n = rows.pop()
+        if n < MIN_TEXTS:
+            raise UserError(f"need at least {MIN_TEXTS} texts to compare, got {n}")
+        for name, ids_, layers in (("teacher", teacher_layer_ids, teacher), ("student", student_layer_ids, student)):
+            if ids_ is not None and len(ids_) != len(layers):
+                raise UserError(f"{len(ids_)} {name} layer ids for {len(layers)} {name} layers")
+        t_ids = list(teacher_layer_ids) if teacher_layer_ids is not None else list(range(len(teacher)))
+        s_ids = list(student_layer_ids) if student_layer_ids is not None else list(range(len(student)))
+        if bootstrap < 0 or permutations < 0:
+            raise UserError("--bootstrap and --permutations must be ≥ 0")
+
+        meta = dict(meta or {})
+        timings = meta.setdefault("timings", {})
+        t0 = time.perf_counter()
+        values = pairwise(teacher, student, metrics=ids, device=device)
+        timings["metrics"] = time.perf_counter() - t0
+        values = {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=np.float64)
+                  for k, v in values.items()}
+
+        lows = highs = pvals = None
+        if bootstrap:
+            from repsim import stats
+
+            t0 = time.perf_counter()
+            with _bar(progress, bootstrap, "bootstrap") as tick:
+                intervals = stats.bootstrap(teacher, student, ids, bootstrap, seed=seed, alpha=alpha, progress=tick)
+            lows = {k: v.low for k, v in intervals.items()}
+            highs = {k: v.high for k, v in intervals.items()}
+            timings["bootstrap"] = time.perf_counter() - t0
+        if permutations:
+            from repsim import stats
+
+            t0 = time.perf_counter()
+            with _bar(progress, permutations, "permutations") as tick:
+                pvals = stats.permutation_test(teacher, student, ids, permutations, seed=seed + 1, observed=values,
+                                               progress=tick)
+            timings["permutations"] = time.perf_counter() - t0
+
+        ti, si = np.meshgrid(np.arange(len(t_ids)), np.arange(len(s_ids)), indexing="ij")
+        frames = []
+        for m in ids:
+            nan = np.full(ti.size, np.nan)
+            frames.append(pd.DataFrame({
+                "teacher_layer": np.asarray(t_ids)[ti.ravel()],
+                "student_layer": np.asarray(s_ids)[si.ravel()],
+                "metric": m,
+                "value": values[m].ravel(),
+                "ci_low": lows[m].ravel() if lows else nan,
+                "ci_high": highs[m].ravel() if highs else nan,
+                "p_value": pvals[m].ravel() if pvals else nan,
+            }))
+        table = pd.concat(frames, ignore_index=True)[COLUMNS]
+        meta.setdefault("n_texts", n)
+        meta.setdefault("teacher_width", int(teacher[0].shape[1]))
+        meta.setdefault("student_width", int(student[0].shape[1]))
+        meta["metrics"] = ids
+        meta["seed"] = seed
+        meta["bootstrap"] = {"replicates": bootstrap, "interval": f"percentile, {100 * (1 - alpha):g}%",
+                             "seed": seed} if bootstrap else None
+        meta["permutations"] = {"replicates": permutations, "side_shuffled": "student",
+                                "seed": seed + 1} if permutations else None
+        warnings = meta.setdefault("warnings", [])
+        w = in_sample_projection_warning(ids, n, [int(y.shape[1]) for y in student])
+        if w and w not in warnings:
+            warnings.append(w)
+        return cls(table=table, meta=meta)
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> Comparison:
+        """A Comparison from a results.csv (and the report.json beside it, when present)."""
+        from repsim.plot import read_results
+
+        table = read_results(path)
+        for c in COLUMNS:
+            if c not in table.columns:
+                table[c] = np.nan
+        report = Path(path).with_name("report.json")
+        meta = json.loads(report.read_text()) if report.is_file() else {}
+        return cls(table=table[COLUMNS], meta=meta)
+
+    # ------------------------------------------------------------------ views
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(dict.fromkeys(self.table["metric"]))
+
+    @property
+    def teacher_layers(self) -> list[int]:
+        return sorted(set(int(x) for x in self.table["teacher_layer"]))
+
+    @property
+    def student_layers(self) -> list[int]:
+        return sorted(set(int(x) for x in self.table["student_layer"]))
+
+    def _metric_id(self, metric: str) -> str:
+        mid = _spec(metric).id
+        if mid not in self.metrics:
+            raise UserError(f"metric {mid!r} was not computed in this comparison (have: {', '.join(self.metrics)})")
+        return mid
+
+    def matrix(self, metric: str, column: str = "value") -> np.ndarray:
+        """(L_t, L_s) array of one metric: rows = teacher layers, columns = student layers (sorted)."""
+        from repsim.plot import pivot
+
+        return pivot(self.table, self._metric_id(metric), column).to_numpy(dtype=float)
+
+    def best_matches(self, metric: str) -> pd.DataFrame:
+        """For each teacher layer, the most similar student layer under ``metric`` and its row of the table."""
+        mid = self._metric_id(metric)
+        spec = _spec(mid)
+        sub = self.table[self.table["metric"] == mid]
+        key = sub.groupby("teacher_layer")["value"]
+        pick = key.idxmin() if spec.direction == "lower" else key.idxmax()
+        return sub.loc[pick.to_numpy()].reset_index(drop=True)
+
+    def suggest_map(self, metric: str) -> list[tuple[int, int]]:
+        """The monotone teacher → student layer map maximising total similarity under ``metric``.
+
+        Chooses one student layer s(t) per teacher layer t with s non-decreasing in t, maximising
+        Σ_t sim(t, s(t)) where sim = value for "higher" metrics and −value for "lower" ones (dynamic
+        programming, O(L_t · L_s)). Returns [(teacher_layer, student_layer), ...] in teacher order.
+        """
+        mid = self._metric_id(metric)
+        spec = _spec(mid)
+        sim = self.matrix(mid)
+        if spec.direction == "lower":
+            sim = -sim
+        path = monotone_map(sim)
+        t_ids, s_ids = self.teacher_layers, self.student_layers
+        return [(t_ids[i], s_ids[j]) for i, j in enumerate(path)]
+
+    # ------------------------------------------------------------------ output
+
+    def plot(self, metric: str):
+        """The heatmap of one metric as a matplotlib Figure (``fig.savefig(...)`` to write it)."""
+        from repsim.plot import heatmap
+
+        return heatmap(self.table, self._metric_id(metric), teacher_name=self.meta.get("teacher", {}).get(
+            "name", "teacher"), student_name=self.meta.get("student", {}).get("name", "student"))
+
+    def summary(self) -> str:
+        """The terminal report: per teacher layer, the best student layer and value under each metric."""
+        return format_summary(self)
+
+    def save(self, out: str | Path) -> Path:
+        """Write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg and report.json into ``out``.
+
+        Atomic per run: all files are written into a temporary folder beside ``out`` and moved in only
+        when all of them succeeded; on failure ``out`` keeps whatever a previous run left there.
+        """
+        from repsim.plot import save_figures
+
+        out = check_out_dir(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            t0 = time.perf_counter()
+            self.table.to_csv(tmp / "results.csv", index=False, float_format="%.10g")
+            save_figures(self.table, tmp, teacher_name=_short(self.meta.get("teacher", {}).get("name", "teacher")),
+                         student_name=_short(self.meta.get("student", {}).get("name", "student")))
+            self.meta.setdefault("timings", {})["plots"] = time.perf_counter() - t0
+            (tmp / "report.json").write_text(json.dumps(_jsonable(self.meta), indent=2) + "\n")
+            out.mkdir(exist_ok=True)
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def monotone_map(sim: np.ndarray) -> list[int]:
+    """argmax over non-decreasing column choices j_0 ≤ j_1 ≤ … of Σ_i sim[i, j_i] (ties → smaller j)."""
+    sim = np.asarray(sim, dtype=float)
+    if sim.ndim != 2 or sim.size == 0:
+        raise UserError("need a non-empty (teacher × student) matrix")
+    rows, cols = sim.shape
+    best = np.empty_like(sim)  # best[i, j]: best total for rows 0..i with row i at column j
+    arg = np.zeros((rows, cols), dtype=int)  # the column of row i−1 that achieves it
+    best[0] = sim[0]
+    for i in range(1, rows):
+        run_arg = 0
+        for j in range(cols):
+            if best[i - 1, j] > best[i - 1, run_arg]:
+                run_arg = j
+            best[i, j] = sim[i, j] + best[i - 1, run_arg]
+            arg[i, j] = run_arg
+    path = [int(np.argmax(best[-1]))]
+    for i in range(rows - 1, 0, -1):
+        path.append(int(arg[i, path[-1]]))
+    return path[::-1]
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """An output folder path that is usable: not an existing file, parent creatable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} exists and is not a folder")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot create output folder {out}: {parent} is not a folder")
+    if not os.access(parent if not out.exists() else out, os.W_OK):
+        raise UserError(f"output folder {out} is not writable")
+    return out
+
+
+def _short(name: str) -> str:
+    return str(name).rstrip("/").split("/")[-1]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+class _bar:
+    """A tqdm progress bar as a context manager yielding ``tick(k)``; a no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.enabled, self.total, self.desc, self.pbar = enabled, total, desc, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from tqdm.auto import tqdm
+
+        self.pbar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, leave=False)
+        return self.pbar.update
+
+    def __exit__(self, *exc):
+        if self.pbar is not None:
+            self.pbar.close()
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ terminal
+
+
+def _fmt(v: float) -> str:
+    return "nan" if not np.isfinite(v) else f"{v:.3f}"
+
+
+def format_summary(comp: Comparison) -> str:
+    """Per teacher layer: best student layer and value under each metric; then the overall best pair per metric."""
+    metrics = comp.metrics
+    best = {m: comp.best_matches(m).set_index("teacher_layer") for m in metrics}
+    head = ["teacher"] + [f"{m} ({'↓' if _spec(m).direction == 'lower' else '↑'})" for m in metrics]
+    rows = []
+    for t in comp.teacher_layers:
+        cells = [str(t)]
+        for m in metrics:
+            r = best[m].loc[t]
+            cell = f"s{int(r['student_layer'])} {_fmt(r['value'])}"
+            if np.isfinite(r["ci_low"]):
+                cell += f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+            if np.isfinite(r["p_value"]):
+                cell += f" p={r['p_value']:.3g}"
+            cells.append(cell)
+        rows.append(cells)
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
+    lines = ["best student layer per teacher layer (↓ lower / ↑ higher = more similar):",
+             "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append("")
+    lines.append("overall:")
+    for m in metrics:
+        b = best[m]
+        spec = _spec(m)
+        k = b["value"].idxmin() if spec.direction == "lower" else b["value"].idxmax()
+        last_t, last_s = comp.teacher_layers[-1], comp.student_layers[-1]
+        sub = comp.table[(comp.table["metric"] == m) & (comp.table["teacher_layer"] == last_t)
+                         & (comp.table["student_layer"] == last_s)]
+        lines.append(f"  {m}: most similar pair teacher {k} ↔ student {int(b.loc[k, 'student_layer'])} "
+                     f"({_fmt(b.loc[k, 'value'])}); last ↔ last ({last_t} ↔ {last_s}) {_fmt(sub['value'].iloc[0])}")
+    for w in comp.meta.get("warnings", []):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def format_map(comp: Comparison, metric: str) -> str:
+    mapping = comp.suggest_map(metric)
+    pairs = ", ".join(f"{t}→{s}" for t, s in mapping)
+    return f"suggested monotone layer map under {_spec(metric).id} (teacher→student): {pairs}"
+
+
+# ------------------------------------------------------------------------------------------------ compare
+
+
+def parse_layers(tokens: Sequence[str] | None) -> tuple[list[int] | None, list[int] | None]:
+    """--layers tokens → (teacher layers, student layers); None = all.
+
+    Each token is an int (negative counts from the end), a range ``a-b`` (inclusive) or ``a:b``, optionally
+    prefixed ``t:``/``teacher:`` or ``s:``/``student:`` to apply to one side; unprefixed tokens apply to both.
+    Negative values are kept negative here and resolved against each model's layer count later.
+    """
+    if not tokens:
+        return None, None
+    sides: dict[str, list[int]] = {"t": [], "s": []}
+    for raw in tokens:
+        for tok in str(raw).split(","):
+            tok = tok.strip()
+            if not tok:
+                continue
+            targets = ("t", "s")
+            for prefix, side in (("teacher:", "t"), ("student:", "s"), ("t:", "t"), ("s:", "s")):
+                if tok.startswith(prefix):
+                    tok, targets = tok[len(prefix):], (side,)
+                    break
+            vals = _parse_layer_token(tok)
+            for side in targets:
+                sides[side].extend(vals)
+    return (sides["t"] or None), (sides["s"] or None)
+
+
+def _parse_layer_token(tok: str) -> list[int]:
+    try:
+        if tok.lstrip("-").isdigit():
+            return [int(tok)]
+        for sep in ("-", ":"):
+            if sep in tok.lstrip("-"):
+                head = "-" if tok.startswith("-") else ""
+                a, b = tok.lstrip("-").split(sep, 1)
+                lo, hi = int(head + a), int(b)
+                if hi < lo:
+                    raise ValueError
+                return list(range(lo, hi + 1))
+        raise ValueError
+    except ValueError:
+        raise UserError(f"bad layer spec {tok!r}: use integers, ranges like 0-6, or t:/s: prefixes") from None
+
+
+def resolve_layer_ids(requested: Sequence[int] | None, available: int, who: str) -> list[int] | None:
+    """Check requested layer indices against 0..available−1 (negatives count from the end)."""
+    if requested is None:
+        return None
+    out = []
+    for k in requested:
+        kk = k + available if k < 0 else k
+        if not 0 <= kk < available:
+            raise UserError(f"unknown {who} layer {k}: the {who} has layers 0..{available - 1} "
+                            f"(0 = embeddings, k = block k)")
+        out.append(kk)
+    return list(dict.fromkeys(out))
+
+
+def _model_shape(spec: str) -> dict[str, Any]:
+    """Width and number of hidden-state layers (embeddings + blocks) from the model's config, when readable."""
+    from repsim.assets import resolve_model
+
+    src = resolve_model(spec)
+    info: dict[str, Any] = {"name": getattr(src, "name", spec), "revision": getattr(src, "revision", None),
+                            "path": str(getattr(src, "path", ""))}
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(src.path)
+        cfg = getattr(cfg, "text_config", None) or cfg
+        info["width"] = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))) or None
+        blocks = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", None))
+        info["n_layers"] = int(blocks) + 1 if blocks is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        info["width"], info["n_layers"] = None, None
+    return info
+
+
+def _resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def compare(teacher: str | None = None, student: str | None = None, data: Any = "sst2", *,
+            metrics: Sequence[str] | str | None = None, pool: str = "mean",
+            layers: Sequence[str] | None = None, teacher_layers: Sequence[int] | None = None,
+            student_layers: Sequence[int] | None = None, text_column: str | None = None,
+            label_column: str | None = None, max_samples: int | None = None, batch_size: int = 32,
+            max_length: int = 128, device: str = "auto", bootstrap: int = 0, permutations: int = 0,
+            seed: int = 0, cache: bool = True, out: str | Path | None = None, progress: bool = False,
+            echo: Echo | None = None) -> Comparison:
+    """Compare a teacher and a student layer by layer on ``data``; see the module docstring.
+
+    ``teacher``/``student``: model specs for :func:`repsim.assets.load_model` (None → the embedded default
+    all-mpnet-base-v2 teacher and all-MiniLM-L6-v2 student). ``data``: ``"sst2"``, a local file, ``hf:NAME``
+    or a :class:`repsim.data.TextData`. ``layers``: CLI-style tokens (see :func:`parse_layers`);
+    ``teacher_layers``/``student_layers`` override per side. ``echo``: a callable that receives the
+    terminal header lines (the CLI passes ``print``). ``out``: when given, :meth:`Comparison.save` into it.
+    """
+    from repsim import assets
+
+    say: Echo = echo or (lambda _line: None)
+    ids = resolve_metrics(metrics)
+    if pool not in POOLS:
+        raise UserError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
+    if max_samples is not None and max_samples < MIN_TEXTS:
+        raise UserError(f"--max-samples must be at least {MIN_TEXTS} (a comparison needs several texts), "
+                        f"got {max_samples}")
+    for flag, val in (("--bootstrap", bootstrap), ("--permutations", permutations)):
+        if val < 0:
+            raise UserError(f"{flag} must be ≥ 0, got {val}")
+    if batch_size < 1 or max_length < 1:
+        raise UserError("--batch-size and --max-length must be positive")
+    if out is not None:
+        check_out_dir(out)
+    device = _resolve_device(device)
+    teacher = teacher or assets.DEFAULT_TEACHER
+    student = student or assets.DEFAULT_STUDENT
+    t_req, s_req = parse_layers(layers)
+    t_req = list(teacher_layers) if teacher_layers is not None else t_req
+    s_req = list(student_layers) if student_layers is not None else s_req
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    from repsim.data import TextData, load_texts
+
+    texts = data if isinstance(data, TextData) else load_texts(
+        data, text_column=text_column, label_column=label_column, max_samples=max_samples, seed=seed)
+    if len(texts.texts) < MIN_TEXTS:
+        raise UserError(f"data {texts.name!r} has {len(texts.texts)} text(s); a comparison needs at least {MIN_TEXTS}")
+    t_info, s_info = _model_shape(teacher), _model_shape(student)
+    t_ids = resolve_layer_ids(t_req, t_info["n_layers"], "teacher") if t_info["n_layers"] else t_req
+    s_ids = resolve_layer_ids(s_req, s_info["n_layers"], "student") if s_info["n_layers"] else s_req
+    timings["load"] = time.perf_counter() - t0
+
+    def _layers_txt(info, ids_):
+        if ids_ is not None:
+            return ",".join(map(str, ids_))
+        return f"0..{info['n_layers'] - 1}" if info["n_layers"] else "all"
+
+    fallback = " (offline SST-like fallback)" if getattr(texts, "offline_fallback", False) else ""
+    say(f"teacher  {t_info['name']}  width {t_info['width']}  layers {_layers_txt(t_info, t_ids)}")
+    say(f"student  {s_info['name']}  width {s_info['width']}  layers {_layers_txt(s_info, s_ids)}")
+    say(f"data     {texts.name}: {len(texts.texts)} texts{fallback} — {texts.source}")
+    say(f"pooling  {pool}   max length {max_length}   device {device}   metrics {', '.join(ids)}")
+
+    from repsim.extract import extract
+
+    t0 = time.perf_counter()
+    opts = dict(pool=pool, batch_size=batch_size, max_length=max_length, device=device, cache=cache,
+                progress=progress)
+    t_act = extract(teacher, texts, layers=t_ids, **opts)
+    s_act = extract(student, texts, layers=s_ids, **opts)
+    timings["extract"] = time.perf_counter() - t0
+    if t_act.n != s_act.n:
+        raise UserError(f"teacher gives {t_act.n} rows and student {s_act.n} for the same data; with "
+                        f"--pool tokens both models need the same tokenizer (use --pool mean)")
+
+    meta: dict[str, Any] = {
+        "teacher": {**t_info, "width": t_act.width, "layers": list(t_act.layers),
+                    "revision": t_act.meta.get("revision", t_info.get("revision")), "activations": t_act.meta},
+        "student": {**s_info, "width": s_act.width, "layers": list(s_act.layers),
+                    "revision": s_act.meta.get("revision", s_info.get("revision")), "activations": s_act.meta},
+        "data": {"spec": str(data) if not isinstance(data, TextData) else texts.name, "name": texts.name,
+                 "source": texts.source, "offline_fallback": bool(getattr(texts, "offline_fallback", False)),
+                 "fingerprint": texts.fingerprint, "n_texts": len(texts.texts),
+                 "n_dropped": getattr(texts, "n_dropped", 0), "max_samples": max_samples},
+        "pooling": pool, "max_length": max_length, "batch_size": batch_size, "device": device,
+        "cache": cache, "versions": _versions(), "timings": timings, "warnings": [],
+    }
+    comp = Comparison.from_layers([t_act[k] for k in t_act.layers], [s_act[k] for k in s_act.layers], ids,
+                                  teacher_layer_ids=list(t_act.layers), student_layer_ids=list(s_act.layers),
+                                  bootstrap=bootstrap, permutations=permutations, seed=seed,
+                                  device=device, meta=meta, progress=progress)
+    if out is not None:
+        comp.save(out)
+    return comp
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import repsim
+
+    return {"repsim": repsim.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------------------------------------ CLI glue
+
+
+def run_compare_cli(args: Any) -> int:
+    """The `repsim compare` command: header, progress bars, tables; files under --out."""
+    echo = print
+    if args.out is not None:
+        check_out_dir(args.out)
+    if args.suggest_map and _spec(args.suggest_map).id not in resolve_metrics(args.metrics):
+        raise UserError(f"--suggest-map {args.suggest_map}: that metric is not among --metrics")
+    comp = compare(args.teacher, args.student, args.data, metrics=args.metrics, pool=args.pool, layers=args.layers,
+                   text_column=args.text_column, label_column=args.label_column, max_samples=args.max_samples,
+                   batch_size=args.batch_size, max_length=args.max_length, device=args.device,
+                   bootstrap=args.bootstrap, permutations=args.permutations, seed=args.seed,
+                   cache=not args.no_cache, out=None, progress=True, echo=echo)
+    if args.out is not None:
+        comp.save(args.out)
+    echo("")
+    echo(comp.summary())
+    if args.suggest_map:
+        echo("")
+        echo(format_map(comp, args.suggest_map))
+    if args.out is not None:
+        t = comp.meta["timings"]
+        echo("")
+        echo(f"wrote {Path(args.out) / 'results.csv'}, heatmaps and report.json  "
+             f"(load {t.get('load', 0):.1f}s, extract {t.get('extract', 0):.1f}s, metrics {t.get('metrics', 0):.1f}s,"
+             f" plots {t.get('plots', 0):.1f}s)")
+    return 0
+
+
+def run_plot_cli(args: Any) -> int:
+    """The `repsim plot RESULTS.csv` command: redraw the figures from the file alone."""
+    from repsim.plot import save_figures
+
+    comp = Comparison.from_csv(args.results)
+    out = check_out_dir(args.out or Path(args.results).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    try:
+        files = save_figures(comp.table, tmp, teacher_name=_short(comp.meta.get("teacher", {}).get("name", "teacher")),
+                             student_name=_short(comp.meta.get("student", {}).get("name", "student")))
+        for f in files:
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {len(files)} figures to {out}")
+    return 0

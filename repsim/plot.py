@@ -1,0 +1,152 @@
+"""Figures of a comparison: one heatmap per metric and a best-match curve, drawn from the long results table.
+
+Everything here reads only the long table (teacher_layer, student_layer, metric, value, ...) and the metric
+registry (direction, label), so `repsim plot results.csv` redraws the figures from the file alone.
+Figures are built on :class:`matplotlib.figure.Figure` objects (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from repsim.errors import UserError
+
+HEATMAP_FIGSIZE = (7.0, 5.5)  # inches
+DPI = 100  # → heatmap PNGs are 700 × 550 pixels
+CURVE_FIGSIZE = (7.0, 4.5)
+REQUIRED_COLUMNS = ("teacher_layer", "student_layer", "metric", "value")
+
+
+def _spec(metric: str):
+    from repsim.metrics import get_metric
+
+    return get_metric(metric)
+
+
+def metric_label(metric: str) -> str:
+    """Colour-bar label: the canonical id (the convention) and which direction means "similar"."""
+    spec = _spec(metric)
+    label = getattr(spec, "label", "") or spec.id
+    if "similar" not in label:
+        label = f"{label} ({spec.direction} = more similar)"
+    return f"{spec.id}\n{label}"
+
+
+def pivot(table: pd.DataFrame, metric: str, column: str = "value") -> pd.DataFrame:
+    """The (teacher layer × student layer) matrix of one metric's ``column`` as a DataFrame."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"results table lacks column(s) {', '.join(missing)}")
+    sub = table[table["metric"] == metric]
+    if sub.empty:
+        known = ", ".join(dict.fromkeys(table["metric"]))
+        raise UserError(f"metric {metric!r} is not in the results (have: {known})")
+    return sub.pivot(index="teacher_layer", columns="student_layer", values=column).sort_index().sort_index(axis=1)
+
+
+def best_in_rows(matrix: np.ndarray, direction: str) -> np.ndarray:
+    """Column index of each row's most similar entry (argmin for "lower", argmax for "higher")."""
+    return np.argmin(matrix, axis=1) if direction == "lower" else np.argmax(matrix, axis=1)
+
+
+def heatmap(table: pd.DataFrame, metric: str, *, teacher_name: str = "teacher", student_name: str = "student",
+            annotate: bool | None = None) -> Figure:
+    """Heatmap of one metric: rows = teacher layers, columns = student layers, each row's best match boxed.
+
+    The colour map runs so that "more similar" is always the bright end (viridis, reversed for metrics where
+    lower is more similar); the colour bar names the metric's convention and direction.
+    """
+    import seaborn as sns
+
+    spec = _spec(metric)
+    mat = pivot(table, spec.id)
+    values = mat.to_numpy(dtype=float)
+    if annotate is None:
+        annotate = values.size <= 200
+    fig = Figure(figsize=HEATMAP_FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    cmap = "viridis_r" if spec.direction == "lower" else "viridis"
+    sns.heatmap(mat, ax=ax, cmap=cmap, annot=annotate, fmt=".2f", annot_kws={"fontsize": 7},
+                cbar_kws={"label": metric_label(spec.id)}, linewidths=0.3, linecolor="white")
+    best = best_in_rows(values, spec.direction)
+    for row, col in enumerate(best):
+        ax.add_patch(Rectangle((col, row), 1, 1, fill=False, edgecolor="red", linewidth=2.0))
+    ax.set_xlabel(f"student layer ({student_name})")
+    ax.set_ylabel(f"teacher layer ({teacher_name})")
+    ax.set_title(f"{spec.id}: red box = best student layer per teacher layer", fontsize=9)
+    ax.tick_params(axis="y", rotation=0)
+    return fig
+
+
+def best_match_curve(table: pd.DataFrame, *, teacher_name: str = "teacher", student_name: str = "student") -> Figure:
+    """For each metric, the best-matching student layer as a function of the teacher layer (left) and its
+    value rescaled to [0, 1] within the metric with 1 = most similar (right)."""
+    fig = Figure(figsize=CURVE_FIGSIZE, dpi=DPI, layout="constrained")
+    ax_layer, ax_value = fig.subplots(1, 2)
+    metrics = list(dict.fromkeys(table["metric"]))
+    for k, metric in enumerate(metrics):
+        spec = _spec(metric)
+        mat = pivot(table, spec.id)
+        values = mat.to_numpy(dtype=float)
+        best = best_in_rows(values, spec.direction)
+        teacher_layers = mat.index.to_numpy()
+        student_layers = mat.columns.to_numpy()
+        offset = (k - (len(metrics) - 1) / 2) * 0.08  # keep coinciding curves visible
+        ax_layer.plot(teacher_layers, student_layers[best] + offset, marker="o", label=spec.id)
+        best_vals = values[np.arange(len(best)), best]
+        lo, hi = np.nanmin(values), np.nanmax(values)
+        scaled = (best_vals - lo) / (hi - lo) if hi > lo else np.ones_like(best_vals)
+        if spec.direction == "lower":
+            scaled = 1 - scaled
+        ax_value.plot(teacher_layers, scaled, marker="o", label=spec.id)
+    ax_layer.set_xlabel(f"teacher layer ({teacher_name})")
+    ax_layer.set_ylabel(f"best student layer ({student_name})")
+    ax_layer.set_title("best match per teacher layer", fontsize=9)
+    ax_value.set_xlabel(f"teacher layer ({teacher_name})")
+    ax_value.set_ylabel("best value, min-max scaled (1 = most similar)")
+    ax_value.set_title("how similar the best match is", fontsize=9)
+    ax_layer.legend(fontsize=7)
+    return fig
+
+
+def file_stem(metric: str) -> str:
+    """A file-name-safe form of a metric id: ``cka[linear,biased]`` → ``cka_linear_biased``."""
+    out = "".join(c if c.isalnum() or c in "-." else "_" for c in metric)
+    return "_".join(part for part in out.split("_") if part)
+
+
+def save_figures(table: pd.DataFrame, out_dir: str | Path, *, teacher_name: str = "teacher",
+                 student_name: str = "student", formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """Write heatmap_<metric>.<fmt> for every metric and best_match.<fmt> into ``out_dir``; return the paths."""
+    out_dir = Path(out_dir)
+    written = []
+    figures = [(f"heatmap_{file_stem(_spec(m).id)}", heatmap(table, m, teacher_name=teacher_name,
+                                                             student_name=student_name))
+               for m in dict.fromkeys(table["metric"])]
+    figures.append(("best_match", best_match_curve(table, teacher_name=teacher_name, student_name=student_name)))
+    for stem, fig in figures:
+        for fmt in formats:
+            path = out_dir / f"{stem}.{fmt}"
+            fig.savefig(path, format=fmt, dpi=DPI)
+            written.append(path)
+    return written
+
+
+def read_results(path: str | Path) -> pd.DataFrame:
+    """Read a results.csv written by `repsim compare`; UserError when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"results file not found: {path}")
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a readable CSV file: {str(exc).splitlines()[0]}") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} is not a repsim results file: missing column(s) {', '.join(missing)}")
+    return table

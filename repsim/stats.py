@@ -1,0 +1,274 @@
+"""Bootstrap confidence intervals and permutation p-values for every teacher × student layer pair.
+
+Both procedures resample the *texts* (rows), which are shared by all layers, so one set of resampling
+indices serves every cell and every metric of a comparison.
+
+**Bootstrap** (``bootstrap``). Replicate b draws n row indices with replacement (``numpy.random.default_rng``
+seeded with ``seed``), recomputes every metric on those rows for every layer pair, and reports the
+*percentile interval*: the α/2 and 1−α/2 quantiles (``numpy.quantile``, linear interpolation) of the B
+replicate values (α = 0.05 by default → a 95 % interval). Percentile intervals need no variance formula and
+respect a metric's range; they are not bias corrected (a metric like CKA is biased in small samples, so the
+interval describes the estimator's spread, not the population value). Duplicated rows in a replicate make a
+k-fold held-out projection residual somewhat optimistic (a duplicate can sit in both the fit and the held-out
+fold).
+
+**Permutation test** (``permutation_test``). Replicate b shuffles the student's rows (the same permutation
+for every student layer), which breaks the pairing of texts while keeping each side's geometry; the
+p-value of a cell is (1 + #{b: replicate at least as similar as observed}) / (P + 1) (Phipson & Smyth 2010),
+"similar" read in the metric's direction. Small p: the pairing of texts matters, the two layers share
+structure beyond chance.
+
+**Reuse of per-layer work.** For the Gram-based metrics (``gram_frobenius`` in either form and linear biased
+CKA) each layer's n×n Gram matrix K = XXᵀ of the mean-centred features is computed once. A bootstrap
+replicate is then an index gather K[idx][:, idx] followed by double centring HKH, and a permutation is a
+gather of the student's centred Gram; every pair's statistic comes from one matrix product of the flattened
+centred Grams: ⟨K_c, L_c⟩ = tr(K_c L_c), with
+
+    CKA = ⟨K_c, L_c⟩ / (‖K_c‖_F ‖L_c‖_F),
+    gram_frobenius² = ‖K_c‖²/tr(K_c)² + ‖L_c‖²/tr(L_c)² − 2⟨K_c, L_c⟩/(tr(K_c) tr(L_c))
+
+(X̃X̃ᵀ = K_c / tr K_c because ‖X_c‖²_F = tr K_c). This is exact, costs O(L·n²) per replicate instead of
+O(L_t·L_s·p·q·n), and is used while n ≤ ``gram_max_n``. Every other metric (Procrustes, projection residual,
+debiased or RBF CKA) is recomputed per replicate by :func:`repsim.pairwise.pairwise` on the resampled rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from repsim.errors import UserError
+
+GRAM_MAX_N = 4096  # above this, n×n Gram matrices per layer cost more memory than they save
+DEFAULT_ALPHA = 0.05
+
+Progress = Callable[[int], None] | None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Percentile bootstrap interval per cell: ``low``/``high`` arrays (L_t, L_s) and the replicates (B, L_t, L_s)."""
+
+    low: np.ndarray
+    high: np.ndarray
+    replicates: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _as_stack(layers) -> list[torch.Tensor]:
+    """A sequence of (n, width) arrays/tensors, or one (L, n, width) array, as float64 tensors (CPU)."""
+    if isinstance(layers, (np.ndarray, torch.Tensor)) and layers.ndim == 3:
+        layers = list(layers)
+    out = []
+    for i, x in enumerate(layers):
+        t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+        if t.ndim != 2:
+            raise UserError(f"layer {i} must be 2-D (n samples × width), got shape {tuple(t.shape)}")
+        out.append(t.detach().to(device="cpu", dtype=torch.float64))
+    if not out:
+        raise UserError("no layers given")
+    return out
+
+
+def _check_rows(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> int:
+    ns = {t.shape[0] for t in teacher} | {s.shape[0] for s in student}
+    if len(ns) != 1:
+        raise UserError(f"teacher and student layers must have the same number of rows (texts), got {sorted(ns)}")
+    return ns.pop()
+
+
+def _specs(metrics: Sequence[str]):
+    from repsim.metrics import get_metric
+
+    return [get_metric(m) for m in metrics]
+
+
+def gram_fast_path(spec) -> bool:
+    """Whether a metric is computable from centred linear Gram matrices by :func:`_gram_values`."""
+    kw = dict(getattr(spec, "kwargs", {}) or {})
+    if not kw.get("center", True):
+        return False
+    if spec.family == "gram_frobenius":
+        return True
+    if spec.family == "cka":
+        return kw.get("kernel", "linear") == "linear" and kw.get("estimator", "biased") == "biased"
+    return False
+
+
+def _centred_gram(X: torch.Tensor) -> torch.Tensor:
+    Xc = X - X.mean(dim=0, keepdim=True)
+    return Xc @ Xc.T
+
+
+def _double_centre(K: torch.Tensor) -> torch.Tensor:
+    """H K H for a batch (L, m, m) of Gram matrices, H = I − 11ᵀ/m."""
+    row = K.mean(dim=-1, keepdim=True)
+    col = K.mean(dim=-2, keepdim=True)
+    return K - row - col + K.mean(dim=(-2, -1), keepdim=True)
+
+
+def _gram_summaries(Kc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flattened centred Grams (L, m²), squared Frobenius norms (L,), traces (L,)."""
+    flat = Kc.reshape(Kc.shape[0], -1)
+    return flat, (flat * flat).sum(dim=1), Kc.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+
+
+def _gram_values(spec, cross: torch.Tensor, t_sq, t_tr, s_sq, s_tr) -> np.ndarray:
+    """Metric value per pair from ⟨K_c, L_c⟩ (L_t, L_s), ‖K_c‖², tr K_c, ‖L_c‖², tr L_c."""
+    if spec.family == "cka":
+        val = cross / torch.sqrt(t_sq[:, None] * s_sq[None, :])
+    else:
+        sq = t_sq[:, None] / t_tr[:, None] ** 2 + s_sq[None, :] / s_tr[None, :] ** 2 - 2 * cross / (
+            t_tr[:, None] * s_tr[None, :])
+        sq = torch.clamp(sq, min=0.0)  # rounding only: the exact value is a squared norm
+        squared = dict(getattr(spec, "kwargs", {}) or {}).get("squared", False)
+        val = sq if squared else torch.sqrt(sq)
+    return val.numpy()
+
+
+def _generic_values(teacher, student, specs) -> dict[str, np.ndarray]:
+    from repsim.pairwise import pairwise
+
+    ids = [s.id for s in specs]
+    res = pairwise(teacher, student, metrics=ids, device="cpu")
+    return {k: np.asarray(res[k], dtype=np.float64) for k in ids}
+
+
+def _split(specs, n: int, method: str):
+    if method not in ("auto", "gram", "generic"):
+        raise ValueError(f"method must be 'auto', 'gram' or 'generic', got {method!r}")
+    use_gram = method == "gram" or (method == "auto" and n <= GRAM_MAX_N)
+    fast = [s for s in specs if use_gram and gram_fast_path(s)]
+    slow = [s for s in specs if s not in fast]
+    return fast, slow
+
+
+def resample_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
+    """(B, n) row indices drawn with replacement: the bootstrap's resamples, reproducible from ``seed``."""
+    return np.random.default_rng(seed).integers(0, n, size=(replicates, n))
+
+
+def permutation_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
+    """(P, n) independent random permutations of range(n), reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(n) for _ in range(replicates)]) if replicates else np.zeros((0, n), int)
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str], replicates: int, *, seed: int = 0,
+                         method: str = "auto", progress: Progress = None) -> dict[str, np.ndarray]:
+    """Metric values on B bootstrap resamples of the rows: {metric id: array (B, L_t, L_s)}.
+
+    ``method``: "gram" (Gram-matrix gathers for Gram-Frobenius and linear CKA, exact), "generic"
+    (:func:`repsim.pairwise.pairwise` on the resampled rows for every metric), or "auto" (gram while
+    n ≤ GRAM_MAX_N). All methods use the same indices for the same seed, so they agree to rounding.
+    """
+    if replicates < 1:
+        raise UserError(f"--bootstrap needs at least 1 replicate, got {replicates}")
+    teacher, student = _as_stack(teacher_layers), _as_stack(student_layers)
+    n = _check_rows(teacher, student)
+    specs = _specs(metrics)
+    fast, slow = _split(specs, n, method)
+    idx_all = torch.as_tensor(resample_indices(n, replicates, seed))
+    out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
+    if fast:
+        T = torch.stack([_centred_gram(x) for x in teacher])
+        S = torch.stack([_centred_gram(y) for y in student])
+    for b in range(replicates):
+        idx = idx_all[b]
+        if fast:
+            Tc = _double_centre(T[:, idx][:, :, idx])
+            Sc = _double_centre(S[:, idx][:, :, idx])
+            t_flat, t_sq, t_tr = _gram_summaries(Tc)
+            s_flat, s_sq, s_tr = _gram_summaries(Sc)
+            cross = t_flat @ s_flat.T
+            for s in fast:
+                out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
+        if slow:
+            res = _generic_values([x[idx] for x in teacher], [y[idx] for y in student], slow)
+            for s in slow:
+                out[s.id][b] = res[s.id]
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def percentile_interval(replicates: np.ndarray, alpha: float = DEFAULT_ALPHA) -> tuple[np.ndarray, np.ndarray]:
+    """The α/2 and 1−α/2 quantiles over axis 0 (percentile bootstrap interval)."""
+    if not 0 < alpha < 1:
+        raise UserError(f"alpha must be in (0, 1), got {alpha}")
+    low, high = np.quantile(replicates, [alpha / 2, 1 - alpha / 2], axis=0)
+    return low, high
+
+
+def bootstrap(teacher_layers, student_layers, metrics: Sequence[str], replicates: int, *, seed: int = 0,
+              alpha: float = DEFAULT_ALPHA, method: str = "auto", progress: Progress = None) -> dict[str, Interval]:
+    """Percentile bootstrap intervals over texts for every metric and layer pair: {metric id: Interval}."""
+    reps = bootstrap_replicates(teacher_layers, student_layers, metrics, replicates, seed=seed, method=method,
+                                progress=progress)
+    return {k: Interval(*percentile_interval(v, alpha), v) for k, v in reps.items()}
+
+
+# ---------------------------------------------------------------------------------------------- permutation
+
+
+def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str], replicates: int, *,
+                           seed: int = 0, method: str = "auto", progress: Progress = None) -> dict[str, np.ndarray]:
+    """Metric values with the student's rows shuffled: {metric id: array (P, L_t, L_s)} (the null distribution)."""
+    if replicates < 1:
+        raise UserError(f"--permutations needs at least 1 permutation, got {replicates}")
+    teacher, student = _as_stack(teacher_layers), _as_stack(student_layers)
+    n = _check_rows(teacher, student)
+    specs = _specs(metrics)
+    fast, slow = _split(specs, n, method)
+    perms = torch.as_tensor(permutation_indices(n, replicates, seed))
+    out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
+    if fast:
+        # centring commutes with a permutation of rows, and norms/traces are permutation invariant:
+        # only ⟨K_c, P L_c Pᵀ⟩ changes, one gather of the student's centred Grams per permutation.
+        t_flat, t_sq, t_tr = _gram_summaries(torch.stack([_centred_gram(x) for x in teacher]))
+        Sc = torch.stack([_centred_gram(y) for y in student])
+        _, s_sq, s_tr = _gram_summaries(Sc)
+    for b in range(replicates):
+        perm = perms[b]
+        if fast:
+            s_flat = Sc[:, perm][:, :, perm].reshape(len(student), -1)
+            cross = t_flat @ s_flat.T
+            for s in fast:
+                out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
+        if slow:
+            res = _generic_values(teacher, [y[perm] for y in student], slow)
+            for s in slow:
+                out[s.id][b] = res[s.id]
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def permutation_pvalue(observed: np.ndarray, null: np.ndarray, direction: str) -> np.ndarray:
+    """(1 + #{null at least as similar as observed}) / (P + 1); ``direction`` "lower"/"higher" is more similar."""
+    if direction not in ("lower", "higher"):
+        raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
+    # a tolerance so that exact ties (e.g. a permutation equal to the identity) count as "at least as similar"
+    tol = 1e-12 * np.maximum(1.0, np.abs(observed))
+    hits = null <= observed + tol if direction == "lower" else null >= observed - tol
+    return (1.0 + hits.sum(axis=0)) / (null.shape[0] + 1.0)
+
+
+def permutation_test(teacher_layers, student_layers, metrics: Sequence[str], replicates: int, *, seed: int = 0,
+                     observed: dict[str, np.ndarray] | None = None, method: str = "auto",
+                     progress: Progress = None) -> dict[str, np.ndarray]:
+    """Permutation p-values (student rows shuffled) for every metric and layer pair: {metric id: (L_t, L_s)}."""
+    specs = _specs(metrics)
+    if observed is None:
+        observed = _generic_values(_as_stack(teacher_layers), _as_stack(student_layers), specs)
+    null = permutation_replicates(teacher_layers, student_layers, metrics, replicates, seed=seed, method=method,
+                                  progress=progress)
+    return {s.id: permutation_pvalue(np.asarray(observed[s.id]), null[s.id], s.direction) for s in specs}
