@@ -92,6 +92,85 @@ def _run_plot(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ distill
 
 
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="sst2", help="training data: sst2 (train split), a local file, or hf:NAME")
+    p.add_argument("--val-data", default=None,
+                   help="validation data (default: sst2's validation split, else every 10th text of --data)")
+    p.add_argument("--max-train", type=int, default=None, help="use the first N training texts")
+    p.add_argument("--max-val", type=int, default=None, help="use the first N validation texts")
+    p.add_argument("--task", choices=["sequence-classification", "causal-lm"], default="sequence-classification")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, linear warm-up and decay)")
+    p.add_argument("--max-length", type=int, default=64, help="truncate texts to this many tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints "
+                   "(0: end of each epoch); an interrupted run resumes from --out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distil a teacher into a student with a feature loss; several losses and "
+                       "seeds give a table, paired tests and a figure",
+                       description="Total loss = CE + alpha * T^2 KL(teacher || student at temperature T) + "
+                       "beta * sum over mapped layers of the feature loss. Runs every --loss for every seed.")
+    p.add_argument("teacher", help="hub id, short name or local folder (a classifier; see --finetune-teacher)")
+    p.add_argument("student", help="hub id or folder, drop:N / drop:i,j,k (teacher blocks kept, 1-based), or "
+                   "narrow:HIDDEN:LAYERS (random init from the teacher's config)")
+    p.add_argument("--loss", nargs="+", default=["none"],
+                   help="feature loss(es): none projection cka procrustes gram_frobenius, or all")
+    p.add_argument("--seeds", type=int, default=1, help="run seeds seed..seed+N-1 for every loss")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the KD term")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the summed feature loss")
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--layer-map", default="uniform",
+                   help="uniform, teacher:student pairs like 2:1,4:2,6:3, or a file from compare --suggest-map")
+    p.add_argument("--features", choices=["mean", "tokens"], default="mean",
+                   help="feature loss on mean-pooled texts or on tokens (tokens need identical tokenizers)")
+    p.add_argument("--finetune-teacher", action="store_true",
+                   help="fine-tune the teacher's head on --data first when it has none")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="epochs for --finetune-teacher")
+    p.add_argument("--teacher-lr", type=float, default=None, help="learning rate for --finetune-teacher")
+    p.add_argument("--out", default="distill-out", help="output folder (runs, summary.md, paired_tests.csv, figure)")
+    _add_training_options(p)
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from repsim.distill import distill_command
+
+    print(distill_command(args.teacher, args.student, **_training_kwargs(args), losses=args.loss,
+                          seeds=args.seeds, alpha=args.alpha, beta=args.beta, temperature=args.temperature,
+                          layer_map=args.layer_map, features=args.features, finetune_teacher=args.finetune_teacher,
+                          teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr))
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a classifier (or causal LM) on labelled data; saves OUT/model",
+                       description="Plain fine-tuning (cross-entropy), e.g. to give a teacher a trained head.")
+    p.add_argument("model", help="hub id, short name or local folder")
+    p.add_argument("--out", default="finetune-out", help="output folder (model/, metrics.json, train_log.csv)")
+    _add_training_options(p)
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from repsim.distill import finetune_command
+
+    print(finetune_command(args.model, **_training_kwargs(args)))
+    return 0
+
+
+def _training_kwargs(args: argparse.Namespace) -> dict:
+    return dict(data=args.data, val_data=args.val_data, max_train=args.max_train, max_val=args.max_val,
+                task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                device=args.device, progress=not args.no_progress, out=args.out)
+
+
+
 # ------------------------------------------------------------------------------------ main
 
 _SUBCOMMANDS: list[str] = ["compare", "plot", "extract", "cache", "counterexample", "check", "distill",

@@ -128,7 +128,7 @@ def resolve_device(device: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - libraries that draw from numpy's global state
     torch.manual_seed(seed)
 
 
@@ -382,7 +382,8 @@ def encode(tokenizer: Any, texts: Sequence[str], labels: Sequence[int] | None, m
                    fingerprint=digest)
 
 
-def collate(encoded: Encoded, index: Sequence[int], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+def collate(encoded: Encoded, index: Sequence[int], pad_id: int,
+            padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad the chosen examples to the longest among them; returns input_ids, attention_mask (and labels)."""
     rows = [encoded.input_ids[i] for i in index]
     width = max(len(r) for r in rows)
@@ -531,7 +532,7 @@ class DistillTrainer:
         if self.layer_map:
             from repsim.losses import make_feature_loss
 
-            for t, _s in self.layer_map:
+            for _pair in self.layer_map:
                 self.feature_losses.append(make_feature_loss(config.loss, hidden_width(teacher), hidden_width(student)))
             self.feature_losses.to(self.device)
         self.cached = None
@@ -759,7 +760,8 @@ def predict(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int 
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded, range(start, min(len(encoded), start + batch_size)), pad,
                         getattr(tokenizer, "padding_side", "right"))
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
         preds.append(logits.argmax(-1).cpu().numpy())
     return np.concatenate(preds)
 
@@ -953,3 +955,87 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
     if len(runs):
         summarize_grid(runs, out, "perplexity" if config.task == "causal-lm" else "accuracy", title)
     return runs
+
+
+def load_train_validation(data: str, val_data: str | None = None, *, max_train: int | None = None,
+                          max_val: int | None = None, holdout: float = 0.1) -> tuple[Any, Any]:
+    """Training and validation TextData for a data spec.
+
+    ``sst2``: the ``train`` and ``validation`` splits (offline: the fixed, disjoint SST-like splits). Another
+    spec with ``val_data``: both as given. Otherwise a fixed ``holdout`` fraction (every 10th text for 0.1) of
+    ``data`` becomes the validation set. ``max_train`` / ``max_val`` keep the first N (data order is fixed).
+    """
+    if data == "sst2" and val_data is None:
+        train = load_split(data, "train")
+        validation = load_split(data, "validation")
+    elif val_data is not None:
+        train, validation = load_split(data, "train"), load_split(val_data, "validation")
+    else:
+        full = load_split(data, "train")
+        step = max(2, int(round(1 / holdout)))
+        keep_val = [i % step == step - 1 for i in range(len(full.texts))]
+
+        def part(flag: bool, name: str) -> Any:
+            texts = [t for t, v in zip(full.texts, keep_val, strict=True) if v == flag]
+            labels = None if full.labels is None else [y for y, v in zip(full.labels, keep_val, strict=True)
+                                                       if v == flag]
+            return dataclasses.replace(full, texts=texts, labels=labels, name=f"{full.name}[{name}]",
+                                       fingerprint=hashlib.sha256("\n".join(texts).encode()).hexdigest())
+
+        train, validation = part(False, "train"), part(True, "validation")
+
+    def cut(d: Any, n: int | None) -> Any:
+        if n is None or n >= len(d.texts):
+            return d
+        texts = d.texts[:n]
+        return dataclasses.replace(d, texts=texts, labels=None if d.labels is None else d.labels[:n],
+                                   fingerprint=hashlib.sha256("\n".join(texts).encode()).hexdigest())
+
+    return cut(train, max_train), cut(validation, max_val)
+
+
+# ----------------------------------------------------------------------------------------------- command line glue
+
+
+def _loss_list(losses: Sequence[str]) -> list[str]:
+    names: list[str] = []
+    for item in losses:
+        for name in str(item).split(","):
+            name = name.strip()
+            if name == "all":
+                names.extend(FEATURE_LOSSES)
+            elif name:
+                names.append(name)
+    return list(dict.fromkeys(names))
+
+
+def finetune_command(model: str, *, data: str = "sst2", val_data: str | None = None, max_train: int | None = None,
+                     max_val: int | None = None, out: str | Path = "finetune-out", **options: Any) -> str:
+    """``repsim finetune``: fine-tune ``model`` on ``data``; saves ``out/model``; returns a one-paragraph report."""
+    train, validation = load_train_validation(data, val_data, max_train=max_train, max_val=max_val)
+    config = DistillConfig(**options)
+    result = finetune(model, train, validation, config=config, out=out)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "train_seconds")
+    return (f"fine-tuned {model} on {getattr(train, 'source', data)} ({len(train.texts)} texts): {shown} on "
+            f"{len(validation.texts)} validation texts; model saved to {Path(out) / 'model'}")
+
+
+def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data: str | None = None,
+                    max_train: int | None = None, max_val: int | None = None, losses: Sequence[str] = ("none",),
+                    seeds: int = 1, finetune_teacher: bool = False, teacher_epochs: int | None = None,
+                    teacher_lr: float | None = None, out: str | Path = "distill-out", **options: Any) -> str:
+    """``repsim distill``: every loss × seeds (seed, seed+1, ...) into ``out``; returns the summary (markdown)."""
+    train, validation = load_train_validation(data, val_data, max_train=max_train, max_val=max_val)
+    if options.get("task", "sequence-classification") == "sequence-classification" and train.labels is None:
+        raise UserError(f"the data {data!r} has no labels; classification needs a label column")
+    config = DistillConfig(**options)
+    teacher_config = dataclasses.replace(config, loss="none", epochs=teacher_epochs or config.epochs,
+                                         lr=teacher_lr or config.lr)
+    first = config.seed
+    runs = run_grid(teacher, student, train, validation, losses=_loss_list(losses),
+                    seeds=list(range(first, first + seeds)), config=config, out=out,
+                    finetune_teacher=finetune_teacher, teacher_config=teacher_config,
+                    title=f"{teacher} → {student} on {getattr(train, 'name', data)}")
+    summary = Path(out) / "summary.md"
+    text = summary.read_text() if summary.exists() else runs.to_string()
+    return f"{text}\nresults in {out}"
