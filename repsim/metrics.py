@@ -1,0 +1,628 @@
+"""In-memory representational similarity metrics and the metric registry.
+
+Inputs are a teacher ``X`` (n × p) and a student ``Y`` (n × q) whose rows are paired (row i of both comes from
+the same input); numpy arrays or torch tensors (CPU or CUDA), computed in float64 unless ``dtype`` says
+otherwise. Unless ``center=False`` each side is centred (column means subtracted) and scaled to unit Frobenius
+norm: X̃ = (X − 1μᵀ)/‖X − 1μᵀ‖_F, likewise Ỹ. Results are Python floats for numpy input and 0-dim tensors (on
+the teacher's device) for torch input.
+
+Every linear metric depends on the data only through the Gram matrices K = X̃X̃ᵀ and L = ỸỸᵀ, so each is
+computed in whichever form is cheaper for the shape: the primal form from p × q cross-products X̃ᵀỸ when n is
+large, or the dual form from n × n Gram matrices (or an n × n factor of a wide side) when n is smaller than the
+widths. Differences of nearly equal quantities (identical inputs give ρ = 1) are recomputed by a
+cancellation-free route when the fast formula has lost too many digits.
+
+The registry :data:`METRICS` maps canonical metric ids (with their conventions) to :class:`MetricSpec` records
+(direction, range, invariances, symmetry, linearity, plot label); :func:`get_metric` parses user ids.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+
+from repsim.arrays import ArrayLike, as_pair, prepare, to_output
+from repsim.errors import UserError
+
+__all__ = [
+    "procrustes",
+    "gram_frobenius",
+    "cka",
+    "projection_residual",
+    "fold_assignment",
+    "MetricSpec",
+    "METRICS",
+    "DEFAULT_METRICS",
+    "INVARIANCES",
+    "get_metric",
+]
+
+PROCRUSTES_OUTPUTS = ("distance", "angular", "squared")
+CKA_KERNELS = ("linear", "rbf")
+CKA_ESTIMATORS = ("biased", "debiased")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numerical helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _eps(t: torch.Tensor) -> float:
+    return torch.finfo(t.dtype).eps
+
+
+def _refine_below(t: torch.Tensor) -> float:
+    """Squared values below this have lost more than half their digits to cancellation: recompute them."""
+    return 100.0 * math.sqrt(_eps(t))
+
+
+def _clamp_rounding(value: torch.Tensor, lo: float, hi: float, tol: float, what: str) -> torch.Tensor:
+    """Clamp ``value`` into [lo, hi], but only silently when it is outside by at most ``tol`` (rounding).
+
+    A larger excursion means the computation broke down; it is clamped with a RuntimeWarning naming it.
+    """
+    v = float(value)
+    if v < lo - tol or v > hi + tol:
+        warnings.warn(
+            f"{what} = {v!r} lies outside [{lo}, {hi}] by more than rounding ({tol:.1e}); clamped",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return value.clamp(lo, hi)
+
+
+def _dual_is_cheaper(n: int, p: int, q: int) -> bool:
+    """Flop count of n × n Gram work, n²(p + q), against p × q cross-products, n(p² + q² + pq)."""
+    return n * (p + q) + 2 * n <= p * p + q * q + p * q
+
+
+def _narrow(A: torch.Tensor) -> torch.Tensor:
+    """An n × min(n, width) matrix with the same Gram matrix AAᵀ and the same paired rows.
+
+    A side wider than it is long is replaced by Rᵀ from the thin QR factorisation Aᵀ = QR (so A = RᵀQᵀ and
+    AAᵀ = RᵀR); this is an orthogonal change of feature basis restricted to A's row space, which no metric here
+    can see, and it avoids squaring the condition number as forming AAᵀ would.
+    """
+    n, width = A.shape
+    if width <= n:
+        return A
+    return torch.linalg.qr(A.T, mode="reduced").R.T
+
+
+def _prepare_pair(
+    X: ArrayLike, Y: ArrayLike, center: bool, dtype: torch.dtype, min_rows: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    Xt, Yt = as_pair(X, Y, min_rows=min_rows, dtype=dtype)
+    return prepare(Xt, center, "X (teacher)"), prepare(Yt, center, "Y (student)")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_nonnegative(name: str, value: Any, strictly: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{name} must be a number, got {value!r}") from exc
+    if not math.isfinite(v) or v < 0 or (strictly and v == 0):
+        raise UserError(f"{name} must be a finite number {'>' if strictly else '≥'} 0, got {value!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Procrustes
+# ----------------------------------------------------------------------------------------------------------------
+
+def _procrustes_squared(Xt: torch.Tensor, Yt: torch.Tensor) -> torch.Tensor:
+    """min over orthogonal Q of ‖X̃ − [Ỹ, 0]Q‖²_F = 2 − 2‖X̃ᵀỸ‖_* for unit-norm X̃, Ỹ.
+
+    The nuclear norm ρ comes from the singular values of the (narrowed) cross-product. When 2 − 2ρ is small
+    (nearly identical inputs) it is recomputed from the residual itself with the optimal Q = UVᵀ, which keeps
+    its relative accuracy instead of the ~1e-16 absolute error of 2 − 2ρ.
+    """
+    Xn, Yn = _narrow(Xt), _narrow(Yt)
+    rho = torch.linalg.svdvals(Xn.T @ Yn).sum()
+    norms = Xt.square().sum() + Yt.square().sum()  # 2 with scaling, anything with center/scale checks off
+    squared = norms - 2 * rho
+    if float(squared) < _refine_below(squared) * float(norms):
+        squared = _procrustes_squared_direct(Xn, Yn)
+    tol = 100.0 * min(Xn.shape[1], Yn.shape[1]) * _eps(squared) * float(norms)
+    return _clamp_rounding(squared, 0.0, float(norms), tol, "squared Procrustes distance 2 − 2ρ")
+
+
+def _procrustes_squared_direct(Xn: torch.Tensor, Yn: torch.Tensor) -> torch.Tensor:
+    """‖A − BQ‖² + ‖B − BQQᵀ‖² with B the wider side, Q = UVᵀ from BᵀA = USVᵀ (Q has orthonormal columns).
+
+    Padding A with zeros to B's width and rotating B by the orthogonal completion [Q, Q⊥] gives
+    ‖[A, 0] − B[Q, Q⊥]‖² = ‖A − BQ‖² + ‖BQ⊥‖², and ‖BQ⊥‖ = ‖B(I − QQᵀ)‖; both terms are residuals, so no
+    digits cancel.
+    """
+    A, B = (Xn, Yn) if Yn.shape[1] >= Xn.shape[1] else (Yn, Xn)
+    U, _, Vh = torch.linalg.svd(B.T @ A, full_matrices=False)
+    Q = U @ Vh
+    BQ = B @ Q
+    return (A - BQ).square().sum() + (B - BQ @ Q.T).square().sum()
+
+
+def procrustes(
+    X: ArrayLike, Y: ArrayLike, output: str = "distance", center: bool = True, *, dtype: torch.dtype = torch.float64
+) -> float | torch.Tensor:
+    """Procrustes shape distance between teacher ``X`` (n × p) and student ``Y`` (n × q).
+
+    With X̃, Ỹ centred and unit-Frobenius, ρ = ‖X̃ᵀỸ‖_* (nuclear norm, in [0, 1]) and
+
+    - ``output="distance"``: √(2 − 2ρ) = min over orthogonal Q of ‖X̃ − [Ỹ, 0]Q‖_F, in [0, √2];
+    - ``output="angular"``: arccos ρ in radians, in [0, π/2] (Williams et al. 2021), computed as 2·arcsin(d/2)
+      from the distance d, which is the same angle without arccos' loss of precision near ρ = 1;
+    - ``output="squared"``: 2 − 2ρ, in [0, 2].
+
+    Lower is more similar; 0 iff Ỹ is an orthogonal transform of X̃ (up to zero padding when p ≠ q).
+    Symmetric; invariant to translation, isotropic scaling and orthogonal maps of either side.
+    """
+    _check_choice("output", output, PROCRUSTES_OUTPUTS)
+    Xt, Yt = _prepare_pair(X, Y, center, dtype)
+    squared = _procrustes_squared(Xt, Yt)
+    if output == "squared":
+        value = squared
+    elif output == "distance":
+        value = squared.sqrt()
+    else:
+        value = 2 * torch.asin((squared.sqrt() / 2).clamp(max=1.0))
+    return to_output(value, X)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gram-Frobenius
+# ----------------------------------------------------------------------------------------------------------------
+
+def _gram_frobenius_squared(Xt: torch.Tensor, Yt: torch.Tensor) -> torch.Tensor:
+    """‖X̃X̃ᵀ − ỸỸᵀ‖²_F, never forming an n × n matrix when n exceeds p + q.
+
+    Primal form ‖X̃ᵀX̃‖² + ‖ỸᵀỸ‖² − 2‖X̃ᵀỸ‖²; if that has cancelled to below √eps of its terms, it is recomputed
+    from Z = [X̃, Ỹ] = QR as ‖R₁R₁ᵀ − R₂R₂ᵀ‖² (R₁, R₂ the column blocks of R), a difference of matrices whose
+    entries carry only ~eps absolute error.
+    """
+    n, p = Xt.shape
+    q = Yt.shape[1]
+    if _dual_is_cheaper(n, p, q):
+        return (Xt @ Xt.T - Yt @ Yt.T).square().sum()
+    terms = (Xt.T @ Xt).square().sum() + (Yt.T @ Yt).square().sum()
+    squared = terms - 2 * (Xt.T @ Yt).square().sum()
+    if float(squared) < _refine_below(squared) * float(terms):
+        R = torch.linalg.qr(torch.cat([Xt, Yt], dim=1), mode="r").R
+        R1, R2 = R[:, :p], R[:, p:]
+        return (R1 @ R1.T - R2 @ R2.T).square().sum()
+    return _clamp_rounding(squared, 0.0, float(terms), 100.0 * (p + q) * _eps(squared) * float(terms),
+                           "squared Gram-Frobenius distance")
+
+
+def gram_frobenius(
+    X: ArrayLike, Y: ArrayLike, squared: bool = False, center: bool = True, *, dtype: torch.dtype = torch.float64
+) -> float | torch.Tensor:
+    """Distance between the normalised Gram matrices: ‖X̃X̃ᵀ − ỸỸᵀ‖_F in [0, √2] (``squared=True``: its square).
+
+    Lower is more similar; 0 iff Ỹ is an orthogonal transform of X̃ (up to zero padding). Symmetric; invariant to
+    translation, isotropic scaling and orthogonal maps of either side; never exceeds 2 × the Procrustes distance.
+    """
+    Xt, Yt = _prepare_pair(X, Y, center, dtype)
+    value = _gram_frobenius_squared(Xt, Yt)
+    return to_output(value if squared else value.sqrt(), X)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CKA
+# ----------------------------------------------------------------------------------------------------------------
+
+def _center_gram(K: torch.Tensor) -> torch.Tensor:
+    """HKH with H = I − 11ᵀ/n (double centring)."""
+    return K - K.mean(dim=0, keepdim=True) - K.mean(dim=1, keepdim=True) + K.mean()
+
+
+def _u_center_gram(K: torch.Tensor) -> torch.Tensor:
+    """U-centring (Székely & Rizzo): ⟨Ũ(K), Ũ(L)⟩ / (n(n − 3)) is Song et al.'s unbiased HSIC.
+
+    Zero the diagonal, subtract row and column sums / (n − 2), add the total / ((n − 1)(n − 2)), zero the
+    diagonal again (Kornblith et al.'s ``center_gram(unbiased=True)``).
+    """
+    n = K.shape[0]
+    K = K.clone()
+    K.fill_diagonal_(0)
+    means = K.sum(dim=0) / (n - 2)
+    means = means - means.sum() / (2 * (n - 1))
+    K = K - means[:, None] - means[None, :]
+    K.fill_diagonal_(0)
+    return K
+
+
+def _cka_from_grams(K: torch.Tensor, L: torch.Tensor, estimator: str, centred: bool) -> torch.Tensor:
+    if estimator == "debiased":
+        K, L = _u_center_gram(K), _u_center_gram(L)
+    elif not centred:
+        K, L = _center_gram(K), _center_gram(L)
+    return _cka_ratio((K * L).sum(), K.square().sum(), L.square().sum())
+
+
+def _cka_ratio(hsic_xy: torch.Tensor, hsic_xx: torch.Tensor, hsic_yy: torch.Tensor) -> torch.Tensor:
+    for value, side in ((hsic_xx, "X (teacher)"), (hsic_yy, "Y (student)")):
+        if not float(value) > 0:
+            raise UserError(f"the HSIC of {side} with itself is {float(value):.3g} (not positive): CKA is undefined")
+    return hsic_xy / (hsic_xx.sqrt() * hsic_yy.sqrt())
+
+
+def _linear_cka_primal(Xt: torch.Tensor, Yt: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Linear CKA from p × q cross-products (Kornblith et al.'s ``feature_space_linear_cka``).
+
+    Biased: ‖X̃ᵀỸ‖² / (‖X̃ᵀX̃‖ ‖ỸᵀỸ‖). Debiased (needs centred columns): each ‖AᵀB‖² becomes
+    ‖AᵀB‖² − n/(n − 2)·Σᵢ‖aᵢ‖²‖bᵢ‖² + ‖A‖²‖B‖²/((n − 1)(n − 2)), which is n(n − 3) × Song's unbiased HSIC.
+    """
+    xy = (Xt.T @ Yt).square().sum()
+    xx = (Xt.T @ Xt).square().sum()
+    yy = (Yt.T @ Yt).square().sum()
+    if estimator == "debiased":
+        n = Xt.shape[0]
+        rx, ry = Xt.square().sum(dim=1), Yt.square().sum(dim=1)
+        sx, sy = rx.sum(), ry.sum()
+
+        def debias(ab: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor):
+            return ab - n / (n - 2) * (ra @ rb) + sa * sb / ((n - 1) * (n - 2))
+
+        xy, xx, yy = debias(xy, rx, ry, sx, sy), debias(xx, rx, rx, sx, sx), debias(yy, ry, ry, sy, sy)
+    return _cka_ratio(xy, xx, yy)
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """numpy's median: the middle value, or the mean of the two middle values for an even count."""
+    flat = values.reshape(-1)
+    count = flat.numel()
+    upper = torch.kthvalue(flat, count // 2 + 1).values
+    if count % 2:
+        return upper
+    return (torch.kthvalue(flat, count // 2).values + upper) / 2
+
+
+def _rbf_gram(A: torch.Tensor, sigma: float, side: str) -> torch.Tensor:
+    """exp(−d²ᵢⱼ / (2σ²m)), m = median of all n² squared distances, diagonal included (Kornblith's gram_rbf).
+
+    Squared distances come from the Gram matrix, ‖aᵢ‖² + ‖aⱼ‖² − 2aᵢᵀaⱼ; negative results are clamped to 0 only
+    when they are at rounding level relative to ‖aᵢ‖² + ‖aⱼ‖² (otherwise a RuntimeWarning names them).
+    """
+    G = A @ A.T
+    sq_norms = torch.diagonal(G)
+    scale = sq_norms[:, None] + sq_norms[None, :]
+    D = scale - 2 * G
+    D.fill_diagonal_(0)
+    worst = float((-D / scale.clamp(min=torch.finfo(D.dtype).tiny)).max())
+    tol = 100.0 * _eps(D)
+    if worst > tol:
+        warnings.warn(f"squared distances of {side} negative beyond rounding (relative {worst:.2e}); clamped to 0",
+                      RuntimeWarning, stacklevel=4)
+    D = D.clamp(min=0)
+    m = _median(D)
+    if not float(m) > 0:
+        raise UserError(f"the median squared distance between rows of {side} is 0 (more than half the pairs of rows "
+                        "coincide): the RBF bandwidth is undefined")
+    return torch.exp(-D / (2 * sigma**2 * m))
+
+
+def cka(
+    X: ArrayLike,
+    Y: ArrayLike,
+    kernel: str = "linear",
+    estimator: str = "biased",
+    sigma: float = 1.0,
+    center: bool = True,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> float | torch.Tensor:
+    """Centered kernel alignment (Kornblith et al. 2019): HSIC(K, L) / √(HSIC(K, K)·HSIC(L, L)).
+
+    - ``kernel="linear"``: K = X̃X̃ᵀ, L = ỸỸᵀ. ``estimator="biased"``: HSIC = tr(KHLH) (Gretton), CKA in [0, 1].
+      ``center=False`` skips the column centring, which turns it into uncentred kernel alignment
+      ⟨K, L⟩/(‖K‖‖L‖).
+    - ``estimator="debiased"``: Song et al. (2012)'s unbiased U-statistic HSIC, computed as Kornblith's
+      ``debiased=True`` (U-centred Gram matrices); in [−1, 1]; needs n ≥ 4. The U-statistic is translation
+      invariant, so ``center`` does not change it.
+    - ``kernel="rbf"``: K = exp(−d²/(2·sigma²·m)) with m the median of the full n × n matrix of squared distances
+      (diagonal included, numpy median), Kornblith's convention; K is always double-centred (HSIC's H), and
+      distances are translation invariant, so ``center`` does not change it.
+
+    Higher is more similar; symmetric; invariant to translation, isotropic scaling and orthogonal maps, not to
+    general invertible linear maps.
+    """
+    _check_choice("kernel", kernel, CKA_KERNELS)
+    _check_choice("estimator", estimator, CKA_ESTIMATORS)
+    sigma = _check_nonnegative("sigma", sigma, strictly=True)
+    debiased = estimator == "debiased"
+    # the debiased estimator is translation invariant: centring is exact there and keeps its primal form valid
+    Xt, Yt = _prepare_pair(X, Y, center or debiased, dtype, min_rows=4 if debiased else 2)
+    if kernel == "rbf":
+        value = _cka_from_grams(_rbf_gram(Xt, sigma, "X (teacher)"), _rbf_gram(Yt, sigma, "Y (student)"),
+                                estimator, centred=False)
+    elif _dual_is_cheaper(*Xt.shape, Yt.shape[1]):
+        value = _cka_from_grams(Xt @ Xt.T, Yt @ Yt.T, estimator, centred=True)
+    else:
+        value = _linear_cka_primal(Xt, Yt, estimator)
+    return to_output(value, X)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# projection residual
+# ----------------------------------------------------------------------------------------------------------------
+
+def fold_assignment(n: int, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index (0 … folds−1) of each of n rows: a seeded random permutation cut into ``folds`` nearly equal parts.
+
+    ``np.random.default_rng(seed).permutation(n)`` split by ``np.array_split``; fold sizes differ by at most 1.
+    Streaming code that must reproduce :func:`projection_residual`'s folds calls this.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise UserError(f"folds must be an integer ≥ 2 (or None for the in-sample residual), got {folds!r}")
+    if folds > n:
+        raise UserError(f"folds={folds} is more than the number of samples ({n})")
+    if n - math.ceil(n / folds) < 2:
+        raise UserError(f"folds={folds} leaves fewer than 2 training rows out of {n} samples")
+    ids = np.empty(n, dtype=np.int64)
+    for fold, rows in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), folds)):
+        ids[rows] = fold
+    return ids
+
+
+def _least_squares(B: torch.Tensor, A: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The (ridge) least-squares map Ŵ fitting A ≈ BŴ: Ŵ = V diag(g) UᵀA from the thin SVD B = USVᵀ.
+
+    ridge = 0: g = 1/s on singular values above numpy's lstsq cutoff eps·max(rows, cols)·s_max, 0 below (the
+    minimum-norm solution, valid for rank-deficient B and n < width). ridge = λ > 0: g = s/(s² + λ), the minimiser
+    of ‖A − BW‖² + λ‖W‖². SVD rather than normal equations, so cond(B) is not squared, and it runs on any device.
+    """
+    U, s, Vh = torch.linalg.svd(B, full_matrices=False)
+    if ridge > 0:
+        gain = s / (s.square() + ridge)
+    else:
+        cutoff = _eps(s) * max(B.shape) * s.max()
+        gain = torch.where(s > cutoff, 1 / s.clamp(min=torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+    return Vh.T @ (gain[:, None] * (U.T @ A))
+
+
+def projection_residual(
+    X: ArrayLike,
+    Y: ArrayLike,
+    ridge: float = 0.0,
+    folds: int | None = None,
+    seed: int = 0,
+    center: bool = True,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> float | torch.Tensor:
+    """Fraction of the teacher not linearly predictable from the student: min_W ‖X̃ − ỸW‖²_F (= 1 − R²).
+
+    Both sides are prepared once, on all n rows (centred, unit Frobenius norm), so the residual is a fraction of
+    the teacher's total variance ‖X̃‖² = 1. Asymmetric (teacher X is predicted from student Y).
+
+    - ``folds=None``: in-sample least squares (thin SVD of Ỹ, minimum-norm solution). In [0, 1]. Exactly 0 as
+      soon as the centred student has rank n − 1 (e.g. n ≤ q): the projection loss's blind spot, not similarity.
+    - ``folds=k``: k-fold held-out residual. Rows are split by :func:`fold_assignment` (``seed``). For each fold,
+      the map is fitted on the other k − 1 folds with an intercept: train rows of X̃ and Ỹ are re-centred by their
+      train-fold means μ_X, μ_Y, W fitted on them, and the held-out rows predicted as μ_X + (Ỹ_te − μ_Y)W (only
+      train rows enter the fit). The value is Σ over folds of ‖X̃_te − μ_X − (Ỹ_te − μ_Y)W‖²_F. 0 when the
+      student is an invertible linear map of the teacher (and train folds have full rank); usually ≤ 1, but a
+      student that only overfits can exceed 1, which is reported, not clipped.
+      With ``center=False`` neither the global centring nor the intercept is applied.
+    - ``ridge=λ > 0``: W minimises ‖X̃_tr − Ỹ_tr W‖² + λ‖W‖²_F (on the unit-norm data); the residual reported is
+      the fit error without the penalty.
+    """
+    ridge = _check_nonnegative("ridge", ridge)
+    Xt, Yt = _prepare_pair(X, Y, center, dtype)
+    n = Xt.shape[0]
+    if folds is None:
+        value = (Xt - Yt @ _least_squares(Yt, Xt, ridge)).square().sum()
+        return to_output(value, X)
+    fold_of_row = torch.as_tensor(fold_assignment(n, folds, seed), device=Xt.device)
+    value = Xt.new_zeros(())
+    for fold in range(int(folds)):
+        test = fold_of_row == fold
+        X_train, Y_train, X_test, Y_test = Xt[~test], Yt[~test], Xt[test], Yt[test]
+        if center:
+            mean_x, mean_y = X_train.mean(dim=0), Y_train.mean(dim=0)
+            X_train, Y_train, X_test, Y_test = X_train - mean_x, Y_train - mean_y, X_test - mean_x, Y_test - mean_y
+        value = value + (X_test - Y_test @ _least_squares(Y_train, X_train, ridge)).square().sum()
+    return to_output(value, X)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------------------------
+
+#: transformations a metric may be invariant to, each applied to one side at a time
+TRANSFORMS = ("translation", "isotropic_scale", "orthogonal", "permutation", "invertible_linear")
+
+_SHAPE = frozenset({"translation", "isotropic_scale", "orthogonal", "permutation"})
+
+#: the declarative invariance table: family → transformations (of either side) that leave the value unchanged.
+#: None of the four families is invariant to a general invertible linear map of both sides (projection_residual is
+#: invariant to one of the student only, which is what makes it blind to geometry).
+INVARIANCES: Mapping[str, frozenset[str]] = MappingProxyType({
+    "procrustes": _SHAPE,
+    "gram_frobenius": _SHAPE,
+    "cka": _SHAPE,
+    "projection_residual": _SHAPE,
+})
+
+_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "procrustes": procrustes,
+    "gram_frobenius": gram_frobenius,
+    "cka": cka,
+    "projection_residual": projection_residual,
+}
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric with its convention: ``spec(X, Y)`` computes it (teacher X, student Y)."""
+
+    id: str
+    family: str
+    kwargs: Mapping[str, Any]
+    direction: str  # "lower" or "higher" is more similar
+    range: tuple[float, float]
+    invariances: frozenset[str]
+    symmetric: bool
+    linear: bool  # linear kernel: exactly computable by repsim.moments from (per-fold) second moments
+    label: str  # for plot colour bars
+
+    def __call__(self, X: ArrayLike, Y: ArrayLike) -> float | torch.Tensor:
+        return _FUNCTIONS[self.family](X, Y, **self.kwargs)
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+def _g(x: float) -> str:
+    return f"{x:g}"
+
+
+def _make(family: str, **kwargs: Any) -> MetricSpec:
+    """Build the spec (canonical id, direction, range, label) for one family and its convention arguments."""
+    inv = INVARIANCES[family]
+    if family == "procrustes":
+        out = kwargs["output"]
+        ranges = {"distance": (0.0, math.sqrt(2)), "angular": (0.0, math.pi / 2), "squared": (0.0, 2.0)}
+        labels = {"distance": "Procrustes distance √(2−2ρ)", "angular": "Procrustes angle arccos ρ (radians)",
+                  "squared": "Procrustes squared distance 2−2ρ"}
+        return MetricSpec(f"procrustes[{out}]", family, {"output": out}, "lower", ranges[out], inv, True, True,
+                          f"{labels[out]} (lower = more similar)")
+    if family == "gram_frobenius":
+        sq = kwargs["squared"]
+        return MetricSpec("gram_frobenius[squared]" if sq else "gram_frobenius", family, {"squared": sq}, "lower",
+                          (0.0, 2.0 if sq else math.sqrt(2)), inv, True, True,
+                          f"Gram-Frobenius ‖K̃−L̃‖{'²' if sq else ''}_F (lower = more similar)")
+    if family == "cka":
+        kernel, estimator, sigma = kwargs["kernel"], kwargs["estimator"], float(kwargs.get("sigma", 1.0))
+        if kernel == "linear":
+            cid, args, what = f"cka[linear,{estimator}]", {"kernel": kernel, "estimator": estimator}, "linear CKA"
+        else:
+            suffix = ",debiased" if estimator == "debiased" else ""
+            cid = f"cka[rbf,sigma={_g(sigma)}{suffix}]"
+            args = {"kernel": kernel, "estimator": estimator, "sigma": sigma}
+            what = f"RBF CKA, σ={_g(sigma)}·median"
+        what += ", debiased (Song U-statistic)" if estimator == "debiased" else ", biased"
+        return MetricSpec(cid, family, args, "higher", (-1.0, 1.0) if estimator == "debiased" else (0.0, 1.0), inv,
+                          True, kernel == "linear", f"{what} (higher = more similar)")
+    if family == "projection_residual":
+        folds, ridge = kwargs.get("folds"), float(kwargs.get("ridge", 0.0))
+        parts = ["in_sample" if folds is None else f"folds={folds}"] + ([f"ridge={_g(ridge)}"] if ridge else [])
+        args: dict[str, Any] = {"folds": folds, "ridge": ridge}
+        where = "in-sample" if folds is None else f"{folds}-fold held-out"
+        return MetricSpec(f"projection_residual[{','.join(parts)}]", family, args, "lower",
+                          (0.0, 1.0) if folds is None else (0.0, math.inf), inv, False, True,
+                          f"projection residual 1−R², {where} (lower = more similar)")
+    raise UserError(f"unknown metric family {family!r}")
+
+
+_ALIASES = {
+    "procrustes": "procrustes[distance]",
+    "angular": "procrustes[angular]",
+    "cka": "cka[linear,biased]",
+    "cka[debiased]": "cka[linear,debiased]",
+    "projection_residual": "projection_residual[folds=5]",
+}
+
+_ID_PATTERN = re.compile(r"^(?P<family>[a-z_]+)(?:\[(?P<args>[^\[\]]*)\])?$")
+
+
+def _number(token: str, key: str, spec: str) -> float:
+    try:
+        return float(token)
+    except ValueError:
+        raise UserError(f"metric {spec!r}: {key} must be a number, got {token!r}") from None
+
+
+def _parse(spec: str) -> MetricSpec:
+    text = re.sub(r"\s+", "", spec).lower()
+    text = _ALIASES.get(text, text)
+    match = _ID_PATTERN.match(text)
+    family = match["family"] if match else None
+    if family not in _FUNCTIONS:
+        raise UserError(f"unknown metric {spec!r}; known: {', '.join(sorted(set(METRICS) | set(_ALIASES)))}")
+    tokens = [t for t in (match["args"] or "").split(",") if t]
+    flags = [t for t in tokens if "=" not in t]
+    options = dict(t.split("=", 1) for t in tokens if "=" in t)
+
+    def bad(why: str) -> UserError:
+        return UserError(f"metric {spec!r}: {why}")
+
+    if family == "procrustes":
+        if options or len(flags) > 1 or (flags and flags[0] not in PROCRUSTES_OUTPUTS):
+            raise bad(f"expected procrustes[OUTPUT] with OUTPUT one of {', '.join(PROCRUSTES_OUTPUTS)}")
+        return _make(family, output=flags[0] if flags else "distance")
+    if family == "gram_frobenius":
+        if options or flags not in ([], ["squared"]):
+            raise bad("expected gram_frobenius or gram_frobenius[squared]")
+        return _make(family, squared=bool(flags))
+    if family == "cka":
+        kernels = [f for f in flags if f in CKA_KERNELS]
+        estimators = [f for f in flags if f in CKA_ESTIMATORS]
+        if len(kernels) > 1 or len(estimators) > 1 or len(kernels) + len(estimators) != len(flags) \
+                or set(options) - {"sigma"}:
+            raise bad("expected cka[KERNEL,ESTIMATOR,sigma=S] with KERNEL linear|rbf, ESTIMATOR biased|debiased")
+        kernel = kernels[0] if kernels else ("rbf" if "sigma" in options else "linear")
+        if kernel == "linear" and "sigma" in options:
+            raise bad("sigma applies to the rbf kernel only")
+        sigma = _number(options.get("sigma", "1"), "sigma", spec)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise bad(f"sigma must be > 0, got {sigma:g}")
+        return _make(family, kernel=kernel, estimator=estimators[0] if estimators else "biased", sigma=sigma)
+    # projection_residual
+    if set(options) - {"folds", "ridge"} or [f for f in flags if f != "in_sample"] or \
+            (flags and "folds" in options) or not (flags or "folds" in options):
+        raise bad("expected projection_residual[in_sample] or projection_residual[folds=K] (optionally ,ridge=R)")
+    folds = None
+    if "folds" in options:
+        if not options["folds"].isdigit() or int(options["folds"]) < 2:
+            raise bad(f"folds must be an integer ≥ 2, got {options['folds']!r}")
+        folds = int(options["folds"])
+    ridge = _number(options.get("ridge", "0"), "ridge", spec)
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise bad(f"ridge must be ≥ 0, got {ridge:g}")
+    return _make(family, folds=folds, ridge=ridge)
+
+
+METRICS: dict[str, MetricSpec] = {
+    s.id: s
+    for s in (
+        _make("procrustes", output="distance"),
+        _make("procrustes", output="angular"),
+        _make("procrustes", output="squared"),
+        _make("gram_frobenius", squared=False),
+        _make("gram_frobenius", squared=True),
+        _make("cka", kernel="linear", estimator="biased"),
+        _make("cka", kernel="linear", estimator="debiased"),
+        _make("cka", kernel="rbf", estimator="biased", sigma=1.0),
+        _make("projection_residual", folds=None),
+        _make("projection_residual", folds=5),
+    )
+}
+
+DEFAULT_METRICS = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "projection_residual[folds=5]")
+
+
+def get_metric(spec: str | MetricSpec) -> MetricSpec:
+    """The :class:`MetricSpec` for a metric id, an alias (``procrustes``, ``cka``, ``angular``, ...) or a spec.
+
+    Accepts every canonical id of :data:`METRICS` and parameterised forms such as ``cka[rbf,sigma=0.5]``,
+    ``projection_residual[folds=10]`` or ``projection_residual[in_sample,ridge=0.01]``; raises
+    :class:`~repsim.errors.UserError` naming an unknown id.
+    """
+    if isinstance(spec, MetricSpec):
+        return spec
+    if not isinstance(spec, str):
+        raise UserError(f"a metric id must be a string, got {type(spec).__name__}")
+    return _parse(spec)
