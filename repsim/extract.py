@@ -1,0 +1,786 @@
+"""Hugging Face model -> hidden states, pooled per text or kept per token.
+
+Layer indexing (the same for every family; PITFALLS 10):
+
+* layer ``0`` is the embedding output (``hidden_states[0]`` in transformers: token + position embeddings,
+  after the embedding LayerNorm where the family has one, e.g. BERT/MPNet);
+* layer ``k`` (1 <= k <= L) is the output of transformer block ``k``, i.e. ``hidden_states[k]``;
+* the LAST entry, ``L``, is what transformers returns as ``last_hidden_state``. For pre-norm decoders with a
+  final norm that is ``final_norm(output of block L)``, not the raw block output:
+  LLaMA / SmolLM2 / Mistral / Qwen (``model.norm``), OPT with ``do_layer_norm_before`` (``final_layer_norm``),
+  GPT-2 (``ln_f``). Post-norm encoders (BERT, MiniLM, MPNet, RoBERTa) have no final norm: entry ``L`` is the
+  raw output of block ``L``. ``Activations.meta["final_norm"]`` names the module applied to the last entry
+  (``None`` when there is none). The tests check all of this against forward hooks.
+* encoder-decoder models (T5, BART, ...): the ENCODER's hidden states, same convention.
+
+Pooling (PITFALLS 11) uses the attention mask, so padding side and batch composition never leak into features:
+
+* ``mean``: sum_t m_t h_t / sum_t m_t over real tokens (m = attention mask), accumulated in float32 or float64;
+* ``cls``: the first real token (``[CLS]`` for BERT-like models; under left padding, the first non-pad position);
+* ``last``: the last real token, found from the mask, correct under left or right padding;
+* ``tokens``: every real token is one row; ``Activations.offsets[i]:offsets[i+1]`` are the rows of text ``i`` and
+  ``Activations.token_ids`` the token ids of those rows. Rows of two models pair token by token only when both
+  use the same tokenizer (:func:`check_same_tokenizer`).
+
+Batches are formed after sorting texts by token length (dynamic padding to the longest text of the batch);
+results always come back in input order. With left padding (decoders configured for generation) position ids
+are derived from the mask, so a left-padded text gets the same positions as the unpadded text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from repsim.errors import UserError
+
+POOLS = ("mean", "cls", "last", "tokens")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Activations:
+    """Hidden states of one model on one list of texts, one (rows, width) float32 array per layer.
+
+    ``act[k]`` is layer ``k`` (0 = embeddings, k = block k; negative k counts from the end); arrays from the
+    store are memory-mapped read-only. For ``pool="tokens"`` rows are tokens: ``offsets`` (n_texts + 1,)
+    delimits the rows of each text and ``token_ids`` (rows,) gives their ids.
+    """
+
+    layers: list[int]
+    arrays: dict[int, np.ndarray] = field(repr=False)
+    meta: dict[str, Any] = field(default_factory=dict)
+    offsets: np.ndarray | None = field(default=None, repr=False)
+    token_ids: np.ndarray | None = field(default=None, repr=False)
+    path: Path | None = None
+
+    def _resolve(self, layer: int) -> int:
+        layer = int(layer)
+        if layer < 0:
+            n_blocks = self.meta.get("num_layers") or max(self.layers)
+            layer += n_blocks + 1
+        if layer not in self.arrays:
+            raise UserError(f"layer {layer} was not extracted; available layers: {self.layers}")
+        return layer
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        return self.arrays[self._resolve(layer)]
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.arrays
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.arrays[k] for k in self.layers)
+
+    def stack(self, layers: Sequence[int] | None = None) -> np.ndarray:
+        """(L, rows, width) array of the given layers (all extracted layers by default), loaded in memory."""
+        chosen = self.layers if layers is None else [self._resolve(k) for k in layers]
+        return np.stack([np.asarray(self.arrays[k]) for k in chosen])
+
+    @property
+    def width(self) -> int:
+        return int(self.arrays[self.layers[0]].shape[1])
+
+    @property
+    def n(self) -> int:
+        """Number of rows: texts for pooled features, tokens for ``pool="tokens"``."""
+        return int(self.arrays[self.layers[0]].shape[0])
+
+    @property
+    def n_texts(self) -> int:
+        return int(self.meta.get("n_texts", self.n))
+
+    def texts_rows(self, i: int) -> slice:
+        """Rows of text ``i`` (token pooling) or the single row ``i`` (pooled features)."""
+        if self.offsets is None:
+            return slice(i, i + 1)
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else mps if available, else cpu; other values are checked."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"device {device!r} requested but MPS is not available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise UserError(f"unsupported dtype {dtype}; use one of {sorted(DTYPES)}")
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise UserError(f"unknown pooling {pool!r}; use one of {', '.join(POOLS)}")
+    return pool
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """sha256 over the texts in order (each UTF-8 encoded, length-prefixed so boundaries count)."""
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 identifying what a tokenizer does to text: its vocabulary, normalisation, pre-tokenisation,
+    post-processing (special tokens added) and special tokens. Padding/truncation settings are left out,
+    since they do not change which ids a text becomes."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    spec: Any = None
+    if backend is not None and hasattr(backend, "to_str"):
+        spec = json.loads(backend.to_str())
+        for k in ("padding", "truncation"):
+            spec.pop(k, None)
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    h.update(json.dumps(spec, sort_keys=True, ensure_ascii=True).encode())
+    specials = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
+    h.update(json.dumps(specials, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """True when two tokenizers turn every text into the same ids (same vocabulary hash and rules)."""
+    return tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+
+
+def check_same_tokenizer(a: Any, b: Any, names: tuple[str, str] = ("teacher", "student")) -> None:
+    """Refuse token-by-token pairing unless both tokenizers are identical (PITFALLS 12)."""
+    if not same_tokenizer(a, b):
+        raise UserError(
+            f"token-level pairing needs the same tokenizer on both sides, but the {names[0]} and {names[1]} "
+            "tokenizers differ; use a pooled representation (--pool mean|cls|last) instead"
+        )
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over parameter and buffer names, dtypes, shapes and bytes (for models passed as objects)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- model loading
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    name: str
+    revision: str
+    offline_default: bool = False
+
+
+def _local_revision(path: Path) -> str:
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf") and p.is_file())
+    if not files:
+        return "unknown"
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def load(model: Any, *, device: torch.device, dtype: torch.dtype, device_map: str | dict | None = None) -> LoadedModel:
+    """Resolve ``model`` to (model, tokenizer, name, revision).
+
+    ``model`` is a spec string (hub id, local folder, embedded default; through :mod:`repsim.assets`), a
+    :class:`LoadedModel`, or a ``(model, tokenizer)`` pair of objects (its revision is a weights hash).
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, tuple) and len(model) == 2:
+        m, tok = model
+        name = getattr(getattr(m, "config", None), "_name_or_path", "") or type(m).__name__
+        return LoadedModel(m.eval(), tok, str(name), "sha256:" + weights_fingerprint(m))
+    if not isinstance(model, (str, os.PathLike)):
+        raise UserError(f"model must be a spec string, a folder, or a (model, tokenizer) pair; got {type(model)}")
+    try:
+        from repsim import assets  # noqa: PLC0415
+        loader = getattr(assets, "load_model", None)
+    except ImportError:
+        loader = None
+    if loader is not None:
+        kw: dict[str, Any] = {"task": "base", "dtype": dtype_name(dtype)}
+        if device_map is not None:
+            kw["device_map"] = device_map
+        else:
+            kw["device"] = str(device)
+        m, tok, src = loader(str(model), **kw)
+        return LoadedModel(m.eval(), tok, str(getattr(src, "name", model)), str(getattr(src, "revision", "")),
+                           bool(getattr(src, "offline_default", False)))
+    # fallback while repsim.assets is not available: local folders only
+    path = Path(model)
+    if not path.is_dir():
+        raise UserError(f"model {model!r} is not a local folder (and repsim.assets is not available)")
+    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
+
+    kw = {"dtype": dtype}
+    if device_map is not None:
+        kw["device_map"] = device_map
+    m = AutoModel.from_pretrained(path, **kw)
+    if device_map is None:
+        m = m.to(device)
+    tok = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(m.eval(), tok, str(path), _local_revision(path))
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs must go: the device of the input embeddings (first shard under ``device_map``)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def num_layers(model: torch.nn.Module) -> int | None:
+    """Number of blocks whose outputs are hidden states 1..L (encoder side for encoder-decoders)."""
+    cfg = model.config
+    if hasattr(cfg, "get_text_config"):
+        with contextlib.suppress(Exception):
+            cfg = cfg.get_text_config()
+    names = ("encoder_layers", "num_layers", "num_hidden_layers", "n_layer") if getattr(
+        cfg, "is_encoder_decoder", False) else ("num_hidden_layers", "n_layer", "num_layers")
+    for name in names:
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def final_norm_name(model: torch.nn.Module) -> str | None:
+    """Name of the final norm applied to the last hidden state (None for post-norm encoders like BERT)."""
+    core = _core(model)
+    for owner_name, owner in (("", core), ("decoder.", getattr(core, "decoder", None))):
+        if owner is None or not isinstance(owner, torch.nn.Module):
+            continue
+        for n in FINAL_NORM_NAMES:
+            mod = getattr(owner, n, None)
+            if isinstance(mod, torch.nn.Module):
+                return owner_name + n
+    return None
+
+
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward yields the hidden states: encoder of an encoder-decoder, else the base model."""
+    if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+        return model.get_encoder()
+    return getattr(model, "base_model", model)
+
+
+def resolve_layers(layers: Sequence[int] | int | str | None, n_blocks: int | None) -> list[int] | None:
+    """Normalise a layer selection to sorted unique indices in 0..L; None means all layers.
+
+    Accepts ints (negative counts from the end: -1 = L), a list, or a string like ``"0,3,6"`` / ``"4-6"`` /
+    ``"all"``. Raises UserError for indices outside 0..L.
+    """
+    if layers is None or (isinstance(layers, str) and layers.strip().lower() in ("", "all")):
+        return None if n_blocks is None else list(range(n_blocks + 1))
+    if isinstance(layers, int):
+        items: list[int] = [layers]
+    elif isinstance(layers, str):
+        items = []
+        for part in layers.replace(" ", "").split(","):
+            if not part:
+                continue
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                    items.extend(range(int(lo), int(hi) + 1))
+                else:
+                    items.append(int(part))
+            except ValueError as exc:
+                raise UserError(f"bad layer selection {layers!r}; use e.g. 0,3,6 or 2-4 or all") from exc
+    else:
+        items = [int(k) for k in layers]
+    if not items:
+        raise UserError("empty layer selection")
+    if n_blocks is None:
+        if any(k < 0 for k in items):
+            raise UserError("negative layer indices need a model config with a known number of layers")
+        return sorted(set(items))
+    out = []
+    for k in items:
+        kk = k + n_blocks + 1 if k < 0 else k
+        if not 0 <= kk <= n_blocks:
+            raise UserError(f"unknown layer index {k}: this model has layers 0..{n_blocks} "
+                            f"(0 = embeddings, k = block k)")
+        out.append(kk)
+    return sorted(set(out))
+
+
+# ---------------------------------------------------------------------------------------------- texts & batches
+
+
+def as_texts(data: Any) -> tuple[list[str], str | None, str]:
+    """(texts, fingerprint-from-data-or-None, name) from a TextData, a list of strings or a single string."""
+    if isinstance(data, str):
+        raise UserError("data must be a TextData (repsim.data.load_texts) or a list of texts, not one string")
+    texts = getattr(data, "texts", data)
+    try:
+        texts = list(texts)
+    except TypeError as exc:
+        raise UserError(f"data must be a list of texts, got {type(data).__name__}") from exc
+    if not texts:
+        raise UserError("no texts to extract (empty data)")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise UserError(f"data must contain strings; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+    return texts, getattr(data, "fingerprint", None), str(getattr(data, "name", "texts"))
+
+
+def effective_max_length(tokenizer: Any, model: torch.nn.Module, max_length: int) -> int:
+    """``max_length`` capped by the tokenizer's ``model_max_length`` when that is a real limit."""
+    if int(max_length) < 1:
+        raise UserError(f"max_length must be >= 1, got {max_length}")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return min(int(max_length), limit)
+    return int(max_length)
+
+
+def token_lengths(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, int]:
+    """Token count of each text after truncation to ``max_length``, and how many texts were truncated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enc = tokenizer(list(texts), add_special_tokens=True, truncation=False, padding=False,
+                        return_attention_mask=False, verbose=False)
+    full = np.fromiter((len(ids) for ids in enc["input_ids"]), dtype=np.int64, count=len(texts))
+    return np.minimum(full, max_length), int((full > max_length).sum())
+
+
+def plan_batches(lengths: np.ndarray, batch_size: int, sort: bool = True) -> list[np.ndarray]:
+    """Index arrays (into the input order) of each batch; sorted by decreasing length when ``sort``
+    (stable, so ties keep input order). Longest first: an out-of-memory shows up at once."""
+    if int(batch_size) < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(lengths))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row of a (b, T) 0/1 mask; right or left padding alike."""
+    T = mask.shape[1]
+    return T - 1 - torch.flip(mask.to(torch.int64), dims=[1]).argmax(dim=1)
+
+
+def first_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first real token of each row of a (b, T) 0/1 mask."""
+    return mask.to(torch.int64).argmax(dim=1)
+
+
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pool: str,
+                accumulate: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pool (b, T, w) hidden states with a (b, T) attention mask.
+
+    mean: Σ_t m_t h_t / Σ_t m_t; cls: h at the first real token; last: h at the last real token;
+    tokens: the real-token rows, concatenated row-major ((Σ m, w)). Computed in ``accumulate`` precision.
+    """
+    h = hidden.to(accumulate)
+    if pool == "mean":
+        m = mask.to(accumulate).unsqueeze(-1)
+        return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+    rows = torch.arange(h.shape[0], device=h.device)
+    if pool == "cls":
+        return h[rows, first_token_index(mask).to(h.device)]
+    if pool == "last":
+        return h[rows, last_token_index(mask).to(h.device)]
+    if pool == "tokens":
+        return h[mask.to(h.device).bool()]
+    raise UserError(f"unknown pooling {pool!r}")
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+class Runner:
+    """Runs one model batch by batch and yields its pooled hidden states for chosen layers."""
+
+    def __init__(self, lm: LoadedModel, *, max_length: int, pool: str, accumulate: torch.dtype,
+                 layers: list[int] | None):
+        self.lm = lm
+        self.model = lm.model
+        self.tok = lm.tokenizer
+        self.max_length = max_length
+        self.pool = pool
+        self.accumulate = accumulate
+        self.layers = layers
+        self.core = _core(self.model)
+        self.device = model_device(self.model)
+        params = inspect.signature(self.core.forward).parameters
+        self._accepts_position_ids = "position_ids" in params
+        self._accepts_use_cache = "use_cache" in params
+        if getattr(self.tok, "pad_token", None) is None:
+            # decoders without a pad token: any id works, the mask hides it
+            fallback = self.tok.eos_token or self.tok.unk_token
+            if fallback is None:
+                raise UserError("the tokenizer has no pad, eos or unk token to pad batches with")
+            self.tok.pad_token = fallback
+
+    @property
+    def padding_side(self) -> str:
+        return getattr(self.tok, "padding_side", "right")
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tok(list(texts), padding="longest", truncation=True, max_length=self.max_length,
+                       return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.inference_mode()
+    def hidden_states(self, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device)
+        kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": True,
+                              "return_dict": True}
+        if self._accepts_use_cache:
+            kw["use_cache"] = False
+        if self.padding_side == "left" and self._accepts_position_ids and not getattr(
+                self.model.config, "is_encoder_decoder", False):
+            kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.core(**kw)
+        hs = out.hidden_states if hasattr(out, "hidden_states") else out[-1]
+        if hs is None:
+            raise UserError(f"{self.lm.name}: the model returned no hidden states")
+        return tuple(hs)
+
+    def run(self, texts: Sequence[str]) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Pooled features {layer: (rows, w)} on CPU, the attention mask and input ids of the batch."""
+        enc = self.encode(texts)
+        hs = self.hidden_states(enc)
+        if self.layers is None:
+            self.layers = list(range(len(hs)))
+        bad = [k for k in self.layers if k >= len(hs)]
+        if bad:
+            raise UserError(f"unknown layer index {bad[0]}: this model has layers 0..{len(hs) - 1}")
+        out = {}
+        for k in self.layers:
+            h = hs[k]
+            out[k] = pool_hidden(h, enc["attention_mask"].to(h.device), self.pool, self.accumulate)
+        return out, enc["attention_mask"], enc["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="text", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- extract
+
+
+def extract(
+    model: Any,
+    data: Any,
+    *,
+    layers: Sequence[int] | int | str | None = None,
+    pool: str = "mean",
+    batch_size: int = 32,
+    max_length: int = 128,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    accumulate: str = "float32",
+    device_map: str | dict | None = None,
+    cache: bool = True,
+    progress: bool = True,
+    sort_by_length: bool = True,
+    chunk_size: int = 1024,
+    verify: bool | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Activations:
+    """Hidden states of ``model`` on ``data``, pooled per text (or per token), from the cache when present.
+
+    model: spec string (hub id, local folder, embedded default name), or a ``(model, tokenizer)`` pair.
+    data: :class:`repsim.data.TextData` or a list of texts. layers: None (all, 0..L), ints, or "0,3,6".
+    pool: mean | cls | last | tokens. dtype: the model's compute dtype (float32, bfloat16, float16); pooled
+    features are accumulated in ``accumulate`` (float32 or float64) and stored as float32.
+    cache: read/write the activation store (:mod:`repsim.store`); ``False`` keeps everything in memory.
+    device_map: passed to the loader (``"auto"`` spreads a big model over the available GPUs).
+    Under ``torch.distributed`` each rank extracts its shard of the batches; every rank returns the whole result.
+    chunk_size: texts per resumable chunk of a store entry. verify: check checksums of a cached entry
+    (default: on the first open of an entry in this process).
+    """
+    t_start = time.perf_counter()
+    pool = check_pool(pool)
+    if accumulate not in ACCUMULATE:
+        raise UserError(f"unknown accumulate dtype {accumulate!r}; use float32 or float64")
+    texts, data_fp, data_name = as_texts(data)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if dev.type == "cpu" and torch_dtype == torch.float16 and device_map is None:
+        warnings.warn("float16 on CPU is slow and may be inexact; consider bfloat16 or float32", stacklevel=2)
+    t0 = time.perf_counter()
+    lm = load(model, device=dev, dtype=torch_dtype, device_map=device_map)
+    t_load = time.perf_counter() - t0
+    n_blocks = num_layers(lm.model)
+    chosen = resolve_layers(layers, n_blocks)
+    eff_len = effective_max_length(lm.tokenizer, lm.model, max_length)
+    lengths, n_trunc = token_lengths(lm.tokenizer, texts, eff_len)
+    if n_trunc:
+        warnings.warn(f"{n_trunc} of {len(texts)} texts are longer than max_length={eff_len} tokens and were "
+                      "truncated", stacklevel=2)
+    if (lengths == 0).any():
+        raise UserError(f"text {int(np.argmax(lengths == 0))} has no tokens; remove empty texts from the data")
+    meta: dict[str, Any] = {
+        "model": lm.name, "revision": lm.revision, "offline_default": lm.offline_default,
+        "tokenizer": tokenizer_fingerprint(lm.tokenizer), "padding_side": getattr(lm.tokenizer, "padding_side",
+                                                                                   "right"),
+        "data": data_name, "data_fingerprint": data_fp or texts_fingerprint(texts),
+        "texts_sha256": texts_fingerprint(texts), "n_texts": len(texts), "pool": pool,
+        "max_length": eff_len, "n_truncated": n_trunc, "n_tokens": int(lengths.sum()),
+        "layers": chosen, "num_layers": n_blocks, "final_norm": final_norm_name(lm.model),
+        "dtype": dtype_name(torch_dtype), "accumulate": accumulate, "storage_dtype": "float32",
+        "batch_size": int(batch_size), "sort_by_length": bool(sort_by_length),
+        "model_class": type(lm.model).__name__, "transformers": _transformers_version(),
+    }
+    runner = Runner(lm, max_length=eff_len, pool=pool, accumulate=ACCUMULATE[accumulate], layers=chosen)
+    batches = plan_batches(lengths, batch_size, sort_by_length)
+    if cache:
+        from repsim import store  # noqa: PLC0415
+
+        acts = store.get_or_build(meta, texts, lengths, runner, batches, progress=progress, chunk_size=chunk_size,
+                                  verify=verify, on_batch=on_batch)
+    else:
+        acts = _extract_in_memory(runner, texts, lengths, batches, meta, progress, on_batch)
+    acts.meta.setdefault("timings", {})
+    acts.meta["timings"]["load_s"] = t_load
+    acts.meta["timings"]["total_s"] = time.perf_counter() - t_start
+    return acts
+
+
+def _transformers_version() -> str:
+    import transformers  # noqa: PLC0415
+
+    return transformers.__version__
+
+
+def run_batches(runner: Runner, texts: Sequence[str], batches: Sequence[np.ndarray], *, progress: bool,
+                desc: str, on_batch: Callable[[int], None] | None = None, done: int = 0
+                ) -> Iterator[tuple[int, np.ndarray, dict[int, np.ndarray], np.ndarray]]:
+    """Yield (batch number, input indices, {layer: float32 rows}, real token ids) for each batch."""
+    bar = _progress(sum(len(b) for b in batches) + done, desc, progress, initial=done)
+    try:
+        for j, idx in enumerate(batches):
+            feats, mask, ids = runner.run([texts[i] for i in idx])
+            if on_batch is not None:
+                on_batch(j)
+            tok_ids = ids[mask.bool()].numpy() if runner.pool == "tokens" else None
+            yield j, idx, {k: v.to("cpu", torch.float32).numpy() for k, v in feats.items()}, tok_ids
+            bar.update(len(idx))
+    finally:
+        bar.close()
+
+
+def _extract_in_memory(runner: Runner, texts: list[str], lengths: np.ndarray, batches: list[np.ndarray],
+                       meta: dict, progress: bool, on_batch) -> Activations:
+    rank, world = dist_info()
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) if runner.pool == "tokens" else None
+    mine = list(range(rank, len(batches), world))
+    t0 = time.perf_counter()
+    results: dict[int, tuple[dict[int, np.ndarray], np.ndarray | None]] = {}
+    for j, _idx, feats, tok_ids in run_batches(runner, texts, [batches[b] for b in mine], progress=progress,
+                                               desc=f"extract {Path(meta['model']).name}", on_batch=on_batch):
+        results[mine[j]] = (feats, tok_ids)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, results)
+        results = {b: r for part in gathered for b, r in part.items()}
+    layers = runner.layers or []
+    widths = {k: next(iter(results.values()))[0][k].shape[1] for k in layers}
+    rows = int(offsets[-1]) if offsets is not None else len(texts)
+    arrays = {k: np.empty((rows, widths[k]), dtype=np.float32) for k in layers}
+    token_ids = np.empty(rows, dtype=np.int64) if offsets is not None else None
+    for b, (feats, tok_ids) in results.items():
+        dest = _rows_of(batches[b], offsets)
+        for k in layers:
+            arrays[k][dest] = feats[k]
+        if token_ids is not None:
+            token_ids[dest] = tok_ids
+    meta = dict(meta, layers=layers, cache_hit=False, resumed_chunks=0, path=None,
+                timings={"forward_s": time.perf_counter() - t0})
+    return Activations(layers, arrays, meta, offsets, token_ids, None)
+
+
+def _rows_of(idx: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    """Destination rows (input order) of a batch's output rows: the texts themselves, or their tokens."""
+    if offsets is None:
+        return np.asarray(idx, dtype=np.int64)
+    if len(idx) == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+def extract_moments(
+    teacher: Any,
+    student: Any,
+    data: Any,
+    *,
+    layers: Sequence[int] | int | str | None = None,
+    student_layers: Sequence[int] | int | str | None = None,
+    pool: str = "mean",
+    batch_size: int = 32,
+    max_length: int = 128,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    accumulate: str = "float64",
+    device_map: str | dict | None = None,
+    progress: bool = True,
+    moments_kwargs: dict | None = None,
+    **unused: Any,
+) -> Any:
+    """Stream teacher and student features into :class:`repsim.moments.LayerMoments`, storing nothing.
+
+    Both models see the same batches of texts; memory depends on widths and batch size, not on the number of
+    texts or tokens. ``pool="tokens"`` pairs tokens one by one and so needs identical tokenizers.
+    Under ``torch.distributed`` each rank streams its shard and the moments are summed with ``all_reduce``.
+    ``layers`` selects teacher layers, ``student_layers`` student layers (default: same as ``layers`` when
+    that is given as indices, else all).
+    """
+    from repsim.moments import LayerMoments  # noqa: PLC0415
+
+    for k in ("cache",):
+        unused.pop(k, None)
+    if unused:
+        raise TypeError(f"extract_moments got unexpected options {sorted(unused)}")
+    pool = check_pool(pool)
+    texts, data_fp, _ = as_texts(data)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    acc = ACCUMULATE[accumulate]
+    t_lm = load(teacher, device=dev, dtype=torch_dtype, device_map=device_map)
+    s_lm = load(student, device=dev, dtype=torch_dtype, device_map=device_map)
+    if pool == "tokens":
+        check_same_tokenizer(t_lm.tokenizer, s_lm.tokenizer)
+    t_layers = resolve_layers(layers, num_layers(t_lm.model))
+    s_layers = resolve_layers(student_layers if student_layers is not None else layers, num_layers(s_lm.model))
+    t_len = effective_max_length(t_lm.tokenizer, t_lm.model, max_length)
+    s_len = effective_max_length(s_lm.tokenizer, s_lm.model, max_length)
+    if pool == "tokens":
+        t_len = s_len = min(t_len, s_len)
+    lengths, n_trunc = token_lengths(t_lm.tokenizer, texts, t_len)
+    if n_trunc:
+        warnings.warn(f"{n_trunc} of {len(texts)} texts are longer than max_length={t_len} tokens and were "
+                      "truncated", stacklevel=2)
+    t_run = Runner(t_lm, max_length=t_len, pool=pool, accumulate=acc, layers=t_layers)
+    s_run = Runner(s_lm, max_length=s_len, pool=pool, accumulate=acc, layers=s_layers)
+    if pool == "tokens" and t_run.padding_side != s_run.padding_side:
+        s_run.tok.padding_side = t_run.padding_side
+    batches = plan_batches(lengths, batch_size)
+    rank, world = dist_info()
+    mine = batches[rank::world]
+    moments = None
+    bar = _progress(sum(len(b) for b in mine), "moments", progress)
+    n_rows = 0
+    try:
+        for idx in mine:
+            chunk = [texts[i] for i in idx]
+            t_feats, t_mask, t_ids = t_run.run(chunk)
+            s_feats, s_mask, s_ids = s_run.run(chunk)
+            if pool == "tokens" and not torch.equal(t_ids[t_mask.bool()], s_ids[s_mask.bool()]):
+                raise UserError("teacher and student token ids differ on the same texts; cannot pair tokens")
+            if moments is None:
+                t_w = [t_feats[k].shape[1] for k in t_run.layers]
+                s_w = [s_feats[k].shape[1] for k in s_run.layers]
+                moments = LayerMoments(t_w, s_w, **(moments_kwargs or {}))
+            moments.update([t_feats[k] for k in t_run.layers], [s_feats[k] for k in s_run.layers])
+            n_rows += int(t_feats[t_run.layers[0]].shape[0])
+            bar.update(len(idx))
+    finally:
+        bar.close()
+    if world > 1:
+        if moments is None:
+            raise UserError("fewer batches than ranks: lower the number of processes or the batch size")
+        moments.all_reduce()
+    if moments is None:
+        raise UserError("no texts to stream")
+    with contextlib.suppress(AttributeError, TypeError):
+        moments.meta = {"teacher": t_lm.name, "teacher_revision": t_lm.revision, "student": s_lm.name,
+                        "student_revision": s_lm.revision, "teacher_layers": t_run.layers,
+                        "student_layers": s_run.layers, "pool": pool, "n_texts": len(texts),
+                        "data_fingerprint": data_fp or texts_fingerprint(texts), "n_truncated": n_trunc,
+                        "max_length": t_len, "rows_this_rank": n_rows}
+    return moments
+
+
+__all__ = [
+    "Activations", "LoadedModel", "POOLS", "check_same_tokenizer", "extract", "extract_moments", "load",
+    "pool_hidden", "resolve_layers", "same_tokenizer", "texts_fingerprint", "tokenizer_fingerprint",
+    "last_token_index", "first_token_index", "final_norm_name", "dist_info",
+]
