@@ -80,7 +80,66 @@ def _run_plot(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ extract
 
 
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="extract hidden states of a model into the activation cache",
+                       description="Extract the hidden states of MODEL on a data set (pooled per text, or per "
+                       "token) into the activation cache; a second run reads the cache. Layer 0 = embeddings, "
+                       "k = output of block k.")
+    p.add_argument("model", help="HF id, short name (all-MiniLM-L6-v2) or local folder")
+    p.add_argument("--data", default="sst2",
+                   help="sst2 | PATH (.txt/.csv/.tsv/.jsonl/.parquet) | hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--text-column", default=None, help="column holding the texts (files / hf data sets)")
+    p.add_argument("--label-column", default=None, help="column holding the labels (optional)")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N", help="use at most N texts")
+    p.add_argument("--seed", type=int, default=0, help="seed for --max-samples sampling")
+    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens"], help="pooling per text")
+    p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
+                   help="layer indices (0 = embeddings, -1 = last, ranges 2-4; default all)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B")
+    p.add_argument("--max-length", type=int, default=128, metavar="T", help="truncate texts to T tokens")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the model (features are stored as float32)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_extract)
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from repsim.store import extract_command
+
+    if args.layers is not None:
+        args.layers = ",".join(args.layers)
+    return extract_command(args)
+
+
 # ------------------------------------------------------------------------------------ cache
+
+
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="list, inspect, verify, remove or prune cached activations",
+                       description="Manage the activation cache ($REPSIM_CACHE, else $XDG_CACHE_HOME/repsim, else "
+                       "~/.cache/repsim).")
+    actions = p.add_subparsers(dest="cache_action", metavar="ACTION")
+    actions.add_parser("list", help="one line per entry (key, model, pooling, texts, layers, size, last use)")
+    info = actions.add_parser("info", help="manifest and provenance of one entry")
+    info.add_argument("key", help="entry key or unique prefix (from `repsim cache list`)")
+    info.add_argument("--verify", action="store_true", help="check every array against its sha256 (exit 1 if damaged)")
+    info.add_argument("--json", action="store_true", help="print the full manifest as JSON")
+    rm = actions.add_parser("rm", help="remove entries")
+    rm.add_argument("keys", nargs="*", help="entry keys or unique prefixes")
+    rm.add_argument("--all", action="store_true", help="remove every entry")
+    prune = actions.add_parser("prune", help="remove entries by age and/or total size (least recently used first)")
+    prune.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="not used for DAYS days")
+    prune.add_argument("--max-size", default=None, metavar="SIZE", help="keep the cache under SIZE (e.g. 5GB)")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.set_defaults(func=_run_cache, cache_action=None)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from repsim.store import cache_command
+
+    return cache_command(args)
 
 
 # ------------------------------------------------------------------------------------ counterexample
