@@ -156,30 +156,35 @@ def _centered_unit(
 
 
 class _NuclearNorm(torch.autograd.Function):
-    """‖M‖_* = Σ σ_i(M) with gradient U_r V_rᵀ (the polar factor on the singular values above the rank tolerance).
+    """‖M‖_* = Σ σ_i(M) with gradient U_r V_rᵀ (the polar factor on the singular values above ``tol``).
 
     torch's SVD backward differentiates U and V and divides by σ_i² − σ_j², which is NaN/inf for repeated or zero
     singular values; the nuclear norm needs neither: its (minimum-norm sub)gradient is the polar factor.
     """
 
     @staticmethod
-    def forward(ctx, M: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(ctx, M: torch.Tensor, atol: float) -> torch.Tensor:  # noqa: D102
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        tol = S.max() * max(M.shape) * torch.finfo(M.dtype).eps  # numpy.linalg.matrix_rank's default tolerance
+        tol = torch.clamp(S.max() * max(M.shape) * torch.finfo(M.dtype).eps, min=atol)
         keep = (S > tol).to(M.dtype)
         ctx.save_for_backward((U * keep) @ Vh)
         return S.sum()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
         (polar,) = ctx.saved_tensors
-        return grad * polar
+        return grad * polar, None
 
 
-def nuclear_norm(M: torch.Tensor) -> torch.Tensor:
-    """‖M‖_* for a 2-D tensor, with the gradient U_r V_rᵀ (finite for repeated and zero singular values)."""
-    return _NuclearNorm.apply(M)
+def nuclear_norm(M: torch.Tensor, atol: float = 0.0) -> torch.Tensor:
+    """‖M‖_* of a 2-D tensor, with gradient U_r V_rᵀ: finite for repeated and zero singular values.
+
+    Singular values at or below max(``atol``, max(shape)·eps·σ_max) (``numpy.linalg.matrix_rank``'s relative
+    tolerance) count as zero in the gradient; ``atol`` makes an M that is pure rounding noise count as zero
+    rather than as full rank.
+    """
+    return _NuclearNorm.apply(M, float(atol))
 
 
 def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
@@ -264,7 +269,8 @@ class ProcrustesLoss(_GeometryLoss):
 
     def _loss(self, X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         Xt, Yt = _centered_unit(X, Y, dtype, self.min_rows)
-        rho = nuclear_norm(Xt.T @ Yt)
+        # unit-norm inputs: entries of X̃ᵀỸ carry rounding error of at most ~n·eps, so σ below that are noise
+        rho = nuclear_norm(Xt.T @ Yt, atol=max(*Xt.shape, Yt.shape[1]) * torch.finfo(dtype).eps)
         if self.output == "angular":
             return _safe_arccos(rho)
         squared = 2.0 - 2.0 * rho
