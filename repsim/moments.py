@@ -50,6 +50,7 @@ Metrics (DESIGN.md §3; X̃ = centred X / ‖centred X‖_F, so X̃ᵀỸ = cros
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -488,6 +489,10 @@ class LayerMoments:
             m = self.gram_frobenius_matrix(bool(kwargs.get("squared", False)))
         elif family == "cka":
             m = self.cka_matrix(kwargs.get("estimator", "biased"))
+        elif kwargs.get("folds") is not None:
+            raise UserError(f"{metric_id!r} is a held-out residual: it needs per-fold moments, which these pooled "
+                            f"moments do not keep; use 'projection_residual[in_sample]' or repsim.pairwise on stored "
+                            f"activations")
         else:
             m = self.projection_residual_matrix(float(kwargs.get("ridge", 0.0) or 0.0))
         return m.detach().cpu().double().numpy()
@@ -553,9 +558,11 @@ class CrossMoments(LayerMoments):
 
 # ---------------------------------------------------------------------- shared output conventions
 def _clamp_rounding(v: torch.Tensor, lo: float, hi: float, what: str, tol: float = 1e-9) -> torch.Tensor:
-    """Clamp values that leave [lo, hi] by rounding only; a larger excursion is a bug and raises."""
+    """Clamp values into [lo, hi]; silently only when they are outside by rounding (≤ tol), else with a
+    RuntimeWarning naming the quantity (a breakdown must not pass unnoticed)."""
     if bool(((v < lo - tol) | (v > hi + tol)).any()):
-        raise RuntimeError(f"{what} left [{lo}, {hi}] by more than rounding: {v.min().item()}..{v.max().item()}")
+        warnings.warn(f"{what} left [{lo}, {hi}] by more than rounding ({v.min().item()!r} … {v.max().item()!r}); "
+                      f"clamped", RuntimeWarning, stacklevel=3)
     return v.clamp(lo, hi)
 
 
