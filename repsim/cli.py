@@ -145,7 +145,74 @@ def _run_cache(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ counterexample
 
 
+def _add_counterexample(sub) -> None:
+    p = sub.add_parser(
+        "counterexample", help="build the paper's counterexamples (Theorem 1, projection, synthetic distillation)",
+        description="Print the closed forms and measured metrics of the constructions where CKA (in the limit) and "
+        "the projection loss (exactly) miss geometry that Procrustes and Gram-Frobenius see; with --out, also "
+        "write theory_*.csv and theory_*.png.")
+    p.add_argument("which", nargs="?", default="all", choices=["theorem1", "projection", "synthetic", "all"])
+    p.add_argument("--out", default=None, metavar="DIR", help="write tables (CSV) and figures (PNG) here")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="synthetic: seeds")
+    p.add_argument("--steps", type=int, default=300, metavar="N", help="synthetic: Adam steps per run")
+    p.add_argument("--eps", type=float, default=0.1, help="synthetic: |cos| <= eps counts as eps-orthogonal")
+    p.set_defaults(func=_run_counterexample)
+
+
+def _run_counterexample(args: argparse.Namespace) -> int:
+    from repsim.theory import run_counterexamples
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    print(run_counterexamples(args.which, out=args.out, seeds=args.seeds, steps=args.steps, eps=args.eps))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ check
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser(
+        "check", help="geometry check of a teacher/student pair at mapped layers (angles, not only scores)",
+        description="At each mapped layer pair: Procrustes, Gram-Frobenius, CKA, projection residual, the fraction "
+        "of eps-orthogonal teacher pairs that stay eps-orthogonal, angle distortion quantiles, the largest "
+        "inner-product error, and a verdict that flags 'CKA says similar, geometry differs'.")
+    p.add_argument("teacher", help="teacher model: HF id, short name or local folder")
+    p.add_argument("student", help="student model: HF id, short name or local folder (e.g. a distilled student)")
+    p.add_argument("--data", default="sst2", help="sst2 | PATH (.txt/.csv/.jsonl) | hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--map", dest="layer_map", default="uniform", metavar="MAP",
+                   help="teacher:student layer pairs, e.g. '12:6,6:3', or 'uniform' (student block j <-> teacher "
+                   "block round(j*Lt/Ls)); 0 = embeddings")
+    p.add_argument("--eps", type=float, default=0.1, help="|cos| <= eps counts as eps-orthogonal (centred rows)")
+    p.add_argument("--max-samples", type=int, default=500, metavar="N",
+                   help="use at most N texts (pairwise angles cost O(N^2) memory)")
+    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last"], help="pooling per text")
+    p.add_argument("--batch-size", type=int, default=32, metavar="B")
+    p.add_argument("--max-length", type=int, default=128, metavar="T")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--cka-threshold", type=float, default=0.9, help="CKA at or above this counts as 'similar'")
+    p.add_argument("--procrustes-threshold", type=float, default=0.5,
+                   help="Procrustes distance above this counts as 'geometry differs'")
+    p.add_argument("--preservation-threshold", type=float, default=0.5,
+                   help="eps-orthogonal preservation below this counts as 'geometry differs'")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    p.add_argument("--seed", type=int, default=0, help="seed for data sampling")
+    p.add_argument("--out", default=None, metavar="DIR", help="write check.csv and check.json here")
+    p.set_defaults(func=_run_check)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from repsim.theory import check_models
+
+    result = check_models(
+        args.teacher, args.student, args.data, args.layer_map, max_samples=args.max_samples, pool=args.pool,
+        batch_size=args.batch_size, max_length=args.max_length, device=args.device, seed=args.seed,
+        cache=not args.no_cache, out=args.out, eps=args.eps, cka_threshold=args.cka_threshold,
+        procrustes_threshold=args.procrustes_threshold, preservation_threshold=args.preservation_threshold)
+    print(result.summary())
+    if args.out:
+        print(f"wrote {args.out}/check.csv and check.json")
+    return 0
 
 
 # ------------------------------------------------------------------------------------ distill
