@@ -10,7 +10,8 @@ Specs understood by :func:`load_texts`:
   ``|score| >= 1`` (9,171 distinct), label ``score > 0``; ``validation`` is a fixed seeded subset of 872
   sentences and ``train`` the disjoint rest (8,299), both in file order. ``TextData.offline_fallback`` and
   ``TextData.source`` say which one was used.
-- a local file: ``.txt`` (one text per line; blank lines dropped and counted), ``.csv``, ``.tsv``, ``.jsonl``,
+- a local file: ``.txt`` (one text per line; blank lines dropped and counted), ``.csv``, ``.tsv`` (standard
+  double-quote quoting, as pandas and the csv module write them), ``.jsonl``,
   ``.parquet`` with ``text_column`` (default: ``text``, ``sentence``, or the only column) and ``label_column``
   (default: ``label`` when present; values must be integers).
 - ``hf:NAME[:CONFIG][@SPLIT]``: any ``datasets`` data set (default split: ``validation`` if it has one, else
@@ -302,8 +303,7 @@ def _read_table(path: Path, suffix: str) -> Any:
         content = io.StringIO(_decode(path.read_bytes(), path))
         if suffix == ".jsonl":
             return pd.read_json(content, lines=True, dtype=False)
-        return pd.read_csv(content, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False,
-                           quoting=3 if suffix == ".tsv" else 0)
+        return pd.read_csv(content, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
     except UserError:
         raise
     except (ValueError, OSError, pd.errors.ParserError) as exc:
