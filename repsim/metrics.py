@@ -42,6 +42,7 @@ __all__ = [
     "METRICS",
     "DEFAULT_METRICS",
     "INVARIANCES",
+    "TRANSFORMS",
     "get_metric",
 ]
 
@@ -446,15 +447,15 @@ TRANSFORMS = ("translation", "isotropic_scale", "orthogonal", "permutation", "in
 
 _SHAPE = frozenset({"translation", "isotropic_scale", "orthogonal", "permutation"})
 
-#: the declarative invariance table: family → transformations (of either side) that leave the value unchanged.
-#: None of the four families is invariant to a general invertible linear map of both sides (projection_residual is
-#: invariant to one of the student only, which is what makes it blind to geometry).
+#: the declarative invariance table: family → transformations that leave the value unchanged when applied to
+#: either side (one side at a time). Every other transformation of TRANSFORMS changes the value in general.
 INVARIANCES: Mapping[str, frozenset[str]] = MappingProxyType({
     "procrustes": _SHAPE,
     "gram_frobenius": _SHAPE,
     "cka": _SHAPE,
     "projection_residual": _SHAPE,
 })
+
 
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "procrustes": procrustes,
@@ -477,6 +478,9 @@ class MetricSpec:
     symmetric: bool
     linear: bool  # linear kernel: exactly computable by repsim.moments from (per-fold) second moments
     label: str  # for plot colour bars
+    #: further invariances when only the student Y is transformed: the unregularised projection residual sees only
+    #: the student's column space, so any invertible linear map of the student is invisible (its blind spot)
+    student_invariances: frozenset[str] = frozenset()
 
     def __call__(self, X: ArrayLike, Y: ArrayLike) -> float | torch.Tensor:
         return _FUNCTIONS[self.family](X, Y, **self.kwargs)
@@ -523,7 +527,8 @@ def _make(family: str, **kwargs: Any) -> MetricSpec:
         where = "in-sample" if folds is None else f"{folds}-fold held-out"
         return MetricSpec(f"projection_residual[{','.join(parts)}]", family, args, "lower",
                           (0.0, 1.0) if folds is None else (0.0, math.inf), inv, False, True,
-                          f"projection residual 1−R², {where} (lower = more similar)")
+                          f"projection residual 1−R², {where} (lower = more similar)",
+                          frozenset() if ridge else frozenset({"invertible_linear"}))
     raise UserError(f"unknown metric family {family!r}")
 
 
