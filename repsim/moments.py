@@ -12,7 +12,7 @@ offset): with x̄ = mean of x, u_i = x_i − x̄, v_i = y_i − ȳ, a_i = ‖u_i
 statistic       formula                   needed for
 ==============  ========================  =========================================
 ``n``           number of rows            all
-``mean``        x̄, ȳ                      merging
+``mean``        x̄, ȳ (as hi + lo pairs)     merging
 ``cov``         Σ u uᵀ  (p×p), Σ v vᵀ      all (trace A = Σ a_i = ‖X̃‖²_F before scaling)
 ``cross``       Σ u vᵀ  (p×q)              all
 ``quart``       Σ a_i², Σ b_i²             debiased CKA (denominator)
@@ -110,7 +110,9 @@ class LayerMoments:
         lt, ls = len(self.teacher_widths), len(self.student_widths)
         pt, ps = sum(self.teacher_widths), sum(self.student_widths)
         z = self._zeros
+        # the running mean as an unevaluated sum hi + lo (lo carries the digits hi cannot hold under an offset)
         self.mean_t, self.mean_s = z(pt), z(ps)
+        self.mean_lo_t, self.mean_lo_s = z(pt), z(ps)
         self.cov_t = [z(p, p) for p in self.teacher_widths]
         self.cov_s = [z(q, q) for q in self.student_widths]
         self.quart_t, self.quart_s = z(lt), z(ls)
@@ -127,6 +129,16 @@ class LayerMoments:
     # ------------------------------------------------------------------ helpers
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=self.dtype, device=self.device)
+
+    @property
+    def teacher_mean(self) -> torch.Tensor:
+        """Running mean of the teacher features, all layers side by side (Σp,)."""
+        return self.mean_t + self.mean_lo_t
+
+    @property
+    def student_mean(self) -> torch.Tensor:
+        """Running mean of the student features, all layers side by side (Σq,)."""
+        return self.mean_s + self.mean_lo_s
 
     @property
     def n_teacher_layers(self) -> int:
@@ -197,18 +209,22 @@ class LayerMoments:
         return b
 
     def _side_moments(self, xs: list[torch.Tensor], covs: list[torch.Tensor], side: str):
-        means, centred, sq_norms, cubs = [], [], [], []
+        means, los, centred, sq_norms, cubs = [], [], [], [], []
         for i, x in enumerate(xs):
             m = x.mean(dim=0)
-            u = x - m
+            x0 = x - m  # exact for rows near their mean (Sterbenz)
+            lo = x0.mean(dim=0)  # second pass: Σu must vanish to eps·|u|, not to eps·|x| (large offsets)
+            u = x0 - lo
             a = (u * u).sum(dim=1)
             covs[i] = u.T @ u
             means.append(m)
+            los.append(lo)
             centred.append(u)
             sq_norms.append(a)
             cubs.append(a @ u)
         sq = torch.stack(sq_norms, dim=1)  # (b, L)
         setattr(self, f"mean_{side}", torch.cat(means))
+        setattr(self, f"mean_lo_{side}", torch.cat(los))
         setattr(self, f"quart_{side}", (sq * sq).sum(dim=0))
         setattr(self, f"cub_{side}", torch.cat(cubs))
         return centred, sq
@@ -219,8 +235,8 @@ class LayerMoments:
         return a, b
 
     def _shift(self, d: torch.Tensor, e: torch.Tensor) -> None:
-        """Move this state (centred at its own mean) to the centre mean − (d, e), in place. Exact formulas in the
-        module docstring; right-hand sides use the old values."""
+        """Move the statistics (centred at this state's mean) to the centre mean − (d, e), in place; the caller
+        sets the new mean. Exact formulas in the module docstring; right-hand sides use the old values."""
         n = float(self.n)
         lt, ls = self.n_teacher_layers, self.n_student_layers
         A, B = self._traces()
@@ -251,8 +267,6 @@ class LayerMoments:
                 covs[i] = c + n * torch.outer(v, v)
             setattr(self, f"cub_{side}", torch.cat(cub))
             setattr(self, f"quart_{side}", quart)
-        self.mean_t = self.mean_t - d
-        self.mean_s = self.mean_s - e
 
     def _add(self, other: LayerMoments) -> None:
         """Add the statistics of ``other`` (both must be centred at the same point)."""
@@ -273,14 +287,16 @@ class LayerMoments:
             self.n = other.n
             return
         other = other._copy()
-        n = self.n + other.n
-        w = other.n / n
-        delta_t, delta_s = other.mean_t - self.mean_t, other.mean_s - self.mean_s
-        mean_t, mean_s = self.mean_t + w * delta_t, self.mean_s + w * delta_s
-        self._shift(self.mean_t - mean_t, self.mean_s - mean_s)
-        other._shift(other.mean_t - mean_t, other.mean_s - mean_s)
+        w = other.n / (self.n + other.n)
+        # shifts from the mean difference (exact for nearby means), not from two rounded absolute means, so both
+        # parts land on the same centre to within eps·|Δ| even when the data carry a large common offset
+        delta_t = (other.mean_t - self.mean_t) + (other.mean_lo_t - self.mean_lo_t)
+        delta_s = (other.mean_s - self.mean_s) + (other.mean_lo_s - self.mean_lo_s)
+        self._shift(-w * delta_t, -w * delta_s)
+        other._shift((1 - w) * delta_t, (1 - w) * delta_s)
         self._add(other)
-        self.mean_t, self.mean_s = mean_t, mean_s
+        self.mean_t, self.mean_lo_t = _add_small(self.mean_t, self.mean_lo_t, w * delta_t)
+        self.mean_s, self.mean_lo_s = _add_small(self.mean_s, self.mean_lo_s, w * delta_s)
 
     def merge(self, other: LayerMoments) -> LayerMoments:
         """Absorb ``other`` (same widths; rows of both count once). Exact and order-free. Returns self."""
@@ -293,24 +309,42 @@ class LayerMoments:
     def all_reduce(self, group: Any = None) -> LayerMoments:
         """Combine this accumulator with those of all ranks in ``group`` (torch.distributed), in place.
 
-        Two all-reduces: (1) n and Σ rows → the global mean; (2) after each rank moves its state to the global
-        mean (exact shift), the sum of every statistic. Every rank ends with the pooled statistics. Returns self.
+        (1) the row counts, and the pooled mean as a reference mean (the first rank with data, broadcast) plus the
+        all-reduced Σ n_r·(mean_r − reference)/N; (2) after each rank moves its state to the pooled mean (exact
+        shift), the sum of every statistic. Every rank ends with the pooled statistics. Returns self.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             raise UserError("all_reduce needs an initialised torch.distributed process group "
                             "(torch.distributed.init_process_group)")
-        head = torch.cat([torch.tensor([float(self.n)], dtype=self.dtype, device=self.device),
-                          self.n * self.mean_t, self.n * self.mean_s])
-        dist.all_reduce(head, group=group)
-        n_total = int(round(float(head[0])))
-        if n_total == 0:
+        world = dist.get_world_size(group)
+        counts = torch.zeros(world, dtype=torch.float64, device=self.device)
+        counts[dist.get_rank(group)] = float(self.n)
+        dist.all_reduce(counts, group=group)
+        nonempty = torch.nonzero(counts > 0).flatten().tolist()
+        if not nonempty:
             return self
+        n_total = int(round(float(counts.sum())))
+        # reference centre: the mean of the first rank with data; every rank sends n_r·(mean_r − reference), small
+        # numbers, so the pooled mean and each rank's shift keep their digits under a large common offset
+        src = nonempty[0]
         pt = self.mean_t.shape[0]
-        mean_t, mean_s = head[1:1 + pt] / n_total, head[1 + pt:] / n_total
+        ref = torch.cat([self.mean_t, self.mean_s, self.mean_lo_t, self.mean_lo_s])
+        dist.broadcast(ref, src=src if group is None else dist.get_global_rank(group, src), group=group)
+        ref_hi, ref_lo = ref.chunk(2)
         if self.n > 0:
-            self._shift(self.mean_t - mean_t, self.mean_s - mean_s)
+            local = ((torch.cat([self.mean_t, self.mean_s]) - ref_hi)
+                     + (torch.cat([self.mean_lo_t, self.mean_lo_s]) - ref_lo))
+        else:
+            local = torch.zeros_like(ref_hi)
+        offset = self.n * local
+        dist.all_reduce(offset, group=group)
+        offset = offset / n_total
+        if self.n > 0:
+            shift = local - offset
+            self._shift(shift[:pt], shift[pt:])
+        mean_hi, mean_lo = _add_small(ref_hi, ref_lo, offset)
         flat = torch.cat([t.reshape(-1) for t in self._summed_tensors()])
         dist.all_reduce(flat, group=group)
         offset = 0
@@ -320,7 +354,8 @@ class LayerMoments:
             offset += t.numel()
         self._set_summed_tensors(new)
         self.n = n_total
-        self.mean_t, self.mean_s = mean_t, mean_s
+        self.mean_t, self.mean_s = mean_hi[:pt], mean_hi[pt:]
+        self.mean_lo_t, self.mean_lo_s = mean_lo[:pt], mean_lo[pt:]
         return self
 
     def _summed_tensors(self) -> list[torch.Tensor]:
@@ -335,7 +370,7 @@ class LayerMoments:
             setattr(self, key, value)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        keys = ("mean_t", "mean_s", "quart_t", "quart_s", "cub_t", "cub_s", *_PAIR_KEYS)
+        keys = ("mean_t", "mean_s", "mean_lo_t", "mean_lo_s", "quart_t", "quart_s", "cub_t", "cub_s", *_PAIR_KEYS)
         return {k: getattr(self, k) for k in keys}
 
     def _copy(self) -> LayerMoments:
@@ -557,6 +592,13 @@ class CrossMoments(LayerMoments):
 
 
 # ---------------------------------------------------------------------- shared output conventions
+def _add_small(hi: torch.Tensor, lo: torch.Tensor, small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi + lo) + small as a new unevaluated pair (hi', lo'), keeping the digits of ``small`` (Fast2Sum)."""
+    t = lo + small
+    new_hi = hi + t
+    return new_hi, t - (new_hi - hi)
+
+
 def _clamp_rounding(v: torch.Tensor, lo: float, hi: float, what: str, tol: float = 1e-9) -> torch.Tensor:
     """Clamp values into [lo, hi]; silently only when they are outside by rounding (≤ tol), else with a
     RuntimeWarning naming the quantity (a breakdown must not pass unnoticed)."""
