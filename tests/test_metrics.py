@@ -375,3 +375,16 @@ def test_agrees_with_ckatorch_on_linear_cka_and_differs_on_its_rbf_median():
     theirs = float(ckatorch_core.cka_base(Xt, Yt, kernel="rbf", threshold=0.5))
     assert theirs == pytest.approx(0.6548522355, abs=1e-9)
     assert cka(X, Y, kernel="rbf", sigma=0.5) == pytest.approx(0.6548311823, abs=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n, p, q", [(40, 6, 4), (8, 50, 30), (500, 64, 32)])
+@pytest.mark.parametrize("call", ALL_CALLS)
+def test_cuda_tensors_give_the_cpu_value_on_the_device(call, n, p, q):
+    X, Y = random_pair(n, p, q, 2)
+    on_cuda = call(torch.tensor(X, device="cuda"), torch.tensor(Y, device="cuda"))
+    assert on_cuda.device.type == "cuda" and on_cuda.ndim == 0 and on_cuda.dtype == torch.float64
+    assert float(on_cuda) == pytest.approx(call(X, Y), abs=1e-10)
+    near = torch.tensor(X + 1e-9 * np.random.default_rng(0).standard_normal(X.shape), device="cuda")
+    assert float(procrustes(torch.tensor(X, device="cuda"), near)) == pytest.approx(
+        slow_procrustes_distance(X, near.cpu().numpy()), rel=1e-3)
