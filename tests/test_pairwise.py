@@ -1,0 +1,147 @@
+"""pairwise: every (teacher layer, student layer) value equals the per-pair metric and the slow formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_moments import slow_values
+
+from repsim import metrics
+from repsim.errors import UserError
+from repsim.moments import LayerMoments
+from repsim.pairwise import pairwise
+
+ALL_IDS = ["procrustes[distance]", "procrustes[angular]", "procrustes[squared]", "gram_frobenius",
+           "gram_frobenius[squared]", "cka[linear,biased]", "cka[linear,debiased]", "projection_residual[in_sample]",
+           "projection_residual[in_sample,ridge=0.01]", "projection_residual[folds=5]",
+           "projection_residual[folds=3,ridge=0.1]", "cka[rbf,sigma=0.5]"]
+
+
+def stacks(n, teacher_widths, student_widths, seed=0):
+    """Teacher layers, and student layers that share some signal with them (so values are not all trivial)."""
+    rng = np.random.default_rng(seed)
+    T = [rng.standard_normal((n, p)) + rng.standard_normal(p) * 3 for p in teacher_widths]
+    S = [T[i % len(T)][:, :1] @ rng.standard_normal((1, q)) + rng.standard_normal((n, q))
+         for i, q in enumerate(student_widths)]
+    return T, S
+
+
+def per_pair(mid, T, S):
+    spec = metrics.get_metric(mid)
+    return np.array([[float(spec(x, y)) for y in S] for x in T])
+
+
+@pytest.mark.parametrize("n,tw,sw", [
+    (50, [7, 12], [5, 9, 30]),  # p ≠ q, widths differ between layers
+    (40, [60, 60], [80, 80, 80]),  # n < p and n < q: dual factors on both sides
+    (30, [8, 45], [45, 6]),  # primal and dual layers mixed on both sides
+    (90, [10, 10, 10], [10, 10]),  # square, uniform
+])
+def test_pairwise_equals_per_pair_metric_calls(n, tw, sw):
+    T, S = stacks(n, tw, sw, seed=n)
+    got = pairwise(T, S, metrics=ALL_IDS, chunk_size=2)
+    assert list(got) == ALL_IDS
+    for mid in ALL_IDS:
+        assert got[mid].shape == (len(tw), len(sw))
+        np.testing.assert_allclose(got[mid], per_pair(mid, T, S), atol=1e-8, rtol=0, err_msg=mid)
+
+
+def test_pairwise_equals_slow_formulas():
+    T, S = stacks(35, [6, 50], [4, 40], seed=3)
+    got = pairwise(T, S, metrics=list(slow_values(T[0], S[0])))
+    for i, x in enumerate(T):
+        for j, y in enumerate(S):
+            for mid, v in slow_values(x, y).items():
+                assert got[mid][i, j] == pytest.approx(v, abs=1e-8), (mid, i, j)
+
+
+def test_reference_values_through_pairwise():
+    rng = np.random.RandomState(1337)
+    X = rng.randn(100, 10)
+    Y = rng.randn(100, 10) + X
+    got = pairwise([X], np.stack([Y, X]), metrics=["cka", "cka[debiased]", "angular", "gram_frobenius"])
+    assert got["cka[linear,biased]"][0, 0] == pytest.approx(0.5576132566, abs=1e-10)
+    assert got["cka[linear,debiased]"][0, 0] == pytest.approx(0.5134564895, abs=1e-10)
+    assert got["procrustes[angular]"][0, 0] == pytest.approx(0.7432764761, abs=1e-10)
+    assert got["gram_frobenius"][0, 0] == pytest.approx(0.3129930176, abs=1e-10)
+    # a layer against itself: CKA 1, distances 0
+    assert got["cka[linear,biased]"][0, 1] == pytest.approx(1.0, abs=1e-12)
+    assert got["procrustes[angular]"][0, 1] == pytest.approx(0.0, abs=1e-6)
+    assert got["gram_frobenius"][0, 1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_default_metrics_and_input_forms():
+    T, S = stacks(40, [6, 6, 6], [4, 4], seed=1)
+    default = pairwise(T, S)
+    assert tuple(default) == metrics.DEFAULT_METRICS
+    stacked = pairwise(np.stack(T), torch.from_numpy(np.stack(S)))
+    as_torch = pairwise([torch.from_numpy(t).float() for t in T], [s.astype(np.float32) for s in S])
+    for mid in metrics.DEFAULT_METRICS:
+        np.testing.assert_array_equal(stacked[mid], default[mid])
+        T32 = [t.astype(np.float32) for t in T]
+        S32 = [s.astype(np.float32) for s in S]
+        np.testing.assert_allclose(as_torch[mid], per_pair(mid, T32, S32), atol=1e-8)
+
+
+@settings(max_examples=12, deadline=None)
+@given(n=st.integers(5, 30), tw=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       sw=st.lists(st.integers(1, 40), min_size=1, max_size=3), chunk=st.integers(1, 9), seed=st.integers(0, 999))
+def test_any_shapes_and_chunk_sizes_agree_with_metrics(n, tw, sw, chunk, seed):
+    T, S = stacks(n, tw, sw, seed=seed)
+    ids = ["procrustes[squared]", "gram_frobenius[squared]", "cka[linear,biased]", "cka[linear,debiased]",
+           "projection_residual[in_sample]"]
+    got = pairwise(T, S, metrics=ids, chunk_size=chunk)
+    for mid in ids:
+        np.testing.assert_allclose(got[mid], per_pair(mid, T, S), atol=1e-8, rtol=0, err_msg=mid)
+
+
+def test_pairwise_equals_streamed_layer_moments():
+    T, S = stacks(60, [5, 9], [7, 7, 3], seed=2)
+    lm = LayerMoments([5, 9], [7, 7, 3])
+    for a, b in ((0, 13), (13, 40), (40, 60)):
+        lm.update([t[a:b] for t in T], [s[a:b] for s in S])
+    ids = ["procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "cka[linear,debiased]",
+           "projection_residual[in_sample]"]
+    got = pairwise(T, S, metrics=ids)
+    for mid in ids:
+        np.testing.assert_allclose(lm.matrix(mid), got[mid], atol=1e-10, err_msg=mid)
+
+
+def test_in_sample_residual_vanishes_when_n_at_most_q_but_held_out_does_not():
+    T, S = stacks(20, [6], [25], seed=4)
+    got = pairwise(T, S, metrics=["projection_residual[in_sample]", "projection_residual[folds=5]"])
+    assert got["projection_residual[in_sample]"][0, 0] == pytest.approx(0.0, abs=1e-10)
+    assert got["projection_residual[folds=5]"][0, 0] > 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    T, S = stacks(64, [32, 32], [16, 80], seed=6)
+    ids = ["procrustes[distance]", "gram_frobenius", "cka[linear,debiased]", "projection_residual[folds=5]"]
+    cpu = pairwise(T, S, metrics=ids)
+    gpu = pairwise(T, S, metrics=ids, device="cuda")
+    for mid in ids:
+        np.testing.assert_allclose(gpu[mid], cpu[mid], atol=1e-8)
+
+
+def test_bad_input():
+    T, S = stacks(20, [4], [3])
+    with pytest.raises(UserError, match="same number of rows"):
+        pairwise(T, [S[0][:10]])
+    with pytest.raises(UserError, match="unknown|expected"):
+        pairwise(T, S, metrics=["no_such_metric"])
+    with pytest.raises(UserError, match="empty"):
+        pairwise([], S)
+    with pytest.raises(UserError, match="layers, n, width"):
+        pairwise(T[0], S)
+    with pytest.raises(UserError, match="NaN or inf"):
+        pairwise([np.full((20, 4), np.inf)], S)
+    with pytest.raises(UserError, match="zero variance"):
+        pairwise([np.ones((20, 4))], S, metrics=["cka"])
+    with pytest.raises(UserError, match="at least 4 samples"):
+        pairwise([T[0][:3]], [S[0][:3]], metrics=["cka[debiased]"])
+    with pytest.raises(UserError, match="chunk_size"):
+        pairwise(T, S, metrics=["cka"], chunk_size=0)
