@@ -475,3 +475,36 @@ def test_make_feature_loss_names():
     for bad in ["mse", "procrustes[cosine]", "cka[rbf]", "projection[ridge]"]:
         with pytest.raises(UserError, match="feature loss"):
             make_feature_loss(bad, 8, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["cka", "cka[debiased]", "procrustes", "procrustes[squared]", "gram_frobenius"])
+def test_cuda_matches_cpu_also_under_autocast(name):
+    """On a GPU: same value and gradient as on the CPU (float64 compute), finite gradients on degenerate inputs
+    (rotated copy: repeated σ; orthogonal student: zero cross-product), float32 loss under bf16 autocast."""
+    X, Y = _rand(180, 4, 64, 12), _rand(181, 4, 64, 6)
+    mask = (torch.arange(64) < torch.tensor([[64], [50], [33], [17]])).long()
+    loss = make_feature_loss(name, 12, 6)
+
+    def value_and_grad(device):
+        y = Y.to(device).requires_grad_(True)
+        value = loss(X.to(device), y, attention_mask=mask.to(device))
+        value.backward()
+        return value.item(), y.grad.cpu()
+
+    v_cpu, g_cpu = value_and_grad("cpu")
+    v_gpu, g_gpu = value_and_grad("cuda")
+    assert v_gpu == pytest.approx(v_cpu, abs=1e-10)
+    torch.testing.assert_close(g_gpu, g_cpu, atol=1e-10, rtol=1e-8)
+    Q = _centered_orthonormal(182, 40, 8).cuda()
+    for teacher, student in [(Q[:, :4], Q[:, :4] @ _orthogonal(183, 4).cuda()), (Q[:, :4], Q[:, 4:])]:
+        student = student.clone().requires_grad_(True)
+        loss(teacher, student).backward()
+        assert torch.isfinite(student.grad).all()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h_t = torch.nn.functional.linear(X.float().cuda(), torch.eye(12, device="cuda"))  # bf16 under autocast
+        h_s = Y.float().cuda().requires_grad_(True)
+        value = loss(h_t, h_s)
+    assert h_t.dtype == torch.bfloat16 and value.dtype == torch.float32
+    value.backward()
+    assert torch.isfinite(h_s.grad).all()
