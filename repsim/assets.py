@@ -268,6 +268,8 @@ def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Pa
         meta = _read_complete_entry(final)
         if meta is not None:
             return final, meta
+        for stale in root.glob(f".tmp-{name}-*"):  # left by a killed process (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the entry is an ordinary shared folder
         try:

@@ -104,6 +104,8 @@ def load_texts(spec: str | Path | TextData, *, text_column: str | None = None, l
     column (the message lists those available), non-UTF-8 text (line and byte named), non-integer labels,
     or no texts at all.
     """
+    if max_samples is not None and max_samples < 1:
+        raise UserError(f"max_samples must be at least 1, got {max_samples}")
     if isinstance(spec, TextData):
         data = spec
     else:

@@ -110,6 +110,7 @@ def test_entry_is_built_once_and_failed_builds_leave_nothing(tmp_path):
         (folder / "main.bin").write_bytes(b"abc")
         return {"main": "main.bin", "sha256": hashlib.sha256(b"abc").hexdigest()}
 
+    (assets.assets_dir() / ".tmp-thing-killed").mkdir(parents=True)  # left behind by a killed build
     first, meta = ensure_entry("thing", build)
     second, _ = ensure_entry("thing", build)
     assert first == second == assets.assets_dir() / "thing" and len(calls) == 1
