@@ -132,7 +132,7 @@ def _procrustes_squared(Xt: torch.Tensor, Yt: torch.Tensor) -> torch.Tensor:
     """
     Xn, Yn = _narrow(Xt), _narrow(Yt)
     rho = torch.linalg.svdvals(Xn.T @ Yn).sum()
-    norms = Xt.square().sum() + Yt.square().sum()  # 2 with scaling, anything with center/scale checks off
+    norms = Xt.square().sum() + Yt.square().sum()  # ‖X̃‖² + ‖Ỹ‖² = 2 up to rounding
     squared = norms - 2 * rho
     if float(squared) < _refine_below(squared) * float(norms):
         squared = _procrustes_squared_direct(Xn, Yn)
