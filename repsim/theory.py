@@ -496,8 +496,8 @@ def check_layers(teacher_layers: Any, student_layers: Any, layer_map: str | Sequ
     t_ids = list(teacher_layers.layers) if hasattr(teacher_layers, "layers") else list(teacher_layers.keys())
     s_ids = list(student_layers.layers) if hasattr(student_layers, "layers") else list(student_layers.keys())
     pairs = parse_layer_map(layer_map, t_ids, s_ids) if isinstance(layer_map, str) else list(layer_map)
-    return [check(np.asarray(teacher_layers[t]), np.asarray(student_layers[s]), teacher_layer=t, student_layer=s,
-                  **options) for t, s in pairs]
+    return [check(np.array(teacher_layers[t], dtype=np.float64), np.array(student_layers[s], dtype=np.float64),
+                  teacher_layer=t, student_layer=s, **options) for t, s in pairs]
 
 
 def checks_table(checks: Iterable[GeometryCheck]) -> pd.DataFrame:

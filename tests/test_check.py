@@ -1,0 +1,146 @@
+"""The geometry check (repsim.theory.check, `repsim check`): angles and verdicts on cases with known answers."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from tiny_models import WORDS
+
+from repsim import cli, metrics, theory
+from repsim.errors import UserError
+
+
+def _texts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(n)]
+
+
+def _slow_angle_stats(T, S, eps):
+    """Independent double loop over pairs: centred cosines, ε-orthogonal counts, angle distortions (degrees)."""
+    Tc, Sc = T - T.mean(0), S - S.mean(0)
+    n = len(T)
+    orth = kept = 0
+    dist = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            ct = Tc[i] @ Tc[j] / (np.linalg.norm(Tc[i]) * np.linalg.norm(Tc[j]))
+            cs = Sc[i] @ Sc[j] / (np.linalg.norm(Sc[i]) * np.linalg.norm(Sc[j]))
+            ct, cs = min(1.0, max(-1.0, ct)), min(1.0, max(-1.0, cs))
+            if abs(ct) <= eps:
+                orth += 1
+                kept += abs(cs) <= eps
+            dist.append(abs(math.degrees(math.acos(ct)) - math.degrees(math.acos(cs))))
+    return orth, kept, np.array(dist)
+
+
+def test_check_matches_slow_pairwise_formulas():
+    rng = np.random.default_rng(0)
+    T = rng.standard_normal((40, 12))
+    S = T[:, :5] @ rng.standard_normal((5, 6)) + 0.3 * rng.standard_normal((40, 6))
+    res = theory.check(T, S, eps=0.2)
+    orth, kept, dist = _slow_angle_stats(T, S, 0.2)
+    assert (res.teacher_orthogonal_pairs, res.preserved_pairs) == (orth, kept)
+    assert res.preserved_fraction == pytest.approx(kept / orth, abs=0)
+    assert res.angle_distortion_deg["q50"] == pytest.approx(np.quantile(dist, 0.5), abs=1e-9)
+    assert res.angle_distortion_deg["q90"] == pytest.approx(np.quantile(dist, 0.9), abs=1e-9)
+    assert res.angle_distortion_deg["max"] == pytest.approx(dist.max(), abs=1e-9)
+    assert res.metrics["procrustes[distance]"] == pytest.approx(metrics.procrustes(T, S), abs=1e-12)
+    assert res.metrics["cka[linear,biased]"] == pytest.approx(metrics.cka(T, S), abs=1e-12)
+    assert res.metrics["projection_residual[folds=5]"] == pytest.approx(
+        metrics.projection_residual(T, S, folds=5), abs=1e-12)
+    assert res.max_inner_product_error <= res.metrics["gram_frobenius"] + 1e-12
+
+
+def test_check_flags_theorem1_near_orthogonal_student():
+    """Theorem-1 teacher with m = 4 near-orthogonal rows (ε = 3, n = 200): CKA 0.992, yet the 4 teacher pairs with
+    |cos| = 0.1 collapse to |cos| = 1 in the student: flagged."""
+    th = theory.theorem1(200, 4, 3.0, d_s=2)
+    res = theory.check(th.teacher, th.student, eps=0.15)
+    assert res.metrics["cka[linear,biased]"] > 0.99
+    assert res.teacher_orthogonal_pairs == 4 and res.preserved_pairs == 0 and res.preserved_fraction == 0.0
+    assert res.flagged and res.verdict.startswith("CKA says similar")
+    assert res.angle_distortion_deg["max"] == pytest.approx(math.degrees(math.acos(0.1)), abs=1e-9)
+
+
+def test_check_flags_on_procrustes_alone():
+    th = theory.theorem1(256, 256, 1.0)  # the sweep point m = n = 256: CKA 0.996, Procrustes 0.762
+    res = theory.check(th.teacher, th.student, eps=0.05, procrustes_threshold=0.5)
+    assert res.flagged and "Procrustes" in res.verdict
+    relaxed = theory.check(th.teacher, th.student, eps=0.05, procrustes_threshold=0.8)
+    assert not relaxed.flagged  # no teacher pair is ε-orthogonal here: only the Procrustes criterion could fire
+    assert relaxed.teacher_orthogonal_pairs == 0 and math.isnan(relaxed.preserved_fraction)
+
+
+def test_check_rotated_student_keeps_everything():
+    rng = np.random.default_rng(1)
+    T = rng.standard_normal((60, 10))
+    Q, _ = np.linalg.qr(rng.standard_normal((10, 10)))
+    res = theory.check(T, 3.0 * T @ Q + 1.0, eps=0.1)
+    assert res.preserved_fraction == 1.0 and res.teacher_orthogonal_pairs > 0
+    assert res.angle_distortion_deg["max"] < 1e-5 and res.max_inner_product_error < 1e-12
+    assert not res.flagged and res.verdict.startswith("similar by CKA")
+
+
+def test_check_unrelated_student_is_called_dissimilar():
+    rng = np.random.default_rng(2)
+    res = theory.check(rng.standard_normal((50, 8)), rng.standard_normal((50, 8)))
+    assert not res.flagged and res.verdict.startswith("CKA says dissimilar")
+
+
+def test_check_bad_input():
+    with pytest.raises(UserError):
+        theory.check(np.ones((10, 3)), np.ones((9, 3)))
+    with pytest.raises(UserError):
+        theory.check(np.eye(10), np.eye(10), eps=1.5)
+
+
+def test_parse_layer_map():
+    assert theory.parse_layer_map("12:6,6:3", range(13), range(7)) == [(12, 6), (6, 3)]
+    assert theory.parse_layer_map("uniform", range(13), range(7)) == [(2, 1), (4, 2), (6, 3), (8, 4), (10, 5),
+                                                                     (12, 6)]
+    assert theory.parse_layer_map("uniform", range(4), range(3)) == [(2, 1), (3, 2)]
+    for bad in ("12-6", "13:6", "12:7", ""):
+        with pytest.raises(UserError):
+            theory.parse_layer_map(bad, range(13), range(7))
+
+
+def test_check_layers_on_mapping():
+    rng = np.random.default_rng(3)
+    t = {k: rng.standard_normal((30, 8)) for k in range(5)}
+    s = {k: t[2 * k] @ rng.standard_normal((8, 4)) for k in range(3)}
+    checks = theory.check_layers(t, s, "uniform")
+    table = theory.checks_table(checks)
+    assert list(zip(table.teacher_layer, table.student_layer, strict=True)) == [(2, 1), (4, 2)]
+    assert table["projection_residual[folds=5]"].notna().all()
+
+
+def test_check_models_and_cli_on_tiny_models(tiny_model, tmp_path):
+    teacher = tiny_model("bert", seed=0)
+    student = tiny_model("bert", seed=1, layers=2)
+    texts = _texts(24)
+    res = theory.check_models(str(teacher), str(student), texts, "3:2,0:0", progress=False, out=tmp_path / "o")
+    assert [(c.teacher_layer, c.student_layer) for c in res.checks] == [(3, 2), (0, 0)]
+    saved = pd.read_csv(tmp_path / "o" / "check.csv")
+    assert len(saved) == 2 and "verdict" in saved.columns
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(texts) + "\n")
+    r = subprocess.run([sys.executable, "-m", "repsim", "check", str(teacher), str(student), "--data", str(data),
+                        "--map", "uniform", "--out", str(tmp_path / "c")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "layer 3 ↔ 2" in r.stdout and (tmp_path / "c" / "check.json").exists()
+
+
+def test_cli_check_bad_map_is_one_line(tiny_model, tmp_path, capsys):
+    teacher = tiny_model("bert", seed=0)
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(_texts(12)) + "\n")
+    assert cli.main(["check", str(teacher), str(teacher), "--data", str(data), "--map", "9:1"]) == 2
+    err = capsys.readouterr().err  # (model-loading progress bars may precede it)
+    lines = [line for line in err.splitlines() if line.startswith("repsim: error:")]
+    assert len(lines) == 1 and "teacher has no layer 9" in lines[0] and "Traceback" not in err
