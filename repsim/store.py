@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from filelock import FileLock, Timeout
 
 from repsim.errors import UserError
@@ -370,6 +369,8 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, runner: 
                  *, progress: bool = True, chunk_size: int = 1024, verify: bool | None = None,
                  on_batch: Callable[[int], None] | None = None) -> Any:
     """Return the entry for ``meta`` from the store, building (or resuming, or rebuilding) it when needed."""
+    import torch  # noqa: PLC0415
+
     from repsim.extract import dist_info  # noqa: PLC0415
 
     rank, world = dist_info()
@@ -631,10 +632,11 @@ def cache_command(args: Any) -> int:
 def extract_command(args: Any) -> int:
     """`repsim extract MODEL --data ...`: extract (or find in the cache) and print a summary."""
     from repsim.data import load_texts  # noqa: PLC0415
-    from repsim.extract import extract  # noqa: PLC0415
 
     data = load_texts(args.data, text_column=args.text_column, label_column=args.label_column,
                       max_samples=args.max_samples, seed=args.seed)
+    from repsim.extract import extract  # noqa: PLC0415
+
     if getattr(data, "offline_fallback", False):
         print(f"data: {getattr(data, 'source', '')}")
     acts = extract(args.model, data, layers=args.layers, pool=args.pool, batch_size=args.batch_size,
