@@ -724,7 +724,7 @@ def plot_theorem1(sweep: pd.DataFrame, near: pd.DataFrame, path: Path) -> None:
     ax.loglog(near.n, near["procrustes[distance]"], "s-", label="Procrustes distance")
     ax.loglog(near.n, near["gram_frobenius"], "^-", label="Gram-Frobenius")
     ax.set_xlabel(f"n rows (m = {int(near.m.iloc[0])} near-orthogonal rows, ε = {near.eps.iloc[0]:g})")
-    ax.set_title("Large ε: CKA saturates as 1/n², Procrustes as 1/√n")
+    ax.set_title("Large ε: 1 − CKA ∝ 1/n², Gram-Frobenius ∝ 1/n, Procrustes ∝ 1/√n", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save_figure(fig, path)
