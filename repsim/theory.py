@@ -687,18 +687,26 @@ def synthetic_final_table(history: pd.DataFrame) -> pd.DataFrame:
 # ============================================================================ figures and the runner
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temporary file ordinary permissions (mkstemp makes it 0600), then rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def _save_figure(fig: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def plot_theorem1(sweep: pd.DataFrame, near: pd.DataFrame, path: Path) -> None:
