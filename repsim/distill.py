@@ -809,10 +809,11 @@ def _texts_labels(data: Any) -> tuple[list[str], list[int] | None]:
 
 
 def load_split(spec: str, split: str, *, max_samples: int | None = None, seed: int = 0) -> Any:
-    """``repsim.data.load_texts(spec, split=split, max_samples=...)`` (TextData with texts and labels)."""
+    """``repsim.data.load_texts`` with ``split`` for specs that have splits (sst2, hf:NAME without @SPLIT)."""
     from repsim.data import load_texts
 
-    return load_texts(spec, split=split, max_samples=max_samples, seed=seed)
+    has_splits = spec.lower() == "sst2" or (spec.lower().startswith("hf:") and "@" not in spec)
+    return load_texts(spec, split=split if has_splits else None, max_samples=max_samples, seed=seed)
 
 
 def _num_labels(labels: Sequence[int] | None) -> int | None:
