@@ -764,12 +764,13 @@ def extract_moments(
             bar.update(len(idx))
     finally:
         bar.close()
+    if moments is None:  # this rank had no batches (more ranks than batches): widths from one probe batch
+        t_feats, _, _ = t_run.run(texts[:1])
+        s_feats, _, _ = s_run.run(texts[:1])
+        moments = LayerMoments([t_feats[k].shape[1] for k in t_run.layers],
+                               [s_feats[k].shape[1] for k in s_run.layers], **(moments_kwargs or {}))
     if world > 1:
-        if moments is None:
-            raise UserError("fewer batches than ranks: lower the number of processes or the batch size")
         moments.all_reduce()
-    if moments is None:
-        raise UserError("no texts to stream")
     with contextlib.suppress(AttributeError, TypeError):
         moments.meta = {"teacher": t_lm.name, "teacher_revision": t_lm.revision, "student": s_lm.name,
                         "student_revision": s_lm.revision, "teacher_layers": t_run.layers,

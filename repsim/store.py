@@ -278,6 +278,8 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
             _write_json_atomic(prog_path, prog)
     for a in list(arrays.values()) + ([token_ids] if token_ids is not None else []):
         del a
+    if not mine:
+        return 0
     if prog["chunks_done"] != len(chunks):
         raise RuntimeError(f"shard {rank}: {prog['chunks_done']} of {len(chunks)} chunks done")
     return resumed
@@ -293,6 +295,8 @@ def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarr
     widths: dict[int, int] | None = None
     shards = []
     for r in range(world):
+        if not list(batches[r::world]):
+            continue  # more ranks than batches: this rank had nothing to do
         prog = _read_json(partial / f"shard-{r:03d}" / "progress.json")
         shards.append((r, list(batches[r::world])))
         w = {int(k): int(v) for k, v in prog["widths"].items()}
@@ -326,7 +330,7 @@ def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarr
         arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": _sha256_file(partial / name)}
         del arr
     for r in range(world):
-        shutil.rmtree(partial / f"shard-{r:03d}")
+        shutil.rmtree(partial / f"shard-{r:03d}", ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(partial / "plan.json")
     manifest = {"format": FORMAT_VERSION, "key": key, "key_fields": key_fields(meta),
