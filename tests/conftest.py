@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,9 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Each test gets its own activation cache unless it asks for the shared one (real-model tests)."""
-    if "REPSIM_TEST_SHARED_CACHE" not in os.environ:
-        monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "repsim-cache"))
+    """Each test gets its own activation cache; the unpacked model/data assets (sha256-pinned and verified)
+    are shared with the user's normal assets cache, so real-model tests fetch and unpack them once."""
+    from repsim.assets import assets_dir
+
+    monkeypatch.setenv("REPSIM_ASSETS_CACHE", str(assets_dir()))
+    monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "repsim-cache"))
