@@ -23,6 +23,7 @@ language-model states share a large mean direction that makes every raw cosine l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -573,6 +574,68 @@ def compare_students(teacher: str, students: dict[str, str], data: Any = "sst2",
         t.insert(0, "student", label)
         frames.append(t)
     return pd.concat(frames, ignore_index=True)
+
+
+def geometry_before_after(teacher: str, student: str, data: str = "sst2", *,
+                          losses: Sequence[str] = ("projection", "cka", "procrustes", "gram_frobenius"),
+                          out: str | Path, max_train: int | None = 512, max_val: int | None = 256,
+                          check_samples: int = 300, epochs: int = 1, seed: int = 0, device: str = "auto",
+                          finetune_teacher: bool = True, distill_options: dict[str, Any] | None = None,
+                          **check_options: Any) -> pd.DataFrame:
+    """Geometry check of the student before distillation and after distillation with each loss.
+
+    Uses the trainer :func:`repsim.distill.distill` (classification on ``data``; the teacher is fine-tuned first
+    when it has no trained head, and that fine-tuned teacher is the reference for every check). Each trained
+    student is saved under ``out/<loss>/student``; the checks run on ``check_samples`` validation texts at the
+    layer pairs the trainer aligned. Writes ``out/geometry_before_after.csv`` and returns the long table with a
+    ``student`` column ("before", then each loss) and the student's validation accuracy.
+    """
+    import json
+
+    from repsim import distill as distill_mod
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, validation = distill_mod.load_train_validation(data, max_train=max_train, max_val=max_val)
+    texts, labels = distill_mod._texts_labels(train)
+    base = dict(epochs=epochs, seed=seed, device=device, progress=False) | (distill_options or {})
+    config = distill_mod.DistillConfig(**base)
+    t_model, t_tok = distill_mod.load(teacher, config.task, distill_mod._num_labels(labels))
+    teacher_dir = out / "teacher" / "model"
+    if not distill_mod.has_trained_head(t_model, config.task):
+        if not finetune_teacher:
+            raise UserError("the teacher has no trained head; fine-tune it first or pass finetune_teacher=True")
+        if not teacher_dir.exists():
+            distill_mod.finetune((t_model, t_tok), train, validation, config=config, out=out / "teacher")
+        t_model, t_tok = distill_mod.load(str(teacher_dir), config.task, distill_mod._num_labels(labels))
+        teacher_ref = str(teacher_dir)
+    else:
+        teacher_ref = teacher
+    check_texts = list(validation.texts)[:check_samples] if validation is not None else texts[:check_samples]
+    students: dict[str, str] = {"before": student}
+    accuracy: dict[str, float] = {}
+    layer_map: list[tuple[int, int]] | None = None
+    for loss in losses:
+        run_dir = out / loss
+        if not (run_dir / "student").exists():
+            cfg = dataclasses.replace(config, loss=loss)
+            res = distill_mod.distill((t_model, t_tok), student, train, validation, config=cfg, out=run_dir)
+            layer_map = layer_map or list(res.layer_map)
+        if (run_dir / "metrics.json").exists():
+            accuracy[loss] = float(json.loads((run_dir / "metrics.json").read_text()).get("accuracy", float("nan")))
+        students[loss] = str(run_dir / "student")
+    pairs: Any = layer_map if layer_map else "uniform"
+    frames = []
+    for label, spec in students.items():
+        res = check_models(teacher_ref, spec, check_texts, pairs, max_samples=None, device=device, progress=False,
+                           **check_options)
+        t = res.table
+        t.insert(0, "accuracy", accuracy.get(label, float("nan")))
+        t.insert(0, "student", label)
+        frames.append(t)
+    table = pd.concat(frames, ignore_index=True)
+    _atomic_write_text(out / "geometry_before_after.csv", table.to_csv(index=False))
+    return table
 
 
 # ============================================================================ synthetic distillation

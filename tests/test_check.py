@@ -144,3 +144,30 @@ def test_cli_check_bad_map_is_one_line(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err  # (model-loading progress bars may precede it)
     lines = [line for line in err.splitlines() if line.startswith("repsim: error:")]
     assert len(lines) == 1 and "teacher has no layer 9" in lines[0] and "Traceback" not in err
+
+
+def test_geometry_before_after_on_tiny_models(tiny_model, tmp_path):
+    teacher = tiny_model("bert", seed=0)
+    student = tiny_model("bert", seed=1, layers=2)
+    rng = np.random.default_rng(0)
+    rows = ["text,label"]
+    for words in (list(rng.choice(WORDS, size=rng.integers(3, 10))) for _ in range(120)):
+        rows.append(" ".join(words) + f",{int('good' in words or 'great' in words)}")
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(rows) + "\n")
+    table = theory.geometry_before_after(str(teacher), str(student), str(data), losses=("procrustes",),
+                                         out=tmp_path / "ba", max_train=32, max_val=12, check_samples=12,
+                                         distill_options={"batch_size": 16})
+    assert (tmp_path / "ba" / "procrustes" / "student" / "config.json").exists()
+    assert list(dict.fromkeys(table.student)) == ["before", "procrustes"]
+    assert set(zip(table.teacher_layer, table.student_layer, strict=True)) == {(2, 1), (3, 2)}  # trainer's map
+    # "before" is the plain check of the untouched student against the fine-tuned teacher, on the validation texts
+    from repsim.distill import load_train_validation
+
+    texts = load_train_validation(str(data), max_train=32, max_val=12)[1].texts[:12]
+    again = theory.check_models(str(tmp_path / "ba" / "teacher" / "model"), str(student), texts, "2:1,3:2",
+                                progress=False).table
+    before = table[table.student == "before"]
+    np.testing.assert_allclose(before["procrustes[distance]"], again["procrustes[distance]"], atol=1e-12)
+    saved = pd.read_csv(tmp_path / "ba" / "geometry_before_after.csv")
+    assert len(saved) == len(table) == 4
