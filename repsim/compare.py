@@ -103,8 +103,7 @@ class Comparison:
         from repsim.pairwise import pairwise
 
         ids = resolve_metrics(metrics)
-        teacher = list(teacher_layers) if not isinstance(teacher_layers, np.ndarray) else list(teacher_layers)
-        student = list(student_layers) if not isinstance(student_layers, np.ndarray) else list(student_layers)
+        teacher, student = [_writable(x) for x in teacher_layers], [_writable(y) for y in student_layers]
         if not teacher or not student:
             raise UserError("need at least one teacher layer and one student layer")
         rows = {int(x.shape[0]) for x in teacher} | {int(y.shape[0]) for y in student}
@@ -135,7 +134,8 @@ class Comparison:
 
             t0 = time.perf_counter()
             with _bar(progress, bootstrap, "bootstrap") as tick:
-                intervals = stats.bootstrap(teacher, student, ids, bootstrap, seed=seed, alpha=alpha, progress=tick)
+                intervals = stats.bootstrap(teacher, student, ids, bootstrap, seed=seed, alpha=alpha, observed=values,
+                                            device=device, progress=tick)
             lows = {k: v.low for k, v in intervals.items()}
             highs = {k: v.high for k, v in intervals.items()}
             timings["bootstrap"] = time.perf_counter() - t0
@@ -145,7 +145,7 @@ class Comparison:
             t0 = time.perf_counter()
             with _bar(progress, permutations, "permutations") as tick:
                 pvals = stats.permutation_test(teacher, student, ids, permutations, seed=seed + 1, observed=values,
-                                               progress=tick)
+                                               device=device, progress=tick)
             timings["permutations"] = time.perf_counter() - t0
 
         ti, si = np.meshgrid(np.arange(len(t_ids)), np.arange(len(s_ids)), indexing="ij")
@@ -167,7 +167,8 @@ class Comparison:
         meta.setdefault("student_width", int(student[0].shape[1]))
         meta["metrics"] = ids
         meta["seed"] = seed
-        meta["bootstrap"] = {"replicates": bootstrap, "interval": f"percentile, {100 * (1 - alpha):g}%",
+        meta["bootstrap"] = {"replicates": bootstrap, "interval": f"{100 * (1 - alpha):g}% percentile interval of the "
+                             "replicates recentred on the estimate, clipped to the metric's range",
                              "seed": seed} if bootstrap else None
         meta["permutations"] = {"replicates": permutations, "side_shuffled": "student",
                                 "seed": seed + 1} if permutations else None
@@ -315,6 +316,13 @@ def check_out_dir(out: str | Path) -> Path:
     if not os.access(parent if not out.exists() else out, os.W_OK):
         raise UserError(f"output folder {out} is not writable")
     return out
+
+
+def _writable(x: Any) -> Any:
+    """Memory-mapped (read-only) arrays from the store are copied once; torch cannot wrap read-only memory."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        return np.array(x)
+    return x
 
 
 def _short(name: str) -> str:
@@ -465,20 +473,26 @@ def resolve_layer_ids(requested: Sequence[int] | None, available: int, who: str)
             raise UserError(f"unknown {who} layer {k}: the {who} has layers 0..{available - 1} "
                             f"(0 = embeddings, k = block k)")
         out.append(kk)
-    return list(dict.fromkeys(out))
+    return sorted(set(out))
 
 
 def _model_shape(spec: str) -> dict[str, Any]:
     """Width and number of hidden-state layers (embeddings + blocks) from the model's config, when readable."""
-    from repsim.assets import resolve_model
+    from repsim import assets
 
-    src = resolve_model(spec)
-    info: dict[str, Any] = {"name": getattr(src, "name", spec), "revision": getattr(src, "revision", None),
-                            "path": str(getattr(src, "path", ""))}
+    resolve = getattr(assets, "resolve_model", None)
+    if resolve is not None:
+        src = resolve(spec)
+        info: dict[str, Any] = {"name": getattr(src, "name", spec), "revision": getattr(src, "revision", None),
+                                "path": str(getattr(src, "path", ""))}
+    else:
+        if not Path(spec).is_dir():
+            raise UserError(f"model {spec!r} is not a local folder")
+        info = {"name": str(spec), "revision": None, "path": str(spec)}
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(src.path)
+        cfg = AutoConfig.from_pretrained(info["path"])
         cfg = getattr(cfg, "text_config", None) or cfg
         info["width"] = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))) or None
         blocks = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", None))

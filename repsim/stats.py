@@ -4,13 +4,13 @@ Both procedures resample the *texts* (rows), which are shared by all layers, so 
 indices serves every cell and every metric of a comparison.
 
 **Bootstrap** (``bootstrap``). Replicate b draws n row indices with replacement (``numpy.random.default_rng``
-seeded with ``seed``), recomputes every metric on those rows for every layer pair, and reports the
+seeded with ``seed``) and recomputes every metric on those rows for every layer pair. The interval is a
 *percentile interval*: the α/2 and 1−α/2 quantiles (``numpy.quantile``, linear interpolation) of the B
-replicate values (α = 0.05 by default → a 95 % interval). Percentile intervals need no variance formula and
-respect a metric's range; they are not bias corrected (a metric like CKA is biased in small samples, so the
-interval describes the estimator's spread, not the population value). Duplicated rows in a replicate make a
-k-fold held-out projection residual somewhat optimistic (a duplicate can sit in both the fit and the held-out
-fold).
+replicate values (α = 0.05 by default → a 95 % interval), by default recentred so the replicates' mean sits on
+the estimate (duplicated texts in a replicate shift these metrics when n is not ≫ width; see ``bootstrap``)
+and clipped to the metric's range. It describes the estimator's spread over texts, not a bias-corrected
+population value (CKA, for one, is biased in small samples). Duplicated rows in a replicate can sit in both the
+fit and the held-out fold of a k-fold projection residual, which makes its replicates optimistic.
 
 **Permutation test** (``permutation_test``). Replicate b shuffles the student's rows (the same permutation
 for every student layer), which breaks the pairing of texts while keeping each side's geometry; the
@@ -27,9 +27,10 @@ centred Grams: ⟨K_c, L_c⟩ = tr(K_c L_c), with
     CKA = ⟨K_c, L_c⟩ / (‖K_c‖_F ‖L_c‖_F),
     gram_frobenius² = ‖K_c‖²/tr(K_c)² + ‖L_c‖²/tr(L_c)² − 2⟨K_c, L_c⟩/(tr(K_c) tr(L_c))
 
-(X̃X̃ᵀ = K_c / tr K_c because ‖X_c‖²_F = tr K_c). This is exact, costs O(L·n²) per replicate instead of
-O(L_t·L_s·p·q·n), and is used while n ≤ ``gram_max_n``. Every other metric (Procrustes, projection residual,
-debiased or RBF CKA) is recomputed per replicate by :func:`repsim.pairwise.pairwise` on the resampled rows.
+(X̃X̃ᵀ = K_c / tr K_c because ‖X_c‖²_F = tr K_c). This is exact, costs O((L_t + L_s + L_t·L_s)·n²) per
+replicate instead of O(L_t·L_s·p·q·n), and is used when that is cheaper (:func:`gram_is_cheaper`: wide layers,
+n ≤ GRAM_MAX_N). Every other metric (Procrustes, projection residual, debiased or RBF CKA) is recomputed per
+replicate by :func:`repsim.pairwise.pairwise` on the resampled rows (on the comparison's device).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class Interval:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _as_stack(layers) -> list[torch.Tensor]:
-    """A sequence of (n, width) arrays/tensors, or one (L, n, width) array, as float64 tensors (CPU)."""
+def _as_stack(layers, device: str | torch.device | None = None) -> list[torch.Tensor]:
+    """A sequence of (n, width) arrays/tensors, or one (L, n, width) array, as float64 tensors on ``device``."""
     if isinstance(layers, (np.ndarray, torch.Tensor)) and layers.ndim == 3:
         layers = list(layers)
     out = []
@@ -69,7 +70,7 @@ def _as_stack(layers) -> list[torch.Tensor]:
         t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
         if t.ndim != 2:
             raise UserError(f"layer {i} must be 2-D (n samples × width), got shape {tuple(t.shape)}")
-        out.append(t.detach().to(device="cpu", dtype=torch.float64))
+        out.append(t.detach().to(device=device or "cpu", dtype=torch.float64))
     if not out:
         raise UserError("no layers given")
     return out
@@ -128,21 +129,39 @@ def _gram_values(spec, cross: torch.Tensor, t_sq, t_tr, s_sq, s_tr) -> np.ndarra
         sq = torch.clamp(sq, min=0.0)  # rounding only: the exact value is a squared norm
         squared = dict(getattr(spec, "kwargs", {}) or {}).get("squared", False)
         val = sq if squared else torch.sqrt(sq)
-    return val.numpy()
+    return val.cpu().numpy()
 
 
 def _generic_values(teacher, student, specs) -> dict[str, np.ndarray]:
     from repsim.pairwise import pairwise
 
     ids = [s.id for s in specs]
-    res = pairwise(teacher, student, metrics=ids, device="cpu")
-    return {k: np.asarray(res[k], dtype=np.float64) for k in ids}
+    res = pairwise(teacher, student, metrics=ids, device=teacher[0].device)
+    return {k: _numpy(res[k]) for k in ids}
 
 
-def _split(specs, n: int, method: str):
+def _numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+    return np.asarray(x, dtype=np.float64)
+
+
+def gram_is_cheaper(n: int, teacher_widths: Sequence[int], student_widths: Sequence[int]) -> bool:
+    """Whether per-replicate Gram work, ~(L_t + 2·L_t·L_s)·n² flops, undercuts the feature-space work
+    Σ_pairs 2·n·p·q of recomputing ⟨X_c, Y_c⟩ cross products (and n ≤ GRAM_MAX_N)."""
+    if n > GRAM_MAX_N:
+        return False
+    lt, ls = len(teacher_widths), len(student_widths)
+    gram = (lt + ls + 2 * lt * ls) * n * n
+    features = 2 * n * sum(teacher_widths) * sum(student_widths)
+    return gram < features
+
+
+def _split(specs, n: int, method: str, teacher, student):
     if method not in ("auto", "gram", "generic"):
         raise ValueError(f"method must be 'auto', 'gram' or 'generic', got {method!r}")
-    use_gram = method == "gram" or (method == "auto" and n <= GRAM_MAX_N)
+    use_gram = method == "gram" or (method == "auto" and gram_is_cheaper(
+        n, [x.shape[1] for x in teacher], [y.shape[1] for y in student]))
     fast = [s for s in specs if use_gram and gram_fast_path(s)]
     slow = [s for s in specs if s not in fast]
     return fast, slow
@@ -163,7 +182,8 @@ def permutation_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
 
 
 def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str], replicates: int, *, seed: int = 0,
-                         method: str = "auto", progress: Progress = None) -> dict[str, np.ndarray]:
+                         method: str = "auto", device: str | None = None,
+                         progress: Progress = None) -> dict[str, np.ndarray]:
     """Metric values on B bootstrap resamples of the rows: {metric id: array (B, L_t, L_s)}.
 
     ``method``: "gram" (Gram-matrix gathers for Gram-Frobenius and linear CKA, exact), "generic"
@@ -172,11 +192,11 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
     """
     if replicates < 1:
         raise UserError(f"--bootstrap needs at least 1 replicate, got {replicates}")
-    teacher, student = _as_stack(teacher_layers), _as_stack(student_layers)
+    teacher, student = _as_stack(teacher_layers, device), _as_stack(student_layers, device)
     n = _check_rows(teacher, student)
     specs = _specs(metrics)
-    fast, slow = _split(specs, n, method)
-    idx_all = torch.as_tensor(resample_indices(n, replicates, seed))
+    fast, slow = _split(specs, n, method, teacher, student)
+    idx_all = torch.as_tensor(resample_indices(n, replicates, seed), device=teacher[0].device)
     out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
     if fast:
         T = torch.stack([_centred_gram(x) for x in teacher])
@@ -184,8 +204,8 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
     for b in range(replicates):
         idx = idx_all[b]
         if fast:
-            Tc = _double_centre(T[:, idx][:, :, idx])
-            Sc = _double_centre(S[:, idx][:, :, idx])
+            Tc = _double_centre(T.index_select(1, idx).index_select(2, idx))
+            Sc = _double_centre(S.index_select(1, idx).index_select(2, idx))
             t_flat, t_sq, t_tr = _gram_summaries(Tc)
             s_flat, s_sq, s_tr = _gram_summaries(Sc)
             cross = t_flat @ s_flat.T
@@ -208,27 +228,54 @@ def percentile_interval(replicates: np.ndarray, alpha: float = DEFAULT_ALPHA) ->
     return low, high
 
 
+def recentred_interval(replicates: np.ndarray, estimate: np.ndarray, alpha: float = DEFAULT_ALPHA,
+                       value_range: tuple[float, float] = (-np.inf, np.inf)) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of the replicates shifted so that their mean sits on the estimate, clipped to the
+    metric's range: [q_{α/2} − b, q_{1−α/2} − b] with b = mean(θ*) − θ̂ (the bootstrap's bias estimate)."""
+    shift = replicates.mean(axis=0) - estimate
+    low, high = percentile_interval(replicates, alpha)
+    return np.clip(low - shift, *value_range), np.clip(high - shift, *value_range)
+
+
 def bootstrap(teacher_layers, student_layers, metrics: Sequence[str], replicates: int, *, seed: int = 0,
-              alpha: float = DEFAULT_ALPHA, method: str = "auto", progress: Progress = None) -> dict[str, Interval]:
-    """Percentile bootstrap intervals over texts for every metric and layer pair: {metric id: Interval}."""
+              alpha: float = DEFAULT_ALPHA, correction: str = "recentre", observed: dict[str, np.ndarray] | None = None,
+              method: str = "auto", device: str | None = None, progress: Progress = None) -> dict[str, Interval]:
+    """Bootstrap intervals over texts for every metric and layer pair: {metric id: Interval}.
+
+    ``correction="recentre"`` (default): the percentile interval of the replicates recentred on the estimate
+    (:func:`recentred_interval`). Resampling with replacement duplicates texts (a replicate holds ~63 % distinct
+    texts), and duplicated rows shift these high-dimensional metrics (when n is not ≫ width, e.g. 40 texts of
+    width 32, the raw replicates of the Procrustes distance sit well below the estimate); the shift removes that
+    artefact and keeps the bootstrap's spread. ``correction="none"``: the plain percentile interval.
+    ``observed``: the point estimates when already computed (else computed here).
+    """
+    if correction not in ("recentre", "none"):
+        raise UserError(f"unknown bootstrap correction {correction!r}: use 'recentre' or 'none'")
     reps = bootstrap_replicates(teacher_layers, student_layers, metrics, replicates, seed=seed, method=method,
-                                progress=progress)
-    return {k: Interval(*percentile_interval(v, alpha), v) for k, v in reps.items()}
+                                device=device, progress=progress)
+    if correction == "none":
+        return {k: Interval(*percentile_interval(v, alpha), v) for k, v in reps.items()}
+    specs = _specs(metrics)
+    if observed is None:
+        observed = _generic_values(_as_stack(teacher_layers, device), _as_stack(student_layers, device), specs)
+    return {s.id: Interval(*recentred_interval(reps[s.id], np.asarray(observed[s.id]), alpha, tuple(s.range)),
+                           reps[s.id]) for s in specs}
 
 
 # ---------------------------------------------------------------------------------------------- permutation
 
 
 def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str], replicates: int, *,
-                           seed: int = 0, method: str = "auto", progress: Progress = None) -> dict[str, np.ndarray]:
+                           seed: int = 0, method: str = "auto", device: str | None = None,
+                           progress: Progress = None) -> dict[str, np.ndarray]:
     """Metric values with the student's rows shuffled: {metric id: array (P, L_t, L_s)} (the null distribution)."""
     if replicates < 1:
         raise UserError(f"--permutations needs at least 1 permutation, got {replicates}")
-    teacher, student = _as_stack(teacher_layers), _as_stack(student_layers)
+    teacher, student = _as_stack(teacher_layers, device), _as_stack(student_layers, device)
     n = _check_rows(teacher, student)
     specs = _specs(metrics)
-    fast, slow = _split(specs, n, method)
-    perms = torch.as_tensor(permutation_indices(n, replicates, seed))
+    fast, slow = _split(specs, n, method, teacher, student)
+    perms = torch.as_tensor(permutation_indices(n, replicates, seed), device=teacher[0].device)
     out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
     if fast:
         # centring commutes with a permutation of rows, and norms/traces are permutation invariant:
@@ -239,7 +286,7 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
     for b in range(replicates):
         perm = perms[b]
         if fast:
-            s_flat = Sc[:, perm][:, :, perm].reshape(len(student), -1)
+            s_flat = Sc.index_select(1, perm).index_select(2, perm).reshape(len(student), -1)
             cross = t_flat @ s_flat.T
             for s in fast:
                 out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
@@ -264,11 +311,11 @@ def permutation_pvalue(observed: np.ndarray, null: np.ndarray, direction: str) -
 
 def permutation_test(teacher_layers, student_layers, metrics: Sequence[str], replicates: int, *, seed: int = 0,
                      observed: dict[str, np.ndarray] | None = None, method: str = "auto",
-                     progress: Progress = None) -> dict[str, np.ndarray]:
+                     device: str | None = None, progress: Progress = None) -> dict[str, np.ndarray]:
     """Permutation p-values (student rows shuffled) for every metric and layer pair: {metric id: (L_t, L_s)}."""
     specs = _specs(metrics)
     if observed is None:
-        observed = _generic_values(_as_stack(teacher_layers), _as_stack(student_layers), specs)
+        observed = _generic_values(_as_stack(teacher_layers, device), _as_stack(student_layers, device), specs)
     null = permutation_replicates(teacher_layers, student_layers, metrics, replicates, seed=seed, method=method,
-                                  progress=progress)
+                                  device=device, progress=progress)
     return {s.id: permutation_pvalue(np.asarray(observed[s.id]), null[s.id], s.direction) for s in specs}
