@@ -252,7 +252,7 @@ def load(model: Any, *, device: torch.device, dtype: torch.dtype, device_map: st
     if isinstance(model, tuple) and len(model) == 2:
         m, tok = model
         name = getattr(getattr(m, "config", None), "_name_or_path", "") or type(m).__name__
-        return LoadedModel(m.eval(), tok, str(name), "sha256:" + weights_fingerprint(m))
+        return LoadedModel(m.eval(), tok, str(name), "")  # revision: see prepare_model (hashed when caching)
     if not isinstance(model, (str, os.PathLike)):
         raise UserError(f"model must be a spec string, a folder, or a (model, tokenizer) pair; got {type(model)}")
     try:
@@ -285,17 +285,75 @@ def load(model: Any, *, device: torch.device, dtype: torch.dtype, device_map: st
     return LoadedModel(m.eval(), tok, str(path), _local_revision(path))
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs must go: the device of the input embeddings (first shard under ``device_map``)."""
+@dataclass
+class ModelHandle:
+    """A model known well enough for a cache key (name, revision, tokenizer, config) before its weights load."""
+
+    spec: Any
+    name: str
+    revision: str | None
+    tokenizer: Any
+    config: Any
+    offline_default: bool = False
+    loaded: LoadedModel | None = None
+
+    def load(self, *, device: torch.device, dtype: torch.dtype, device_map: str | dict | None = None
+             ) -> LoadedModel:
+        """The loaded model, with THIS handle's tokenizer (the one the cache key was computed from)."""
+        if self.loaded is None:
+            lm = load(self.spec, device=device, dtype=dtype, device_map=device_map)
+            self.loaded = LoadedModel(lm.model, self.tokenizer, self.name, self.revision or lm.revision,
+                                      self.offline_default)
+        return self.loaded
+
+
+def _set_pad_token(tok: Any) -> Any:
+    if getattr(tok, "pad_token", None) is None:
+        fallback = tok.eos_token or tok.unk_token
+        if fallback is not None:
+            tok.pad_token = fallback
+    return tok
+
+
+def prepare_model(model: Any) -> ModelHandle:
+    """Resolve a model spec to name, revision, tokenizer and config WITHOUT loading weights (a cache hit then
+    costs a tokenizer load). ``(model, tokenizer)`` pairs are used as they are; their revision (a weights
+    hash) is computed only when the cache needs it."""
+    if isinstance(model, LoadedModel):
+        return ModelHandle(model, model.name, model.revision, model.tokenizer, model.model.config,
+                           model.offline_default, model)
+    if isinstance(model, tuple) and len(model) == 2:
+        m, tok = model
+        name = str(getattr(getattr(m, "config", None), "_name_or_path", "") or type(m).__name__)
+        lm = LoadedModel(m.eval(), _set_pad_token(tok), name, "")
+        return ModelHandle(model, name, None, lm.tokenizer, m.config, False, lm)
+    if not isinstance(model, (str, os.PathLike)):
+        raise UserError(f"model must be a spec string, a folder, or a (model, tokenizer) pair; got {type(model)}")
+    from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
+
     try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
+        from repsim.assets import resolve_model  # noqa: PLC0415
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        src = resolve_model(str(model))
+        path, name, revision, offline = Path(src.path), str(src.name), str(src.revision), bool(src.offline_default)
+    else:
+        path = Path(model)
+        if not path.is_dir():
+            raise UserError(f"model {model!r} is not a local folder")
+        name, revision, offline = str(path), _local_revision(path), False
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load the tokenizer/config of {name!r} from {path}: {first}") from exc
+    return ModelHandle(str(model), name, revision, _set_pad_token(tok), config, offline)
 
 
-def num_layers(model: torch.nn.Module) -> int | None:
+def num_layers_of_config(cfg: Any) -> int | None:
     """Number of blocks whose outputs are hidden states 1..L (encoder side for encoder-decoders)."""
-    cfg = model.config
     if hasattr(cfg, "get_text_config"):
         with contextlib.suppress(Exception):
             cfg = cfg.get_text_config()
@@ -306,6 +364,19 @@ def num_layers(model: torch.nn.Module) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs must go: the device of the input embeddings (first shard under ``device_map``)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def num_layers(model: torch.nn.Module) -> int | None:
+    """Number of blocks of a loaded model (see :func:`num_layers_of_config`)."""
+    return num_layers_of_config(model.config)
 
 
 def final_norm_name(model: torch.nn.Module) -> str | None:
@@ -584,38 +655,51 @@ def extract(
     if dev.type == "cpu" and torch_dtype == torch.float16 and device_map is None:
         warnings.warn("float16 on CPU is slow and may be inexact; consider bfloat16 or float32", stacklevel=2)
     t0 = time.perf_counter()
-    lm = load(model, device=dev, dtype=torch_dtype, device_map=device_map)
-    t_load = time.perf_counter() - t0
-    n_blocks = num_layers(lm.model)
+    handle = prepare_model(model)
+    n_blocks = num_layers_of_config(handle.config)
     chosen = resolve_layers(layers, n_blocks)
-    eff_len = effective_max_length(lm.tokenizer, lm.model, max_length)
-    lengths, n_trunc = token_lengths(lm.tokenizer, texts, eff_len)
+    eff_len = effective_max_length(handle.tokenizer, None, max_length)
+    lengths, n_trunc = token_lengths(handle.tokenizer, texts, eff_len)
     if n_trunc:
         warnings.warn(f"{n_trunc} of {len(texts)} texts are longer than max_length={eff_len} tokens and were "
                       "truncated", stacklevel=2)
     if (lengths == 0).any():
         raise UserError(f"text {int(np.argmax(lengths == 0))} has no tokens; remove empty texts from the data")
+    if cache and handle.revision is None:
+        handle.revision = "sha256:" + weights_fingerprint(handle.loaded.model)
     meta: dict[str, Any] = {
-        "model": lm.name, "revision": lm.revision, "offline_default": lm.offline_default,
-        "tokenizer": tokenizer_fingerprint(lm.tokenizer), "padding_side": getattr(lm.tokenizer, "padding_side",
-                                                                                   "right"),
+        "model": handle.name, "revision": handle.revision, "offline_default": handle.offline_default,
+        "tokenizer": tokenizer_fingerprint(handle.tokenizer),
+        "padding_side": getattr(handle.tokenizer, "padding_side", "right"),
         "data": data_name, "data_fingerprint": data_fp or texts_fingerprint(texts),
         "texts_sha256": texts_fingerprint(texts), "n_texts": len(texts), "pool": pool,
         "max_length": eff_len, "n_truncated": n_trunc, "n_tokens": int(lengths.sum()),
-        "layers": chosen, "num_layers": n_blocks, "final_norm": final_norm_name(lm.model),
+        "layers": chosen, "num_layers": n_blocks, "model_type": getattr(handle.config, "model_type", None),
         "dtype": dtype_name(torch_dtype), "accumulate": accumulate, "storage_dtype": "float32",
         "batch_size": int(batch_size), "sort_by_length": bool(sort_by_length),
-        "model_class": type(lm.model).__name__, "transformers": _transformers_version(),
+        "transformers": _transformers_version(),
     }
-    runner = Runner(lm, max_length=eff_len, pool=pool, accumulate=ACCUMULATE[accumulate], layers=chosen)
+    t_prepare = time.perf_counter() - t0
+    load_s = [0.0]
+
+    def make_runner() -> Runner:
+        """Load the weights (only when features must be computed) and set up the batched forward."""
+        t1 = time.perf_counter()
+        lm = handle.load(device=dev, dtype=torch_dtype, device_map=device_map)
+        load_s[0] = time.perf_counter() - t1
+        meta["final_norm"] = final_norm_name(lm.model)
+        meta["model_class"] = type(lm.model).__name__
+        return Runner(lm, max_length=eff_len, pool=pool, accumulate=ACCUMULATE[accumulate], layers=chosen)
+
     batches = plan_batches(lengths, batch_size, sort_by_length)
     if cache:
         from repsim import store  # noqa: PLC0415
 
-        acts = store.get_or_build(meta, texts, lengths, runner, batches, progress=progress, chunk_size=chunk_size,
-                                  verify=verify, on_batch=on_batch)
+        acts = store.get_or_build(meta, texts, lengths, make_runner, batches, progress=progress,
+                                  chunk_size=chunk_size, verify=verify, on_batch=on_batch)
     else:
-        acts = _extract_in_memory(runner, texts, lengths, batches, meta, progress, on_batch)
+        acts = _extract_in_memory(make_runner(), texts, lengths, batches, meta, progress, on_batch)
+    t_load = t_prepare + load_s[0]
     acts.meta.setdefault("timings", {})
     acts.meta["timings"]["load_s"] = t_load
     acts.meta["timings"]["total_s"] = time.perf_counter() - t_start

@@ -221,7 +221,7 @@ def _batch_rows(idx: np.ndarray, lengths: np.ndarray, tokens: bool) -> int:
     return int(lengths[idx].sum()) if tokens else len(idx)
 
 
-def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], lengths: np.ndarray, runner: Any,
+def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], lengths: np.ndarray, make_runner: Any,
                  batches: Sequence[np.ndarray], *, chunk_size: int, progress: bool,
                  on_batch: Callable[[int], None] | None, desc: str) -> int:
     """Extract this rank's batches into ``partial/shard-RRR``, resuming after its last complete chunk.
@@ -229,6 +229,7 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
     Returns the number of chunks that were already done (resumed)."""
     from repsim.extract import run_batches  # noqa: PLC0415
 
+    runner = make_runner()
     tokens = runner.pool == "tokens"
     shard = partial / f"shard-{rank:03d}"
     shard.mkdir(exist_ok=True)
@@ -369,7 +370,8 @@ def _try_open(entry: Path, verify: bool | None) -> tuple[Any, str | None]:
         return None, str(exc)
 
 
-def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, runner: Any, batches: Sequence[np.ndarray],
+def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_runner: Callable[[], Any],
+                 batches: Sequence[np.ndarray],
                  *, progress: bool = True, chunk_size: int = 1024, verify: bool | None = None,
                  on_batch: Callable[[int], None] | None = None) -> Any:
     """Return the entry for ``meta`` from the store, building (or resuming, or rebuilding) it when needed."""
@@ -420,8 +422,15 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, runner: 
             return finish(open_entry(entry, verify), resumed_chunks=0, waited=False)
     try:
         t1 = time.perf_counter()
-        resumed = _build_shard(partial, rank, world, texts, lengths, runner, batches, chunk_size=chunk_size,
+        runner_box: list[Any] = []
+
+        def runner_factory() -> Any:
+            runner_box.append(make_runner())
+            return runner_box[0]
+
+        resumed = _build_shard(partial, rank, world, texts, lengths, runner_factory, batches, chunk_size=chunk_size,
                                progress=progress and rank == 0, on_batch=on_batch, desc=desc)
+        runner = runner_box[0]
         forward_s = time.perf_counter() - t1
         if world > 1:
             resumed_box = [None] * world

@@ -347,3 +347,23 @@ def test_extract_moments_tokens_needs_same_tokenizer(tiny_model):
                         progress=False)
     tok = AutoTokenizer.from_pretrained(tiny_model("gpt2"))
     assert m.n == sum(len(tok(t)["input_ids"]) for t in TEXTS)
+
+
+# ------------------------------------------------------------------------------------ real default models
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name,n_layers,width", [("all-MiniLM-L6-v2", 7, 384), ("all-mpnet-base-v2", 13, 768)])
+def test_real_default_models_shapes(name, n_layers, width):
+    """The embedded defaults load offline: MiniLM 6 blocks (7 hidden states) of width 384, MPNet 12 blocks
+    (13) of width 768; post-norm encoders, so no final norm; every value finite."""
+    from repsim.data import load_texts
+
+    data = load_texts("sst2", max_samples=24)
+    acts = extract(name, data, batch_size=8, progress=False)
+    assert acts.layers == list(range(n_layers)) and acts.width == width and acts.n == 24
+    assert acts.meta["offline_default"] and acts.meta["final_norm"] is None
+    stack = acts.stack()
+    assert np.isfinite(stack).all() and stack.std() > 0
+    tokens = extract(name, data.texts[:4], pool="tokens", layers=[-1], cache=False, progress=False)
+    assert tokens.n == int(tokens.offsets[-1]) and np.isfinite(tokens[-1]).all()
