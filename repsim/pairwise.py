@@ -2,7 +2,8 @@
 
 Per-layer work is done once: centring, scaling to unit Frobenius norm (X̃ = X_c/‖X_c‖_F, float64), a *factor*
 F with the same cross products as X̃ up to an orthogonal map, ‖X̃ᵀX̃‖²_F, squared row norms (for debiased
-CKA) and, for student layers when the projection residual is asked, the right singular system of F.
+CKA) and, for student layers when the in-sample projection residual is asked, the factor rotated to its right
+singular basis (F = X̃V = U diag(σ)), so that column k of a pair product is C_ts v_k.
 
 - primal (n ≥ width): F = X̃ (n × width).
 - dual (n < width): X̃ = U S Vᵀ, F = U S (n × n). Then F_tᵀF_s = V_tᵀ(X̃_tᵀỸ_s)V_s has the same singular values
@@ -13,11 +14,12 @@ Pair work is batched: the factors of each side are stored side by side, (n, Σr)
 a chunk of student layers is one GEMM, C = F_chunkᵀ G_chunk, whose (t, s) blocks are the pair cross products.
 From the blocks (all on ``device``):
 
-- Procrustes ρ = ‖C_ts‖_* (batched ``torch.linalg.svdvals``),
+- Procrustes ρ = ‖C_ts‖_* (σ = √eig of the small Gram CᵀC by batched ``eigvalsh`` where a rounding bound shows
+  it exact to 1e-9, else ``torch.linalg.svdvals``),
 - Gram-Frobenius² = ‖X̃ᵀX̃‖²_F + ‖ỸᵀỸ‖²_F − 2‖C_ts‖²_F, linear CKA = ‖C_ts‖²_F / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F),
 - debiased CKA from the same plus a_tᵀb_s (a = squared row norms; see :mod:`repsim.moments` for the formula),
-- in-sample projection residual 1 − Σ_k ‖C_ts v_k‖²/σ_k² over the student's singular pairs (σ_k, v_k) above a
-  rank tolerance.
+- in-sample projection residual 1 − Σ_k ‖C_ts v_k‖²/σ_k² over the student's singular pairs (σ_k, v_k) above
+  numpy's lstsq cutoff (with ridge λ: weights (σ_k² + 2λ)/(σ_k² + λ)²).
 
 Memory: one float64 copy of the inputs plus about 3·(chunk pairs)·r_t·r_s·8 bytes; ``chunk_size`` (pairs per
 chunk) is chosen from a budget (1 GiB on CPU, a quarter of free memory on CUDA) when not given. For 48 × 48 layers
@@ -29,6 +31,7 @@ per pair on the original inputs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +54,7 @@ class _Side:
     widths: list[int]  # original widths
     gram_sq: torch.Tensor  # (L,) ‖X̃ᵀX̃‖²_F
     row_sq: torch.Tensor  # (L, n) squared row norms of X̃ (debiased CKA)
-    right: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer (V, σ): F = (·) diag(σ) Vᵀ
+    singular: list[torch.Tensor] | None  # per layer σ when F = U diag(σ) (rotated to the right singular basis)
 
     def layer_slice(self, lo: int, hi: int) -> tuple[int, int]:
         start = sum(self.ranks[:lo])
@@ -86,15 +89,17 @@ def _prepare_layer(x: torch.Tensor, name: str) -> torch.Tensor:
     return xc / norm
 
 
-def _prepare_side(layers: list[torch.Tensor], name: str, need_right: bool, dtype: torch.dtype,
+def _prepare_side(layers: list[torch.Tensor], name: str, rotate: bool, dtype: torch.dtype,
                   device: torch.device) -> _Side:
+    """Factors of one side. ``rotate``: express each factor in its right singular basis, F = X̃V = U diag(σ), so
+    that the pair products F_tᵀF_s have columns C_ts v_k (what the projection residual weighs by 1/σ_k²)."""
     n = layers[0].shape[0]
     widths = [x.shape[1] for x in layers]
     ranks = [min(n, w) for w in widths]
     factors = torch.empty(n, sum(ranks), dtype=dtype, device=device)
     gram_sq = torch.empty(len(layers), dtype=dtype, device=device)
     row_sq = torch.empty(len(layers), n, dtype=dtype, device=device)
-    right: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if need_right else None
+    singular: list[torch.Tensor] | None = [] if rotate else None
     col = 0
     for i, raw in enumerate(layers):
         x = _prepare_layer(raw.to(device=device, dtype=dtype), f"{name} layer {i}")
@@ -104,18 +109,53 @@ def _prepare_side(layers: list[torch.Tensor], name: str, need_right: bool, dtype
             u, s, _ = torch.linalg.svd(x, full_matrices=False)
             factors[:, col:col + r] = u * s
             gram_sq[i] = (s ** 4).sum()
-            if right is not None:
-                right.append((torch.eye(r, dtype=dtype, device=device), s))
+        elif rotate:
+            s, v = _right_singular(x)
+            factors[:, col:col + r] = x @ v
+            gram_sq[i] = (s ** 4).sum()
         else:
             factors[:, col:col + r] = x
-            if right is not None:
-                _, s, vh = torch.linalg.svd(torch.linalg.qr(x, mode="r").R, full_matrices=False)
-                gram_sq[i] = (s ** 4).sum()
-                right.append((vh.T.contiguous(), s))
-            else:
-                gram_sq[i] = torch.linalg.matrix_norm(x.T @ x) ** 2
+            gram_sq[i] = torch.linalg.matrix_norm(x.T @ x) ** 2
+        if singular is not None:
+            singular.append(s)
         col += r
-    return _Side(factors, ranks, widths, gram_sq, row_sq, right)
+    return _Side(factors, ranks, widths, gram_sq, row_sq, singular)
+
+
+def _right_singular(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(σ, V) of x = U diag(σ) Vᵀ (n ≥ width), σ descending.
+
+    From the eigendecomposition of the width × width Gram xᵀx (one GEMM) when it is well conditioned: every
+    eigenvalue ≥ 1e-6·λ_max, so σ_k² carries a relative error ≤ ~1e-10 although the Gram squares the condition
+    number. Otherwise from the SVD of the R factor of x = QR, accurate for any conditioning.
+    """
+    lam, v = torch.linalg.eigh(x.T @ x)
+    if bool(lam[0] >= 1e-6 * lam[-1]):
+        return torch.sqrt(lam).flip(0), v.flip(1)
+    _, s, vh = torch.linalg.svd(torch.linalg.qr(x, mode="r").R, full_matrices=False)
+    return s, vh.T
+
+
+def _nuclear_norms(d: torch.Tensor) -> torch.Tensor:
+    """‖D‖_* of a batch of matrices (..., r, q).
+
+    Fast path: σ = √eig of the smaller Gram (DᵀD or DDᵀ, one batched GEMM and ``eigvalsh``), accepted when the
+    bound on its rounding, Σ_k min(δ/(2σ_k), √(2δ)) with δ = 10·√max(r, q)·eps·σ_max² (backward-stable
+    eigenvalues of a Gram formed in floating point), is below 1e-9; other
+    matrices (small singular values, where the square root loses digits) get exact ``svdvals``.
+    """
+    r, q = d.shape[-2:]
+    gram = d.transpose(-1, -2) @ d if r >= q else d @ d.transpose(-1, -2)
+    lam = torch.linalg.eigvalsh(gram).clamp_min(0)
+    delta = 10 * math.sqrt(max(r, q)) * torch.finfo(d.dtype).eps * lam[..., -1:]
+    sigma = torch.sqrt(lam)
+    bound = torch.where(lam > 2 * delta, delta / (2 * sigma.clamp_min(torch.finfo(d.dtype).tiny)),
+                        torch.sqrt(2 * delta)).sum(dim=-1)
+    out = sigma.sum(dim=-1)
+    redo = bound > 1e-9
+    if bool(redo.any()):
+        out[redo] = torch.linalg.svdvals(d[redo]).sum(dim=-1)
+    return out
 
 
 def _gains(s: torch.Tensor, ridge: float, rows: int, width: int) -> torch.Tensor:
@@ -239,7 +279,7 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
     cross_sq = torch.empty(lt, ls, dtype=dtype, device=device)
     nuclear = torch.empty(lt, ls, dtype=dtype, device=device) if "procrustes" in families else None
     weights = {spec.id: [_in_sample_weights(sv, float(dict(spec.kwargs).get("ridge") or 0.0), n, w)
-                         for (_, sv), w in zip(student.right, student.widths, strict=True)]
+                         for sv, w in zip(student.singular, student.widths, strict=True)]
                for spec in in_sample}
     explained = {sid: torch.empty(lt, ls, dtype=dtype, device=device) for sid in weights}
     need_pairs = bool(families - {"projection_residual"}) or bool(in_sample)
@@ -286,28 +326,30 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
 def _pair_work(block: torch.Tensor, ranks_t: list[int], ranks_s: list[int], origin: tuple[int, int],
                student: _Side, cross_sq: torch.Tensor, nuclear: torch.Tensor | None,
                weights: dict[str, list[torch.Tensor]], explained: dict[str, torch.Tensor]) -> None:
-    """Per-pair reductions of one chunk's cross-product block (rows: teacher factors, columns: student factors)."""
+    """Per-pair reductions of one chunk's cross-product block (rows: teacher factors, columns: student factors).
+
+    With a rotated student, column k of a pair block is C_ts v_k, so its squared norm is what the in-sample
+    projection residual weighs by 1/σ_k²; ‖C_ts‖²_F is the sum of those column norms."""
     t0, s0 = origin
     if len(set(ranks_t)) == 1 and len(set(ranks_s)) == 1:
         ct, cs, r, q = len(ranks_t), len(ranks_s), ranks_t[0], ranks_s[0]
         pairs = block.view(ct, r, cs, q).permute(0, 2, 1, 3)  # (ct, cs, r, q) blocks C_ts
-        cross_sq[t0:t0 + ct, s0:s0 + cs] = torch.linalg.vector_norm(pairs, dim=(2, 3)) ** 2
+        col_sq = (pairs * pairs).sum(dim=2)  # (ct, cs, q)
+        cross_sq[t0:t0 + ct, s0:s0 + cs] = col_sq.sum(dim=-1)
         if nuclear is not None:
-            nuclear[t0:t0 + ct, s0:s0 + cs] = torch.linalg.svdvals(pairs).sum(dim=-1)
-        for j in range(cs if explained else 0):
-            g = ((pairs[:, j] @ student.right[s0 + j][0]) ** 2).sum(dim=1)  # (ct, q): ‖C v_k‖²
-            for sid, w in weights.items():
-                explained[sid][t0:t0 + ct, s0 + j] = g @ w[s0 + j]
+            nuclear[t0:t0 + ct, s0:s0 + cs] = _nuclear_norms(pairs.reshape(ct * cs, r, q)).view(ct, cs)
+        for sid, w in weights.items():
+            for j in range(cs):
+                explained[sid][t0:t0 + ct, s0 + j] = col_sq[:, j] @ w[s0 + j]
         return
     for i, row in enumerate(block.split(ranks_t, dim=0)):
         for j, c in enumerate(row.split(ranks_s, dim=1)):
-            cross_sq[t0 + i, s0 + j] = torch.linalg.matrix_norm(c) ** 2
+            col_sq = (c * c).sum(dim=0)
+            cross_sq[t0 + i, s0 + j] = col_sq.sum()
             if nuclear is not None:
-                nuclear[t0 + i, s0 + j] = torch.linalg.svdvals(c).sum()
-            if explained:
-                g = ((c @ student.right[s0 + j][0]) ** 2).sum(dim=0)
-                for sid, w in weights.items():
-                    explained[sid][t0 + i, s0 + j] = g @ w[s0 + j]
+                nuclear[t0 + i, s0 + j] = _nuclear_norms(c[None])[0]
+            for sid, w in weights.items():
+                explained[sid][t0 + i, s0 + j] = col_sq @ w[s0 + j]
 
 
 def _held_out_residual(teacher: _Side, student: _Side, folds: int, ridge: float,

@@ -145,3 +145,17 @@ def test_bad_input():
         pairwise([T[0][:3]], [S[0][:3]], metrics=["cka[debiased]"])
     with pytest.raises(UserError, match="chunk_size"):
         pairwise(T, S, metrics=["cka"], chunk_size=0)
+
+
+def test_nuclear_norm_fast_path_and_fallback_agree_with_svdvals():
+    from repsim.pairwise import _nuclear_norms
+
+    g = torch.Generator().manual_seed(0)
+    well = torch.randn(6, 40, 12, generator=g, dtype=torch.float64)
+    low = torch.randn(6, 40, 3, generator=g, dtype=torch.float64) @ torch.randn(6, 3, 12, generator=g,
+                                                                                 dtype=torch.float64)
+    graded = well * torch.logspace(0, -9, 12, dtype=torch.float64)  # singular values down to ~1e-9
+    for batch in (well, low, graded, well.transpose(1, 2)):
+        batch = batch / torch.linalg.matrix_norm(batch)[:, None, None]
+        np.testing.assert_allclose(_nuclear_norms(batch).numpy(), torch.linalg.svdvals(batch).sum(-1).numpy(),
+                                   rtol=0, atol=1e-12)
