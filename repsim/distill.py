@@ -952,10 +952,9 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
                     continue
             metrics = json.loads(done.read_text())
             rows.append({"loss": loss, "seed": seed, **metrics})
-    runs = pd.DataFrame(rows)
-    if len(runs):
-        summarize_grid(runs, out, "perplexity" if config.task == "causal-lm" else "accuracy", title)
-    return runs
+        if rows:  # after every seed, so a long grid has readable partial results
+            summarize_grid(pd.DataFrame(rows), out, "perplexity" if config.task == "causal-lm" else "accuracy", title)
+    return pd.DataFrame(rows)
 
 
 def load_train_validation(data: str, val_data: str | None = None, *, max_train: int | None = None,
@@ -964,8 +963,11 @@ def load_train_validation(data: str, val_data: str | None = None, *, max_train: 
 
     ``sst2``: the ``train`` and ``validation`` splits (offline: the fixed, disjoint SST-like splits). Another
     spec with ``val_data``: both as given. Otherwise a fixed ``holdout`` fraction (every 10th text for 0.1) of
-    ``data`` becomes the validation set. ``max_train`` / ``max_val`` keep the first N (data order is fixed).
+    ``data`` becomes the validation set. ``max_train`` / ``max_val`` keep a fixed random subset of N
+    (``repsim.data.subsample`` with seed 0: the same texts for every training seed, nested across sizes).
     """
+    from repsim.data import fingerprint_texts, subsample
+
     if data == "sst2" and val_data is None:
         train = load_split(data, "train")
         validation = load_split(data, "validation")
@@ -981,18 +983,11 @@ def load_train_validation(data: str, val_data: str | None = None, *, max_train: 
             labels = None if full.labels is None else [y for y, v in zip(full.labels, keep_val, strict=True)
                                                        if v == flag]
             return dataclasses.replace(full, texts=texts, labels=labels, name=f"{full.name}[{name}]",
-                                       fingerprint=hashlib.sha256("\n".join(texts).encode()).hexdigest())
+                                       fingerprint=fingerprint_texts(texts))
 
         train, validation = part(False, "train"), part(True, "validation")
 
-    def cut(d: Any, n: int | None) -> Any:
-        if n is None or n >= len(d.texts):
-            return d
-        texts = d.texts[:n]
-        return dataclasses.replace(d, texts=texts, labels=None if d.labels is None else d.labels[:n],
-                                   fingerprint=hashlib.sha256("\n".join(texts).encode()).hexdigest())
-
-    return cut(train, max_train), cut(validation, max_val)
+    return subsample(train, max_train, seed=0), subsample(validation, max_val, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------- command line glue
