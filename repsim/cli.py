@@ -44,6 +44,8 @@ def _add_compare(sub) -> None:
                    help="bootstrap replicates over texts for 95%% percentile intervals (e.g. 200)")
     p.add_argument("--permutations", type=int, default=0, metavar="P",
                    help="student-row permutations for p-values (e.g. 200)")
+    p.add_argument("--stats-metrics", nargs="+", default=None, metavar="METRIC",
+                   help="metrics that get bootstrap intervals / p-values (default: all compared metrics)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")

@@ -93,12 +93,13 @@ class Comparison:
     def from_layers(cls, teacher_layers, student_layers, metrics: Sequence[str] | str | None = None, *,
                     teacher_layer_ids: Sequence[int] | None = None, student_layer_ids: Sequence[int] | None = None,
                     bootstrap: int = 0, permutations: int = 0, seed: int = 0, alpha: float = 0.05,
-                    device: str | None = None, meta: dict[str, Any] | None = None,
-                    progress: bool = False) -> Comparison:
+                    stats_metrics: Sequence[str] | None = None, device: str | None = None,
+                    meta: dict[str, Any] | None = None, progress: bool = False) -> Comparison:
         """Compare already-extracted layer stacks: sequences of (n, width) arrays (or (L, n, width) arrays).
 
         Rows must be paired (row i of every layer comes from text i). ``bootstrap`` = B resamples of the
-        rows for percentile intervals, ``permutations`` = P shuffles of the student's rows for p-values.
+        rows for percentile intervals, ``permutations`` = P shuffles of the student's rows for p-values, both
+        for the metrics in ``stats_metrics`` (default: all; the others get NaN intervals and p-values).
         """
         from repsim.pairwise import pairwise
 
@@ -119,6 +120,7 @@ class Comparison:
         s_ids = list(student_layer_ids) if student_layer_ids is not None else list(range(len(student)))
         if bootstrap < 0 or permutations < 0:
             raise UserError("--bootstrap and --permutations must be ≥ 0")
+        stat_ids = check_stats_metrics(stats_metrics, ids)
 
         meta = dict(meta or {})
         timings = meta.setdefault("timings", {})
@@ -134,8 +136,8 @@ class Comparison:
 
             t0 = time.perf_counter()
             with _bar(progress, bootstrap, "bootstrap") as tick:
-                intervals = stats.bootstrap(teacher, student, ids, bootstrap, seed=seed, alpha=alpha, observed=values,
-                                            device=device, progress=tick)
+                intervals = stats.bootstrap(teacher, student, stat_ids, bootstrap, seed=seed, alpha=alpha,
+                                            observed=values, device=device, progress=tick)
             lows = {k: v.low for k, v in intervals.items()}
             highs = {k: v.high for k, v in intervals.items()}
             timings["bootstrap"] = time.perf_counter() - t0
@@ -144,7 +146,7 @@ class Comparison:
 
             t0 = time.perf_counter()
             with _bar(progress, permutations, "permutations") as tick:
-                pvals = stats.permutation_test(teacher, student, ids, permutations, seed=seed + 1, observed=values,
+                pvals = stats.permutation_test(teacher, student, stat_ids, permutations, seed=seed + 1, observed=values,
                                                device=device, progress=tick)
             timings["permutations"] = time.perf_counter() - t0
 
@@ -157,9 +159,9 @@ class Comparison:
                 "student_layer": np.asarray(s_ids)[si.ravel()],
                 "metric": m,
                 "value": values[m].ravel(),
-                "ci_low": lows[m].ravel() if lows else nan,
-                "ci_high": highs[m].ravel() if highs else nan,
-                "p_value": pvals[m].ravel() if pvals else nan,
+                "ci_low": lows[m].ravel() if lows and m in lows else nan,
+                "ci_high": highs[m].ravel() if highs and m in highs else nan,
+                "p_value": pvals[m].ravel() if pvals and m in pvals else nan,
             }))
         table = pd.concat(frames, ignore_index=True)[COLUMNS]
         meta.setdefault("n_texts", n)
@@ -167,6 +169,7 @@ class Comparison:
         meta.setdefault("student_width", int(student[0].shape[1]))
         meta["metrics"] = ids
         meta["seed"] = seed
+        meta["stats_metrics"] = stat_ids if (bootstrap or permutations) else []
         meta["bootstrap"] = {"replicates": bootstrap, "interval": f"{100 * (1 - alpha):g}% percentile interval of the "
                              "replicates recentred on the estimate, clipped to the metric's range",
                              "seed": seed} if bootstrap else None
@@ -279,6 +282,17 @@ class Comparison:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+
+def check_stats_metrics(stats_metrics: Sequence[str] | None, ids: Sequence[str]) -> list[str]:
+    """Canonical ids of the metrics that get intervals/p-values; each must be among the computed ``ids``."""
+    if stats_metrics is None:
+        return list(ids)
+    chosen = list(dict.fromkeys(_spec(m).id for m in stats_metrics))
+    missing = [m for m in chosen if m not in ids]
+    if missing:
+        raise UserError(f"--stats-metrics {', '.join(missing)}: not among the compared metrics ({', '.join(ids)})")
+    return chosen
 
 
 def monotone_map(sim: np.ndarray) -> list[int]:
@@ -520,8 +534,8 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
             student_layers: Sequence[int] | None = None, text_column: str | None = None,
             label_column: str | None = None, max_samples: int | None = None, batch_size: int = 32,
             max_length: int = 128, device: str = "auto", bootstrap: int = 0, permutations: int = 0,
-            seed: int = 0, cache: bool = True, out: str | Path | None = None, progress: bool = False,
-            echo: Echo | None = None) -> Comparison:
+            stats_metrics: Sequence[str] | None = None, seed: int = 0, cache: bool = True,
+            out: str | Path | None = None, progress: bool = False, echo: Echo | None = None) -> Comparison:
     """Compare a teacher and a student layer by layer on ``data``; see the module docstring.
 
     ``teacher``/``student``: model specs for :func:`repsim.assets.load_model` (None → the embedded default
@@ -534,6 +548,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
 
     say: Echo = echo or (lambda _line: None)
     ids = resolve_metrics(metrics)
+    check_stats_metrics(stats_metrics, ids)
     if pool not in POOLS:
         raise UserError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
     if max_samples is not None and max_samples < MIN_TEXTS:
@@ -604,7 +619,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     comp = Comparison.from_layers([t_act[k] for k in t_act.layers], [s_act[k] for k in s_act.layers], ids,
                                   teacher_layer_ids=list(t_act.layers), student_layer_ids=list(s_act.layers),
                                   bootstrap=bootstrap, permutations=permutations, seed=seed,
-                                  device=device, meta=meta, progress=progress)
+                                  stats_metrics=stats_metrics, device=device, meta=meta, progress=progress)
     if out is not None:
         comp.save(out)
     return comp
@@ -633,7 +648,8 @@ def run_compare_cli(args: Any) -> int:
     comp = compare(args.teacher, args.student, args.data, metrics=args.metrics, pool=args.pool, layers=args.layers,
                    text_column=args.text_column, label_column=args.label_column, max_samples=args.max_samples,
                    batch_size=args.batch_size, max_length=args.max_length, device=args.device,
-                   bootstrap=args.bootstrap, permutations=args.permutations, seed=args.seed,
+                   bootstrap=args.bootstrap, permutations=args.permutations,
+                   stats_metrics=getattr(args, "stats_metrics", None), seed=args.seed,
                    cache=not args.no_cache, out=None, progress=True, echo=echo)
     if args.out is not None:
         comp.save(args.out)
