@@ -187,9 +187,9 @@ def test_values_equal_repsim_metrics(loss_name, n, p, q):
 # gradients
 
 
-def _gradcheck(loss: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor) -> bool:
+def _gradcheck(loss: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor, eps: float = 1e-6) -> bool:
     Y = Y.clone().requires_grad_(True)
-    return torch.autograd.gradcheck(lambda y: loss(X, y), (Y,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    return torch.autograd.gradcheck(lambda y: loss(X, y), (Y,), eps=eps, atol=eps, rtol=1e-4)
 
 
 def _degenerate_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -220,6 +220,32 @@ def test_gradcheck_degenerate_inputs(loss_name, case):
     assert _gradcheck(loss, X, Y)
 
 
+@pytest.mark.parametrize("case", list(_degenerate_pairs()) + ["identical", "rotated_copy", "wide_teacher"])
+@pytest.mark.parametrize("output", ["distance", "squared"])
+def test_gram_and_svd_nuclear_norms_agree(output, case):
+    """The eigh-of-Gram method (the CUDA default) gives the SVD method's value and gradient, and passes gradcheck,
+    also on zero, repeated and rank-deficient cross-products. (Its small σ carry rounding error ~eps·σ_max²/σ,
+    ~1e-11 at σ ~ 1e-6, so the finite differences at exactly degenerate points use a step of 1e-5.)"""
+    pairs = _degenerate_pairs()
+    X = _rand(190, 12, 5)
+    pairs["identical"] = (X, X.clone())
+    pairs["rotated_copy"] = (X, X @ _orthogonal(191, 5))
+    pairs["wide_teacher"] = (_rand(192, 30, 3), _rand(193, 30, 11))  # p < q: the Gram of the other side
+    X, Y = pairs[case]
+    results = []
+    for method in ("svd", "gram"):
+        y = Y.clone().requires_grad_(True)
+        value = ProcrustesLoss(output, method=method)(X, y)
+        value.backward()
+        results.append((value.item(), y.grad))
+    at_zero_distance = output == "distance" and case in ("identical", "rotated_copy")
+    # at distance 0, √ turns a rounding difference of 1e-16 in 2 − 2ρ into 1e-8
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-7 if at_zero_distance else 1e-12)
+    if not at_zero_distance:  # (there both gradients are ~0: test_gradient_zero_at_rotated_scaled_shifted_copy)
+        torch.testing.assert_close(results[1][1], results[0][1], atol=1e-9, rtol=1e-7)
+        assert _gradcheck(ProcrustesLoss(output, method="gram"), X, Y, eps=1e-5)
+
+
 @pytest.mark.parametrize("loss_name", SMOOTH_AT_MINIMUM)
 @pytest.mark.parametrize("case", ["identical", "rotated_copy", "identical_n_below_width"])
 def test_gradcheck_at_identical_geometry(loss_name, case):
@@ -236,11 +262,16 @@ def test_gradient_zero_at_rotated_scaled_shifted_copy(loss_name):
     X = _rand(30, 40, 6)
     Q = _orthogonal(31, 9)[:6]  # 6×9 with orthonormal rows: an isometry into the wider student space
     Y = (2.5 * X @ Q + 4.0).requires_grad_(True)
-    value = make_feature_loss(loss_name, 6, 9)(X, Y)
-    value.backward()
-    assert abs(value.item()) < 1e-7
-    assert torch.isfinite(Y.grad).all()
-    assert Y.grad.abs().max().item() < 1e-6
+    losses = [make_feature_loss(loss_name, 6, 9)]
+    if loss_name.startswith("procrustes"):
+        losses.append(ProcrustesLoss(losses[0].output, method="gram"))
+    for loss in losses:
+        Y.grad = None
+        value = loss(X, Y)
+        value.backward()
+        assert abs(value.item()) < 1e-7
+        assert torch.isfinite(Y.grad).all()
+        assert Y.grad.abs().max().item() < 1e-6
 
 
 def test_procrustes_gradient_near_zero_is_bounded():
@@ -487,7 +518,7 @@ def test_cuda_matches_cpu_also_under_autocast(name):
     loss = make_feature_loss(name, 12, 6)
 
     def value_and_grad(device):
-        y = Y.to(device).requires_grad_(True)
+        y = Y.detach().to(device).clone().requires_grad_(True)
         value = loss(X.to(device), y, attention_mask=mask.to(device))
         value.backward()
         return value.item(), y.grad.cpu()
