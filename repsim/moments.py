@@ -192,7 +192,7 @@ class LayerMoments:
         if xs[0].shape[0] != ys[0].shape[0]:
             raise UserError(f"teacher and student batches must have the same number of rows (paired samples), "
                             f"got {xs[0].shape[0]} and {ys[0].shape[0]}")
-        self._merge_in(self._batch_moments(xs, ys))
+        self._merge_in(self._batch_moments(xs, ys), consume=True)
         return self
 
     def _batch_moments(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> LayerMoments:
@@ -276,7 +276,8 @@ class LayerMoments:
         for key in ("quart_t", "quart_s", "cub_t", "cub_s", *_PAIR_KEYS):
             setattr(self, key, getattr(self, key) + getattr(other, key))
 
-    def _merge_in(self, other: LayerMoments) -> None:
+    def _merge_in(self, other: LayerMoments, consume: bool = False) -> None:
+        """Absorb ``other``; ``consume`` lets this modify ``other`` in place (a throw-away batch state)."""
         if other.n == 0:
             return
         if self.n == 0:
@@ -286,7 +287,8 @@ class LayerMoments:
             self.cov_s = [c.clone() for c in other.cov_s]
             self.n = other.n
             return
-        other = other._copy()
+        if not consume:
+            other = other._copy()
         w = other.n / (self.n + other.n)
         # shifts from the mean difference (exact for nearby means), not from two rounded absolute means, so both
         # parts land on the same centre to within eps·|Δ| even when the data carry a large common offset
