@@ -100,6 +100,8 @@ def main() -> None:
             "GramFrobeniusLoss": GramFrobeniusLoss(compute_dtype=dtype),
             "ProjectionLoss (float32 Linear)": ProjectionLoss(args.teacher_dim, args.student_dim).to(device),
         }
+        if device.type == "cuda":  # the default there is the eigh-of-Gram nuclear norm; show the SVD beside it
+            losses["ProcrustesLoss (distance, method=svd)"] = ProcrustesLoss(compute_dtype=dtype, method="svd")
         times = time_losses(losses, teacher, student, mask, args.repeats, args.warmup)
         base = statistics.median(times["CKALoss (baseline)"])
         for label, seconds in times.items():
