@@ -29,8 +29,11 @@ centred Grams: ⟨K_c, L_c⟩ = tr(K_c L_c), with
 
 (X̃X̃ᵀ = K_c / tr K_c because ‖X_c‖²_F = tr K_c). This is exact, costs O((L_t + L_s + L_t·L_s)·n²) per
 replicate instead of O(L_t·L_s·p·q·n), and is used when that is cheaper (:func:`gram_is_cheaper`: wide layers,
-n ≤ GRAM_MAX_N). Every other metric (Procrustes, projection residual, debiased or RBF CKA) is recomputed per
-replicate by :func:`repsim.pairwise.pairwise` on the resampled rows (on the comparison's device).
+n ≤ GRAM_MAX_N). For Procrustes a replicate with multiplicities w_i uses only the distinct rows:
+Z = √w ∘ (X − μ_w) gives ZᵀZ' = the resample's centred cross product, so each replicate costs one
+(p × Σq) product per teacher layer on ~0.63·n rows plus batched singular values. Every other metric
+(projection residual, debiased or RBF CKA) is recomputed per replicate by :func:`repsim.pairwise.pairwise` on
+the resampled rows (on the comparison's device).
 """
 
 from __future__ import annotations
@@ -157,14 +160,52 @@ def gram_is_cheaper(n: int, teacher_widths: Sequence[int], student_widths: Seque
     return gram < features
 
 
+def procrustes_fast_path(spec) -> bool:
+    """Whether a metric is a centred Procrustes form computed by :func:`_procrustes_values`."""
+    return spec.family == "procrustes" and dict(getattr(spec, "kwargs", {}) or {}).get("center", True)
+
+
 def _split(specs, n: int, method: str, teacher, student):
-    if method not in ("auto", "gram", "generic"):
-        raise ValueError(f"method must be 'auto', 'gram' or 'generic', got {method!r}")
-    use_gram = method == "gram" or (method == "auto" and gram_is_cheaper(
+    """(Gram-path specs, Procrustes-path specs, generic specs) for a method "auto" | "fast" | "generic"."""
+    if method not in ("auto", "fast", "generic"):
+        raise ValueError(f"method must be 'auto', 'fast' or 'generic', got {method!r}")
+    use_gram = method == "fast" or (method == "auto" and gram_is_cheaper(
         n, [x.shape[1] for x in teacher], [y.shape[1] for y in student]))
     fast = [s for s in specs if use_gram and gram_fast_path(s)]
-    slow = [s for s in specs if s not in fast]
-    return fast, slow
+    proc = [s for s in specs if method != "generic" and procrustes_fast_path(s)]
+    slow = [s for s in specs if s not in fast and s not in proc]
+    return fast, proc, slow
+
+
+def _weighted_unit(X: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Z = √w ∘ (X[rows] − μ_w) / ‖·‖_F with μ_w = Σ w_i x_i / n: ZᵀZ' equals the centred cross product of the
+    resample that holds row i w_i times, computed on the distinct rows only (~63 % of n)."""
+    Xr = X.index_select(0, rows)
+    mu = (weights[:, None] * Xr).sum(dim=0, keepdim=True) / n
+    Z = weights.sqrt()[:, None] * (Xr - mu)
+    return Z / torch.linalg.matrix_norm(Z)
+
+
+def _procrustes_values(specs, teacher_units: list[torch.Tensor], student_units: list[torch.Tensor]):
+    """ρ = ‖X̃ᵀỸ‖_* for every pair from unit-norm centred (weighted) features, then each Procrustes output.
+
+    Per teacher layer one matrix product against all student layers side by side, then batched singular
+    values (``torch.linalg.svdvals``) per student width.
+    """
+    S_all = torch.cat(student_units, dim=1)
+    widths = [y.shape[1] for y in student_units]
+    rho = torch.empty(len(teacher_units), len(student_units), dtype=S_all.dtype, device=S_all.device)
+    for i, Zt in enumerate(teacher_units):
+        blocks = torch.split(Zt.T @ S_all, widths, dim=1)
+        for j, A in enumerate(blocks):
+            rho[i, j] = torch.linalg.svdvals(A).sum()
+    rho = rho.clamp(0.0, 1.0).cpu().numpy()  # ρ ≤ 1 by Cauchy–Schwarz; beyond is rounding
+    out = {}
+    for s in specs:
+        form = dict(s.kwargs).get("output", "distance")
+        out[s.id] = {"distance": np.sqrt(np.maximum(0.0, 2 - 2 * rho)), "angular": np.arccos(rho),
+                     "squared": 2 - 2 * rho}[form]
+    return out
 
 
 def resample_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
@@ -186,16 +227,17 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
                          progress: Progress = None) -> dict[str, np.ndarray]:
     """Metric values on B bootstrap resamples of the rows: {metric id: array (B, L_t, L_s)}.
 
-    ``method``: "gram" (Gram-matrix gathers for Gram-Frobenius and linear CKA, exact), "generic"
-    (:func:`repsim.pairwise.pairwise` on the resampled rows for every metric), or "auto" (gram while
-    n ≤ GRAM_MAX_N). All methods use the same indices for the same seed, so they agree to rounding.
+    ``method``: "fast" (Gram-matrix gathers for Gram-Frobenius and linear CKA, weighted distinct rows for
+    Procrustes; exact), "generic" (:func:`repsim.pairwise.pairwise` on the resampled rows for every metric), or
+    "auto" (the Gram path when :func:`gram_is_cheaper`, the Procrustes path always). All methods use the same
+    indices for the same seed, so they agree to rounding.
     """
     if replicates < 1:
         raise UserError(f"--bootstrap needs at least 1 replicate, got {replicates}")
     teacher, student = _as_stack(teacher_layers, device), _as_stack(student_layers, device)
     n = _check_rows(teacher, student)
     specs = _specs(metrics)
-    fast, slow = _split(specs, n, method, teacher, student)
+    fast, proc, slow = _split(specs, n, method, teacher, student)
     idx_all = torch.as_tensor(resample_indices(n, replicates, seed), device=teacher[0].device)
     out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
     if fast:
@@ -211,6 +253,14 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
             cross = t_flat @ s_flat.T
             for s in fast:
                 out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
+        if proc:
+            counts = torch.bincount(idx, minlength=n)
+            rows = torch.nonzero(counts).squeeze(1)
+            w = counts.index_select(0, rows).to(torch.float64)
+            res = _procrustes_values(proc, [_weighted_unit(x, rows, w, n) for x in teacher],
+                                     [_weighted_unit(y, rows, w, n) for y in student])
+            for s in proc:
+                out[s.id][b] = res[s.id]
         if slow:
             res = _generic_values([x[idx] for x in teacher], [y[idx] for y in student], slow)
             for s in slow:
@@ -274,8 +324,13 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
     teacher, student = _as_stack(teacher_layers, device), _as_stack(student_layers, device)
     n = _check_rows(teacher, student)
     specs = _specs(metrics)
-    fast, slow = _split(specs, n, method, teacher, student)
+    fast, proc, slow = _split(specs, n, method, teacher, student)
     perms = torch.as_tensor(permutation_indices(n, replicates, seed), device=teacher[0].device)
+    if proc:
+        all_rows = torch.arange(n, device=teacher[0].device)
+        ones = torch.ones(n, dtype=torch.float64, device=teacher[0].device)
+        t_units = [_weighted_unit(x, all_rows, ones, n) for x in teacher]
+        s_units = [_weighted_unit(y, all_rows, ones, n) for y in student]
     out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
     if fast:
         # centring commutes with a permutation of rows, and norms/traces are permutation invariant:
@@ -290,6 +345,10 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
             cross = t_flat @ s_flat.T
             for s in fast:
                 out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
+        if proc:
+            res = _procrustes_values(proc, t_units, [z.index_select(0, perm) for z in s_units])
+            for s in proc:
+                out[s.id][b] = res[s.id]
         if slow:
             res = _generic_values(teacher, [y[perm] for y in student], slow)
             for s in slow:
