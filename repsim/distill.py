@@ -666,8 +666,7 @@ class DistillTrainer:
         state = torch.load(path, map_location=self.device, weights_only=True)
         saved = json.loads(state["config"])
         now = dataclasses.asdict(self.config)
-        ignore = {"stop_after", "progress", "checkpoint_every", "device", "cache_teacher"}
-        diff = sorted(k for k in now if k not in ignore and saved.get(k) != now[k])
+        diff = sorted(k for k in now if k not in _RUNTIME_ONLY and saved.get(k) != now[k])
         if diff:
             raise UserError(f"{path} was made with different settings ({', '.join(diff)}); "
                             "use another output folder or remove the checkpoint")
@@ -892,6 +891,18 @@ def _run(teacher: nn.Module | None, student: nn.Module, tokenizer: Any, texts: l
                          out=out_path, layer_map=trainer.layer_map)
 
 
+_RUNTIME_ONLY = ("stop_after", "progress", "checkpoint_every", "device", "cache_teacher")
+
+
+def _same_settings(saved_config: Path, config: DistillConfig) -> bool:
+    """True when ``saved_config`` (a run's config.json) equals ``config`` up to runtime-only options."""
+    if not saved_config.exists():
+        return False
+    saved = json.loads(saved_config.read_text())
+    now = dataclasses.asdict(config)
+    return all(saved.get(k) == v for k, v in now.items() if k not in _RUNTIME_ONLY)
+
+
 def _save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
     """save_pretrained into a temporary folder, then rename (no half-written model folders)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -940,8 +951,10 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
         for loss in losses:
             run_dir = out / "runs" / loss / f"seed{seed}"
             done = run_dir / "metrics.json"
+            cfg = dataclasses.replace(config, loss=loss, seed=seed)
+            if done.exists() and not _same_settings(run_dir / "config.json", cfg):
+                raise UserError(f"{run_dir} holds a finished run with other settings; use another --out")
             if not done.exists():
-                cfg = dataclasses.replace(config, loss=loss, seed=seed)
                 seed_everything(seed)
                 s_model, s_tok = make_student(student, t_model, t_tok, cfg.task, _num_labels(labels), seed)
                 result = distill((t_model, t_tok), (s_model, s_tok), (texts, labels), validation, config=cfg,

@@ -367,3 +367,18 @@ def test_paired_table_pairs_by_seed():
     assert row["mean_diff"] == pytest.approx(0.03) and row["n"] == 5
     assert row["p_wilcoxon"] == pytest.approx(0.0625)  # 5 seeds, all better: the smallest two-sided exact p
     assert set(table["baseline"]) == {"none", "cka"}
+
+
+def test_grid_writes_tables_and_figure_resumes_and_refuses_other_settings(teacher_dir, tmp_path):
+    teacher = load_teacher(teacher_dir)
+    runs = D.run_grid(teacher, "drop:2", TRAIN, VALID, losses=["none", "cka"], seeds=2, config=FAST, out=tmp_path)
+    assert sorted(zip(runs["loss"], runs["seed"], strict=True)) == [("cka", 0), ("cka", 1), ("none", 0), ("none", 1)]
+    for name in ("runs.csv", "summary.csv", "summary.md", "paired_tests.csv", "accuracy.png", "teacher_metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not (tmp_path / "runs" / "cka" / "seed0" / "checkpoint.pt").exists()
+    stamp = (tmp_path / "runs" / "cka" / "seed0" / "metrics.json").stat().st_mtime_ns
+    again = D.run_grid(teacher, "drop:2", TRAIN, VALID, losses=["none", "cka"], seeds=2, config=FAST, out=tmp_path)
+    assert again.equals(runs) and (tmp_path / "runs" / "cka" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="other settings"):
+        D.run_grid(teacher, "drop:2", TRAIN, VALID, losses=["none"], seeds=1, config=dataclasses.replace(FAST, lr=1e-2),
+                   out=tmp_path)
