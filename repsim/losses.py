@@ -23,7 +23,8 @@ cleanly to a loss computed under autocast.
 
 Gradient safety:
 - The nuclear norm's gradient is the polar factor d‖M‖_*/dM = U_r V_rᵀ, taken over the singular values above
-  max(p, q)·eps·σ_max only. It is computed from one SVD in the forward pass and never differentiates U or V, so
+  the rank tolerance only. It comes from one SVD in the forward pass (on CUDA by default from ``eigh`` of the
+  small Gram matrix, ~5× faster there than cuSOLVER's SVD) and never differentiates U or V, so
   repeated singular values (e.g. a rotated copy) and zero ones (n < width, a zero cross-product block) give finite
   gradients. Where ‖·‖_* has a kink (rank-deficient M) U_r V_rᵀ is the minimum-norm subgradient, which is
   exactly what a central finite difference measures, so ``torch.autograd.gradcheck`` passes there too.
@@ -50,9 +51,11 @@ __all__ = [
     "CKALoss",
     "FEATURE_LOSSES",
     "GramFrobeniusLoss",
+    "NUCLEAR_METHODS",
     "ProcrustesLoss",
     "ProjectionLoss",
     "make_feature_loss",
+    "nuclear_norm",
 ]
 
 FEATURE_LOSSES = ("projection", "cka", "procrustes", "gram_frobenius")
