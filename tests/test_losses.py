@@ -153,6 +153,21 @@ def test_values_equal_slow_formulas(n, p, q, seed, loss_name):
     assert got == pytest.approx(slow_value(loss_name, X, Y), abs=1e-8)
 
 
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_near_identical_inputs_absolute_accuracy(method):
+    """Pitfall 8: the p×q forms compute 2 − 2ρ and ‖·‖² differences, whose rounding (~1e-16) the √ turns into an
+    absolute error of ~1e-9; the relative error grows like eps/δ² as Y = X + δ·E approaches X."""
+    X = _rand(200, 500, 20)
+    for delta in (1e-3, 1e-4, 1e-5, 1e-6):
+        Y = X + delta * _rand(201, 500, 20)
+        exact_procrustes = slow_procrustes_distance(X.numpy(), Y.numpy())  # explicit residual: no cancellation
+        exact_gram = slow_gram_frobenius(X.numpy(), Y.numpy())
+        got_procrustes = ProcrustesLoss(method=method)(X, Y).item()
+        got_gram = GramFrobeniusLoss()(X, Y).item()
+        assert got_procrustes == pytest.approx(exact_procrustes, abs=1e-8, rel=1e-6 if delta >= 1e-4 else 1e-2)
+        assert got_gram == pytest.approx(exact_gram, abs=1e-8, rel=1e-6 if delta >= 1e-4 else 1e-2)
+
+
 @pytest.mark.parametrize("n,p,q", [(6, 40, 30), (300, 20, 10)])
 def test_gram_frobenius_both_forms_agree(n, p, q):
     """The n×n form (small n) and the p×q form (large n) are chosen by shape and give the same number."""
