@@ -174,9 +174,13 @@ def _singular_values_and_polar(M: torch.Tensor, atol: float, method: str) -> tup
         method = "gram" if M.is_cuda else "svd"
     eps = torch.finfo(M.dtype).eps
     if method == "svd":
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        keep = S > torch.clamp(S.max() * max(M.shape) * eps, min=atol)
-        return S, (U * keep.to(M.dtype)) @ Vh
+        try:
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        except torch.linalg.LinAlgError:  # the SVD did not converge (rare, badly scaled M): the Gram route below
+            pass
+        else:
+            keep = S > torch.clamp(S.max() * max(M.shape) * eps, min=atol)
+            return S, (U * keep.to(M.dtype)) @ Vh
     transposed = M.shape[0] < M.shape[1]
     A = M.T if transposed else M
     _, V = torch.linalg.eigh((A.T @ A).to(torch.float64))
