@@ -178,3 +178,31 @@ def summarize_grid(runs: pd.DataFrame, out: str | Path, metric: str = "accuracy"
     paths["summary_md"].write_text("".join(text))
     plot_grid(runs, paths["figure"], metric, title)
     return paths
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    """rouge-score's default tokenisation: lowercase, non-alphanumerics become spaces, split (no stemming)."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin 2004): LCS = longest common token subsequence, P = LCS/|pred|, R = LCS/|ref|, F = 2PR/(P+R).
+
+    Tokens as rouge-score's default tokenizer without stemming; 0.0 when either side has no tokens.
+    """
+    a, b = _rouge_tokens(prediction), _rouge_tokens(reference)
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)

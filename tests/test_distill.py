@@ -382,3 +382,14 @@ def test_grid_writes_tables_and_figure_resumes_and_refuses_other_settings(teache
     with pytest.raises(UserError, match="other settings"):
         D.run_grid(teacher, "drop:2", TRAIN, VALID, losses=["none"], seeds=1, config=dataclasses.replace(FAST, lr=1e-2),
                    out=tmp_path)
+
+
+def test_rouge_l_on_hand_examples():
+    from repsim.evaluate import rouge_l
+
+    # LCS("the cat sat on the mat", "the cat is on the mat") = the cat on the mat = 5 of 6 tokens each side
+    assert rouge_l("The cat sat on the mat.", "the cat is on the mat") == pytest.approx(5 / 6)
+    # P = 2/2, R = 2/4 → F = 2·1·0.5/1.5
+    assert rouge_l("police killed", "police killed the gunman") == pytest.approx(2 / 3)
+    assert rouge_l("a b c", "c b a") == pytest.approx(1 / 3)  # order matters: LCS is 1 token
+    assert rouge_l("", "anything") == 0.0 and rouge_l("x y", "x y") == 1.0
