@@ -224,7 +224,7 @@ def pairwise(
         student_layers: sequence of (n, q_s) arrays/tensors or one (Ls, n, q) array.
         metrics: metric ids (any spelling ``repsim.metrics.get_metric`` accepts); default
             ``repsim.metrics.DEFAULT_METRICS``.
-        device: where to compute (e.g. "cuda"); default the teacher's device, CUDA inputs stay on CUDA.
+        device: where to compute (e.g. "cuda"); default: the inputs' GPU, else CUDA when available, else CPU.
         chunk_size: layer pairs per batched GEMM; chosen from a memory budget when omitted.
         dtype: compute dtype (float64 by default).
     Returns:
@@ -245,9 +245,12 @@ def pairwise(
         raise UserError("no metrics requested")
 
     t_raw, s_raw = _as_layers(teacher_layers, "teacher_layers"), _as_layers(student_layers, "student_layers")
-    if device is None:
+    if device is None:  # the inputs' GPU, else a GPU when one is present, else the CPU
         first = t_raw[0]
-        device = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+        if isinstance(first, torch.Tensor) and first.device.type != "cpu":
+            device = first.device
+        else:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was requested but CUDA is not available")
