@@ -40,14 +40,62 @@ def run(label: str, cache: Path, out: Path, extra: list[str]) -> dict:
     return timings
 
 
+def synthetic(device: str, replicates: int, generic_replicates: int) -> None:
+    """Statistics cost at the default's shapes on random features (872 rows, 13 × 768 vs 7 × 384), one device:
+    all-pairs metrics once vs B bootstrap replicates per path, in the same process."""
+    import numpy as np
+    import torch
+
+    from repsim import stats
+    from repsim.pairwise import pairwise
+
+    rng = np.random.default_rng(0)
+    T = torch.as_tensor(rng.standard_normal((13, 872, 768)), dtype=torch.float64, device=device)
+    S = torch.as_tensor(rng.standard_normal((7, 872, 384)), dtype=torch.float64, device=device)
+    T, S = list(T), list(S)
+
+    def timed(fn):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    print(f"synthetic default shapes on {device} "
+          f"({torch.cuda.get_device_name() if device.startswith('cuda') else platform.processor() or 'cpu'})")
+    pairwise(T[:1], S[:1], device=device)  # warm-up
+    base = {m: timed(lambda m=m: pairwise(T, S, metrics=[m], device=device)) for m in
+            ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "projection_residual[folds=5]")}
+    base_all = timed(lambda: pairwise(T, S, device=device))
+    print(f"  pairwise, all four metrics once: {base_all:.2f}s  (" + ", ".join(f"{k} {v:.2f}s" for k, v in
+                                                                            base.items()) + ")")
+    for label, ids, b in [("gram path (gram_frobenius + cka)", ["gram_frobenius", "cka"], replicates),
+                          ("procrustes path", ["procrustes"], replicates),
+                          ("generic (projection_residual[folds=5])", ["projection_residual"], generic_replicates)]:
+        if b <= 0:
+            continue
+        t = timed(lambda ids=ids, b=b: stats.bootstrap_replicates(T, S, ids, b, device=device))
+        print(f"  bootstrap {b} {label}: {t:.2f}s = {t / b:.3f}s per replicate = "
+              f"{t / base_all:.1f}x the all-metrics pass")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--synthetic", default=None, metavar="DEVICE",
+                    help="only time the statistics on random features of the default's shapes on DEVICE")
+    ap.add_argument("--generic-replicates", type=int, default=0,
+                    help="with --synthetic: replicates for the generic (projection residual) path")
     ap.add_argument("--max-samples", type=int, default=None, help="default: all 872 texts")
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--stats-metrics", nargs="+", default=None)
     ap.add_argument("--cache", default=None, help="cache folder (default: a fresh temporary one = cold)")
     ap.add_argument("--skip-cold", action="store_true", help="reuse --cache as is (no cold run)")
     args = ap.parse_args()
+    if args.synthetic:
+        synthetic(args.synthetic, args.bootstrap, args.generic_replicates)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="bench-compare-"))
     cache = Path(args.cache) if args.cache else work / "cache"
