@@ -1,7 +1,7 @@
 """The paper's decoder setting: distil an OPT teacher into a smaller OPT on instruction data, score ROUGE-L.
 
 Needs a GPU and the Hugging Face hub (or local copies); nothing here has been run at that scale by us, so no
-numbers are committed. Configuration: ``examples/configs/distill_opt_instructions.json`` (every field is
+numbers are committed. Configuration: ``examples/distill_opt_instructions.json`` (every field is
 documented there). Per loss and seed: the repsim trainer with ``task="causal-lm"`` (next-token CE + T²-scaled
 token-level KL to the teacher + β · feature loss on token-level hidden states of the mapped blocks), then greedy
 generation on each evaluation set and the mean ROUGE-L F1 (:func:`repsim.evaluate.rouge_l`) against the
@@ -10,7 +10,7 @@ of the mean ROUGE-L across seeds (against ``none`` and ``cka``).
 
 Difference from MiniLLM-style training: the loss covers every token of "prompt + response", not the response only.
 
-    python examples/distill_opt_instructions.py --config examples/configs/distill_opt_instructions.json
+    python examples/distill_opt_instructions.py --config examples/distill_opt_instructions.json
 """
 
 from __future__ import annotations
