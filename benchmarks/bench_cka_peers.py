@@ -7,7 +7,7 @@ Stacks: 13 teacher layers of width 768 × 7 student layers of width 384, n = 500
   linearly to all pairs (every pair has the same shapes); compared with ``cka[linear,biased]``.
 - pytorch-cka (``cka.cka_from_features``, all pairs in one call, debiased/unbiased-HSIC CKA): forms the n×n Gram
   of every layer once. Fed float32 features (its memory in float64 would be 20 Gram matrices of n² doubles);
-  compared with ``cka[linear,debiased]`` (float64).
+  compared with ``cka[linear,debiased]`` (float64); ``--pytorch-cka-dtype float64`` for a like-for-like run.
 Peers that are not installed are skipped with a note (``pip install ckatorch pytorch-cka``).
 
     python benchmarks/bench_cka_peers.py [--n 5000] [--threads 1]
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--peer-repeats", type=int, default=2)
     ap.add_argument("--peer-pairs", type=int, default=2, help="pairs timed for the per-pair peer (ckatorch)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--pytorch-cka-dtype", choices=("float32", "float64"), default="float32",
+                    help="features fed to pytorch-cka (float64 holds 20 n×n Gram matrices: ~4 GB at n=5000)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,11 +84,13 @@ def main() -> None:
     else:
         from cka import cka_from_features
 
-        t32 = [x.float() for x in teacher]
-        s32 = [y.float() for y in student]
-        t_p, peer = timed(lambda: cka_from_features(t32, s32), args.peer_repeats)
+        dt = getattr(torch, args.pytorch_cka_dtype)
+        tp = [x.to(dt) for x in teacher]
+        sp = [y.to(dt) for y in student]
+        t_p, peer = timed(lambda: cka_from_features(tp, sp), args.peer_repeats)
         diff = float(np.abs(np.asarray(peer, dtype=np.float64) - ours_d).max())
-        print(f"pytorch-cka cka_from_features (float32, debiased): {t_p:8.3f} s; max |Δ| vs repsim {diff:.1e}")
+        print(f"pytorch-cka cka_from_features ({args.pytorch_cka_dtype}, debiased): {t_p:8.3f} s; "
+              f"max |Δ| vs repsim {diff:.1e}")
         print(f"RATIO pytorch-cka / repsim (debiased):  {t_p / t_d:6.1f}×  (aim ≥ 5)")
 
 
