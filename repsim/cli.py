@@ -223,7 +223,7 @@ def _run_check(args: argparse.Namespace) -> int:
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sst2", help="training data: sst2 (train split), a local file, or hf:NAME")
     p.add_argument("--val-data", default=None,
-                   help="validation data (default: sst2's validation split, else every 10th text of --data)")
+                   help="validation data (default: sst2's validation split, else a fixed random 10%% of --data)")
     p.add_argument("--max-train", type=int, default=None, help="use the first N training texts")
     p.add_argument("--max-val", type=int, default=None, help="use the first N validation texts")
     p.add_argument("--task", choices=["sequence-classification", "causal-lm"], default="sequence-classification")

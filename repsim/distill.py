@@ -975,8 +975,8 @@ def load_train_validation(data: str, val_data: str | None = None, *, max_train: 
     """Training and validation TextData for a data spec.
 
     ``sst2``: the ``train`` and ``validation`` splits (offline: the fixed, disjoint SST-like splits). Another
-    spec with ``val_data``: both as given. Otherwise a fixed ``holdout`` fraction (every 10th text for 0.1) of
-    ``data`` becomes the validation set. ``max_train`` / ``max_val`` keep a fixed random subset of N
+    spec with ``val_data``: both as given. Otherwise a fixed random ``holdout`` fraction of ``data``
+    (seed 0) becomes the validation set. ``max_train`` / ``max_val`` keep a fixed random subset of N
     (``repsim.data.subsample`` with seed 0: the same texts for every training seed, nested across sizes).
     """
     from repsim.data import fingerprint_texts, subsample
@@ -988,8 +988,9 @@ def load_train_validation(data: str, val_data: str | None = None, *, max_train: 
         train, validation = load_split(data, "train"), load_split(val_data, "validation")
     else:
         full = load_split(data, "train")
-        step = max(2, int(round(1 / holdout)))
-        keep_val = [i % step == step - 1 for i in range(len(full.texts))]
+        n_val = max(1, int(round(holdout * len(full.texts))))
+        chosen = set(np.random.default_rng(0).permutation(len(full.texts))[:n_val].tolist())
+        keep_val = [i in chosen for i in range(len(full.texts))]
 
         def part(flag: bool, name: str) -> Any:
             texts = [t for t, v in zip(full.texts, keep_val, strict=True) if v == flag]

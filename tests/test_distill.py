@@ -393,3 +393,15 @@ def test_rouge_l_on_hand_examples():
     assert rouge_l("police killed", "police killed the gunman") == pytest.approx(2 / 3)
     assert rouge_l("a b c", "c b a") == pytest.approx(1 / 3)  # order matters: LCS is 1 token
     assert rouge_l("", "anything") == 0.0 and rouge_l("x y", "x y") == 1.0
+
+
+def test_holdout_split_is_fixed_disjoint_and_random(tmp_path):
+    path = tmp_path / "toy.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(*TRAIN, strict=True)))
+    train, valid = D.load_train_validation(str(path))
+    again = D.load_train_validation(str(path))[1]
+    assert len(valid.texts) == round(0.1 * len(TRAIN[0])) and len(train.texts) + len(valid.texts) == len(TRAIN[0])
+    assert valid.texts == again.texts
+    assert 0 < sum(valid.labels) < len(valid.labels)  # not a periodic pick of one class
+    small, _ = D.load_train_validation(str(path), max_train=50)
+    assert len(small.texts) == 50 and set(small.texts) <= set(train.texts)
