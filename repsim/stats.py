@@ -195,10 +195,15 @@ def _procrustes_values(specs, teacher_units: list[torch.Tensor], student_units: 
     S_all = torch.cat(student_units, dim=1)
     widths = [y.shape[1] for y in student_units]
     rho = torch.empty(len(teacher_units), len(student_units), dtype=S_all.dtype, device=S_all.device)
+    same_width = len(set(widths)) == 1
     for i, Zt in enumerate(teacher_units):
-        blocks = torch.split(Zt.T @ S_all, widths, dim=1)
-        for j, A in enumerate(blocks):
-            rho[i, j] = torch.linalg.svdvals(A).sum()
+        cross = Zt.T @ S_all
+        if same_width:  # one batched call: (L_s, p, q)
+            batch = cross.reshape(cross.shape[0], len(widths), widths[0]).permute(1, 0, 2)
+            rho[i] = torch.linalg.svdvals(batch).sum(dim=-1)
+        else:
+            for j, A in enumerate(torch.split(cross, widths, dim=1)):
+                rho[i, j] = torch.linalg.svdvals(A).sum()
     rho = rho.clamp(0.0, 1.0).cpu().numpy()  # ρ ≤ 1 by Cauchy–Schwarz; beyond is rounding
     out = {}
     for s in specs:
