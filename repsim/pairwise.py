@@ -25,8 +25,9 @@ Memory: one float64 copy of the inputs plus about 3·(chunk pairs)·r_t·r_s·8 
 chunk) is chosen from a budget (1 GiB on CPU, a quarter of free memory on CUDA) when not given. For 48 × 48 layers
 of width 4096 (n ≥ 4096) one pair block is 128 MiB, so the CPU budget gives 2 pairs per chunk.
 
-Metrics that are not linear (RBF CKA, held-out projection residual) are computed by the registry function
-per pair on the original inputs.
+The k-fold held-out projection residual (``projection_residual[folds=K]``, the default) reuses one thin SVD per
+student layer and fold for all teacher layers (see ``_held_out_residual``). RBF CKA, not a second-moment metric, is
+computed by the registry function per pair on the original inputs.
 """
 
 from __future__ import annotations
