@@ -692,7 +692,17 @@ def extract(
         return Runner(lm, max_length=eff_len, pool=pool, accumulate=ACCUMULATE[accumulate], layers=chosen)
 
     batches = plan_batches(lengths, batch_size, sort_by_length)
-    if cache:
+    full = list(range(n_blocks + 1)) if n_blocks is not None else None
+    superset = None
+    if cache and full is not None and chosen != full:
+        from repsim import store  # noqa: PLC0415
+
+        superset = store.lookup(dict(meta, layers=full), verify)  # an all-layer entry serves any subset
+    if superset is not None:
+        acts = Activations(list(chosen), {k: superset.arrays[k] for k in chosen},
+                           dict(superset.meta, layers=list(chosen), subset_of=superset.meta.get("key")),
+                           superset.offsets, superset.token_ids, superset.path)
+    elif cache:
         from repsim import store  # noqa: PLC0415
 
         acts = store.get_or_build(meta, texts, lengths, make_runner, batches, progress=progress,
@@ -787,6 +797,7 @@ def extract_moments(
     device_map: str | dict | None = None,
     progress: bool = True,
     moments_kwargs: dict | None = None,
+    on_batch: Callable[[int], None] | None = None,
     **unused: Any,
 ) -> Any:
     """Stream teacher and student features into :class:`repsim.moments.LayerMoments`, storing nothing.
@@ -795,7 +806,7 @@ def extract_moments(
     texts or tokens. ``pool="tokens"`` pairs tokens one by one and so needs identical tokenizers.
     Under ``torch.distributed`` each rank streams its shard and the moments are summed with ``all_reduce``.
     ``layers`` selects teacher layers, ``student_layers`` student layers (default: same as ``layers`` when
-    that is given as indices, else all).
+    that is given as indices, else all). ``on_batch(rows_so_far)`` is called after each batch on this rank.
     """
     from repsim.moments import LayerMoments  # noqa: PLC0415
 
@@ -846,6 +857,8 @@ def extract_moments(
             moments.update([t_feats[k] for k in t_run.layers], [s_feats[k] for k in s_run.layers])
             n_rows += int(t_feats[t_run.layers[0]].shape[0])
             bar.update(len(idx))
+            if on_batch is not None:
+                on_batch(n_rows)
     finally:
         bar.close()
     if moments is None:  # this rank had no batches (more ranks than batches): widths from one probe batch

@@ -370,6 +370,13 @@ def _try_open(entry: Path, verify: bool | None) -> tuple[Any, str | None]:
         return None, str(exc)
 
 
+def lookup(meta: dict, verify: bool | None = None) -> Any:
+    """The finished, intact entry for ``meta`` if the store has one, else None (never builds or waits)."""
+    entry = activations_root() / entry_key(meta)
+    acts, _ = _try_open(entry, verify)
+    return acts
+
+
 def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_runner: Callable[[], Any],
                  batches: Sequence[np.ndarray],
                  *, progress: bool = True, chunk_size: int = 1024, verify: bool | None = None,
@@ -664,5 +671,5 @@ def extract_command(args: Any) -> int:
     return 0
 
 
-__all__ = ["Store", "EntryInfo", "DamagedEntry", "entry_key", "open_entry", "verify_entry", "get_or_build",
+__all__ = ["Store", "EntryInfo", "DamagedEntry", "entry_key", "open_entry", "verify_entry", "get_or_build", "lookup",
            "cache_root", "activations_root", "cache_command", "extract_command", "parse_size"]

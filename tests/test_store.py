@@ -98,6 +98,16 @@ def test_second_run_hits_cache_and_runs_no_forward(tiny_model):
     assert calls[0] == 5
 
 
+def test_all_layer_entry_serves_layer_subsets(tiny_model):
+    pair, calls = _pair_with_counter(tiny_model("bert"))
+    texts = _texts(9)
+    full = extract(pair, texts, batch_size=4, progress=False)
+    part = extract(pair, texts, layers=[0, -1], batch_size=4, progress=False)
+    assert calls[0] == 3 and part.layers == [0, 3] and part.meta["cache_hit"]
+    np.testing.assert_array_equal(part.stack(), full.stack([0, 3]))
+    assert len(_entries(Path(os.environ["REPSIM_CACHE"]))) == 1
+
+
 def test_spec_string_cache_hit_and_store_equals_memory(tiny_model):
     folder = str(tiny_model("gpt2", padding_side="left"))
     texts = _texts(13)
@@ -119,12 +129,17 @@ def test_entry_key_covers_every_option(tiny_model, tmp_path):
     extract(folder, texts, progress=False)  # same key
     extract(folder, texts, pool="cls", progress=False)
     extract(folder, texts, max_length=8, progress=False)
-    extract(folder, texts, layers=[0, 2], progress=False)
+    extract(folder, texts, layers=[0, 2], progress=False)  # served by the all-layer entry: no new entry
     extract(folder, texts[::-1], progress=False)
     extract(folder, texts, dtype="bfloat16", progress=False)
     extract(str(tiny_model("bert", seed=1)), texts, progress=False)
     root = Path(os.environ["REPSIM_CACHE"])
-    assert len(_entries(root)) == 7
+    assert len(_entries(root)) == 6
+    meta = json.loads((_entries(root)[0] / "manifest.json").read_text())["meta"]
+    keys = {store.entry_key(dict(meta, **change)) for change in
+            ({}, {"layers": [0, 2]}, {"padding_side": "left"}, {"accumulate": "float64"}, {"revision": "x"},
+             {"tokenizer": "y"}, {"n_texts": 1})}
+    assert len(keys) == 7
 
 
 def test_entry_files_are_plain_npy_and_json(tiny_model):
