@@ -261,6 +261,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--teacher-epochs", type=int, default=None, help="epochs for --finetune-teacher")
     p.add_argument("--teacher-lr", type=float, default=None, help="learning rate for --finetune-teacher")
     p.add_argument("--out", default="distill-out", help="output folder (runs, summary.md, paired_tests.csv, figure)")
+    p.add_argument("--keep-students", action="store_true",
+                   help="keep each trained student (OUT/runs/LOSS/seedK/student) instead of deleting its weights")
     _add_training_options(p)
     p.set_defaults(func=_run_distill)
 
@@ -271,7 +273,8 @@ def _run_distill(args: argparse.Namespace) -> int:
     print(distill_command(args.teacher, args.student, **_training_kwargs(args), losses=args.loss,
                           seeds=args.seeds, alpha=args.alpha, beta=args.beta, temperature=args.temperature,
                           layer_map=args.layer_map, features=args.features, finetune_teacher=args.finetune_teacher,
-                          teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr))
+                          teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
+                          keep_students=args.keep_students))
     return 0
 
 

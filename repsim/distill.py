@@ -692,12 +692,9 @@ class DistillTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        if resume:
-            self.load_checkpoint()
-        else:
-            torch.manual_seed(cfg.seed)
-        if self.step == 0:
-            torch.manual_seed(cfg.seed)
+        restored = resume and self.load_checkpoint()
+        if not restored:
+            torch.manual_seed(cfg.seed)  # dropout draws start from the seed; a checkpoint restores its own RNG state
         done_this_call = 0
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress,
                    desc=f"distill {cfg.loss}" if self.teacher is not None else "fine-tune", leave=False)
@@ -920,12 +917,15 @@ def _save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
 def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, validation: Any, *,
              losses: Sequence[str] = FEATURE_LOSSES, seeds: int | Sequence[int] = 5,
              config: DistillConfig | None = None, out: str | Path, finetune_teacher: bool = False,
-             teacher_config: DistillConfig | None = None, title: str | None = None) -> pd.DataFrame:
+             teacher_config: DistillConfig | None = None, title: str | None = None,
+             keep_students: bool = False) -> pd.DataFrame:
     """Every loss × every seed with the same teacher, data and settings; then tables, tests and a figure.
 
     Each run lives in ``out/runs/<loss>/seed<k>/``; finished runs (with ``metrics.json``) are skipped, so an
-    interrupted grid continues where it stopped. Returns one row per run (loss, seed, metrics, seconds) and writes
-    the summary files of :func:`repsim.evaluate.summarize_grid` into ``out``.
+    interrupted grid continues where it stopped. Student weights are deleted after evaluation unless
+    ``keep_students`` (then ``.../seedK/student`` is a loadable model folder, e.g. for geometry checks).
+    Returns one row per run (loss, seed, metrics, seconds) and writes the summary files of
+    :func:`repsim.evaluate.summarize_grid` into ``out``.
     """
     from repsim.evaluate import summarize_grid
 
@@ -959,7 +959,8 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
                 s_model, s_tok = make_student(student, t_model, t_tok, cfg.task, _num_labels(labels), seed)
                 result = distill((t_model, t_tok), (s_model, s_tok), (texts, labels), validation, config=cfg,
                                  out=run_dir)
-                shutil.rmtree(run_dir / "student", ignore_errors=True)  # keep the grid small: curves and metrics
+                if not keep_students:  # keep the grid small: curves and metrics
+                    shutil.rmtree(run_dir / "student", ignore_errors=True)
                 (run_dir / "checkpoint.pt").unlink(missing_ok=True)
                 if not result.metrics:
                     continue
@@ -1033,7 +1034,8 @@ def finetune_command(model: str, *, data: str = "sst2", val_data: str | None = N
 def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data: str | None = None,
                     max_train: int | None = None, max_val: int | None = None, losses: Sequence[str] = ("none",),
                     seeds: int = 1, finetune_teacher: bool = False, teacher_epochs: int | None = None,
-                    teacher_lr: float | None = None, out: str | Path = "distill-out", **options: Any) -> str:
+                    teacher_lr: float | None = None, out: str | Path = "distill-out", keep_students: bool = False,
+                    **options: Any) -> str:
     """``repsim distill``: every loss × seeds (seed, seed+1, ...) into ``out``; returns the summary (markdown)."""
     train, validation = load_train_validation(data, val_data, max_train=max_train, max_val=max_val)
     if options.get("task", "sequence-classification") == "sequence-classification" and train.labels is None:
@@ -1045,7 +1047,7 @@ def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data:
     runs = run_grid(teacher, student, train, validation, losses=_loss_list(losses),
                     seeds=list(range(first, first + seeds)), config=config, out=out,
                     finetune_teacher=finetune_teacher, teacher_config=teacher_config,
-                    title=f"{teacher} → {student} on {getattr(train, 'name', data)}")
+                    title=f"{teacher} → {student} on {getattr(train, 'name', data)}", keep_students=keep_students)
     summary = Path(out) / "summary.md"
     text = summary.read_text() if summary.exists() else runs.to_string()
     return f"{text}\nresults in {out}"
