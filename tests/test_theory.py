@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repsim import metrics, theory
+from repsim import cli, metrics, theory
 from repsim.errors import UserError
 
 TOL = 1e-9
@@ -277,13 +277,12 @@ def test_cli_counterexample_theorem1(tmp_path):
     assert {"m", "n", "cka[linear,biased]", "procrustes[distance]", "gram_frobenius"} <= set(sweep.columns)
 
 
-def test_cli_counterexample_projection():
-    r = _repsim("counterexample", "projection")
-    assert r.returncode == 0, r.stderr
-    assert "0.703545" in r.stdout
+def test_cli_counterexample_projection(capsys):
+    assert cli.main(["counterexample", "projection"]) == 0
+    assert "0.703545" in capsys.readouterr().out
 
 
-def test_cli_counterexample_bad_input_is_one_line():
-    r = _repsim("counterexample", "synthetic", "--steps", "0")
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "--steps" in r.stderr and "Traceback" not in r.stderr
+def test_cli_counterexample_bad_input_is_one_line(capsys):
+    assert cli.main(["counterexample", "synthetic", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--steps" in err and "Traceback" not in err
