@@ -20,7 +20,9 @@ structure beyond chance.
 
 **Reuse of per-layer work.** For the Gram-based metrics (``gram_frobenius`` in either form and linear biased
 CKA) each layer's n×n Gram matrix K = XXᵀ of the mean-centred features is computed once. A bootstrap
-replicate is then an index gather K[idx][:, idx] followed by double centring HKH, and a permutation is a
+replicate holding text i w_i times is then a gather of K on its distinct texts U (~63 % of n), weighted
+double centring and √w scaling (:func:`_weighted_centred_grams`: same inner products, norms and traces as the
+n × n centred Gram of the resample, on |U| × |U|), and a permutation is a
 gather of the student's centred Gram; every pair's statistic comes from one matrix product of the flattened
 centred Grams: ⟨K_c, L_c⟩ = tr(K_c L_c), with
 
@@ -114,6 +116,20 @@ def _double_centre(K: torch.Tensor) -> torch.Tensor:
     row = K.mean(dim=-1, keepdim=True)
     col = K.mean(dim=-2, keepdim=True)
     return K - row - col + K.mean(dim=(-2, -1), keepdim=True)
+
+
+def _weighted_centred_grams(K: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
+    """√w_i √w_j (H K H)_ij over the distinct rows of a resample that holds row i w_i times (Σ w = n).
+
+    With r = K_UU w / n and g = wᵀ K_UU w / n², the resample's centred Gram on distinct rows is
+    K_UU − r1ᵀ − 1rᵀ + g; scaling rows and columns by √w makes its Frobenius inner products, norms and
+    trace equal to those of the full n × n centred Gram of the resample (duplicates included), on m × m only.
+    """
+    Ku = K.index_select(1, rows).index_select(2, rows)
+    r = Ku @ w / n  # (L, m)
+    g = (r @ w / n)[:, None, None]
+    sw = w.sqrt()
+    return (Ku - r[:, :, None] - r[:, None, :] + g) * sw[None, :, None] * sw[None, None, :]
 
 
 def _gram_summaries(Kc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,18 +266,16 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
         S = torch.stack([_centred_gram(y) for y in student])
     for b in range(replicates):
         idx = idx_all[b]
+        counts = torch.bincount(idx, minlength=n)
+        rows = torch.nonzero(counts).squeeze(1)  # the distinct texts of this replicate (~63 % of n)
+        w = counts.index_select(0, rows).to(torch.float64)
         if fast:
-            Tc = _double_centre(T.index_select(1, idx).index_select(2, idx))
-            Sc = _double_centre(S.index_select(1, idx).index_select(2, idx))
-            t_flat, t_sq, t_tr = _gram_summaries(Tc)
-            s_flat, s_sq, s_tr = _gram_summaries(Sc)
+            t_flat, t_sq, t_tr = _gram_summaries(_weighted_centred_grams(T, rows, w, n))
+            s_flat, s_sq, s_tr = _gram_summaries(_weighted_centred_grams(S, rows, w, n))
             cross = t_flat @ s_flat.T
             for s in fast:
                 out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
         if proc:
-            counts = torch.bincount(idx, minlength=n)
-            rows = torch.nonzero(counts).squeeze(1)
-            w = counts.index_select(0, rows).to(torch.float64)
             res = _procrustes_values(proc, [_weighted_unit(x, rows, w, n) for x in teacher],
                                      [_weighted_unit(y, rows, w, n) for y in student])
             for s in proc:
