@@ -159,3 +159,22 @@ def test_nuclear_norm_fast_path_and_fallback_agree_with_svdvals():
         batch = batch / torch.linalg.matrix_norm(batch)[:, None, None]
         np.testing.assert_allclose(_nuclear_norms(batch).numpy(), torch.linalg.svdvals(batch).sum(-1).numpy(),
                                    rtol=0, atol=1e-12)
+
+
+def test_cross_check_against_installed_peers():
+    """Optional: ckatorch (full batch, biased and unbiased) and pytorch-cka (unbiased HSIC) agree on every pair."""
+    ckatorch_core = pytest.importorskip("ckatorch.core")
+    T, S = stacks(40, [6, 9], [5, 12], seed=12)
+    got = pairwise(T, S, metrics=["cka[linear,biased]", "cka[linear,debiased]"])
+    for i, x in enumerate(T):
+        for j, y in enumerate(S):
+            xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+            assert float(ckatorch_core.cka_base(xt, yt)) == pytest.approx(got["cka[linear,biased]"][i, j], abs=1e-10)
+            assert float(ckatorch_core.cka_base(xt, yt, unbiased=True)) == pytest.approx(
+                got["cka[linear,debiased]"][i, j], abs=1e-10)
+    try:
+        from cka import cka_from_features
+    except ImportError:
+        return
+    peer = cka_from_features([torch.from_numpy(x) for x in T], [torch.from_numpy(y) for y in S])
+    np.testing.assert_allclose(np.asarray(peer), np.clip(got["cka[linear,debiased]"], 0, 1), atol=1e-10)
