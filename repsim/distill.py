@@ -132,11 +132,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; give the file the usual permissions
     os.replace(tmp, path)
 
 
@@ -145,6 +152,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     torch.save(obj, tmp)
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)
 
 
