@@ -67,7 +67,10 @@ def main() -> None:
     ap.add_argument("--stream-tokens", type=int, default=200_000)
     ap.add_argument("--skip-stream", action="store_true")
     ap.add_argument("--only-stream", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared, oversubscribed CPU)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from repsim import store
     from repsim.assets import load_model
