@@ -143,7 +143,8 @@ def plot_grid(runs: pd.DataFrame, path: str | Path, metric: str = "accuracy", ti
                     capsize=6, markersize=7, zorder=3)
         jitter = np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else np.zeros(1)
         ax.scatter(i + 0.25 + jitter * 0.5, vals, s=14, alpha=0.6, color="tab:blue", zorder=2)
-    ax.set_xticks(range(len(losses)), losses)
+    counts = runs.groupby("loss")[metric].count()
+    ax.set_xticks(range(len(losses)), [f"{loss}\n(n={counts[loss]})" for loss in losses])
     ax.set_ylabel(f"validation {metric} (mean ± sd over seeds)")
     ax.set_xlabel("feature loss (all with CE + KD)")
     if title:
