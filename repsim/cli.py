@@ -253,7 +253,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--beta", type=float, default=1.0, help="weight of the summed feature loss")
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--layer-map", default="uniform",
-                   help="uniform, teacher:student pairs like 2:1,4:2,6:3, or a file from compare --suggest-map")
+                   help="uniform, teacher:student pairs like 2:1,4:2,6:3, or a file: CSV with teacher_layer and "
+                   "student_layer, JSON pairs, or the line compare --suggest-map prints")
     p.add_argument("--features", choices=["mean", "tokens"], default="mean",
                    help="feature loss on mean-pooled texts or on tokens (tokens need identical tokenizers)")
     p.add_argument("--finetune-teacher", action="store_true",

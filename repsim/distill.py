@@ -207,16 +207,15 @@ def parse_layer_map(spec: str | Sequence[tuple[int, int]], teacher_layers: int,
     return pairs
 
 
+_PAIR = r"(-?\d+)\s*(?::|->|→)\s*(-?\d+)"
+
+
 def _parse_pairs_text(text: str) -> list[tuple[int, int]]:
-    pairs = []
-    for item in re.split(r"[,\s]+", text.strip()):
-        if not item:
-            continue
-        m = re.fullmatch(r"(-?\d+):(-?\d+)", item)
-        if not m:
-            raise UserError(f"bad layer map entry {item!r}: expected 'uniform' or teacher:student pairs like 2:1,4:2")
-        pairs.append((int(m.group(1)), int(m.group(2))))
-    return pairs
+    """``t:s`` pairs separated by commas or spaces (``t->s`` and ``t→s``, as compare prints them, also work)."""
+    text = text.strip()
+    if not re.fullmatch(rf"{_PAIR}(?:\s*,?\s*{_PAIR})*,?", text):
+        raise UserError(f"bad layer map {text[:60]!r}: expected 'uniform' or teacher:student pairs like 2:1,4:2")
+    return [(int(t), int(s)) for t, s in re.findall(_PAIR, text)]
 
 
 def _read_layer_map_file(path: Path) -> list[tuple[int, int]]:
@@ -238,6 +237,8 @@ def _read_layer_map_file(path: Path) -> list[tuple[int, int]]:
             return [(int(t), int(s)) for t, s in data]
         except (TypeError, ValueError) as exc:
             raise UserError(f"{path}: expected a list of [teacher, student] pairs") from exc
+    if "suggested" in text:  # the line `repsim compare --suggest-map` prints: "... (teacher→student): 1→0, 2→1"
+        text = text.split("):", 1)[-1]
     return _parse_pairs_text(text)
 
 

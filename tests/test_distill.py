@@ -205,8 +205,9 @@ def test_layer_maps():
         D.parse_layer_map("7:1", 6, 3)
     with pytest.raises(UserError, match="student layer 4 out of range 0..3"):
         D.parse_layer_map("2:4", 6, 3)
-    with pytest.raises(UserError, match="bad layer map entry"):
+    with pytest.raises(UserError, match="bad layer map"):
         D.parse_layer_map("2-1", 6, 3)
+    assert D.parse_layer_map("0->0 3->1", 6, 3) == [(0, 0), (3, 1)]
 
 
 def test_layer_map_from_suggest_map_files(tmp_path):
@@ -216,6 +217,9 @@ def test_layer_map_from_suggest_map_files(tmp_path):
     js = tmp_path / "map.json"
     js.write_text('{"pairs": [[2, 1], [5, 2]]}')
     assert D.parse_layer_map(str(js), 6, 2) == [(2, 1), (5, 2)]
+    printed = tmp_path / "map.txt"  # the line `repsim compare --suggest-map` prints, saved from the terminal
+    printed.write_text("suggested monotone layer map under cka[linear,biased] (teacher→student): 0→0, 3→1, 6→2\n")
+    assert D.parse_layer_map(str(printed), 6, 2) == [(0, 0), (3, 1), (6, 2)]
 
 
 # ---------------------------------------------------------------------------------------------- bad input
