@@ -179,14 +179,20 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     since they do not change which ids a text becomes."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    spec: Any = None
     if backend is not None and hasattr(backend, "to_str"):
-        spec = json.loads(backend.to_str())
-        for k in ("padding", "truncation"):
-            spec.pop(k, None)
+        # the serialised tokenizer (deterministic), with padding and truncation switched off for the moment
+        padding, truncation = backend.padding, backend.truncation
+        backend.no_padding()
+        backend.no_truncation()
+        try:
+            h.update(backend.to_str().encode())
+        finally:
+            if padding is not None:
+                backend.enable_padding(**padding)
+            if truncation is not None:
+                backend.enable_truncation(**truncation)
     else:
-        spec = sorted(tokenizer.get_vocab().items())
-    h.update(json.dumps(spec, sort_keys=True, ensure_ascii=True).encode())
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=True).encode())
     specials = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
     h.update(json.dumps(specials, sort_keys=True).encode())
     return h.hexdigest()
