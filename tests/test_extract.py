@@ -272,6 +272,20 @@ def test_unknown_layer_and_empty_data_are_user_errors(tiny_model):
         extract(folder, TEXTS, dtype="int8", cache=False, progress=False)
 
 
+def test_device_choice():
+    from repsim.extract import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    expected = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("tpu9")
+
+
 def test_truncation_is_counted_and_warned(tiny_model):
     folder = str(tiny_model("bert"))
     tok = AutoTokenizer.from_pretrained(folder)

@@ -317,6 +317,16 @@ def test_cli_extract_and_cache(tiny_model, tmp_path):
     assert res.returncode == 0 and Store().entries() == []
 
 
+def test_cli_no_cache_writes_nothing(tiny_model, tmp_path, capsys):
+    from repsim.cli import main
+
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(_texts(5)) + "\n")
+    assert main(["extract", str(tiny_model("bert")), "--data", str(data), "--no-cache", "--quiet"]) == 0
+    assert "5 texts" in capsys.readouterr().out
+    assert Store().entries() == []
+
+
 def test_cli_bad_input_is_one_line_exit_2(tiny_model, tmp_path):
     folder = str(tiny_model("bert"))
     empty = tmp_path / "empty.txt"
