@@ -35,6 +35,7 @@ from repsim.errors import UserError
 
 
 def test_cache_dir_follows_the_ecosystem(monkeypatch, tmp_path):
+    monkeypatch.delenv("REPSIM_ASSETS_CACHE", raising=False)
     monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "a"
@@ -102,7 +103,14 @@ def test_the_pins_are_those_of_the_design():
 # ------------------------------------------------------------------------------------ cache entries
 
 
-def test_entry_is_built_once_and_failed_builds_leave_nothing(tmp_path):
+@pytest.fixture
+def private_assets(tmp_path, monkeypatch):
+    """A private, empty assets folder for tests that build fake entries."""
+    monkeypatch.setenv("REPSIM_ASSETS_CACHE", str(tmp_path / "assets"))
+    return tmp_path / "assets"
+
+
+def test_entry_is_built_once_and_failed_builds_leave_nothing(private_assets):
     calls = []
 
     def build(folder: Path) -> dict:
@@ -125,7 +133,7 @@ def test_entry_is_built_once_and_failed_builds_leave_nothing(tmp_path):
     assert sorted(p.name for p in assets.assets_dir().iterdir()) == [".locks", "thing"]  # no half-written entry
 
 
-def test_damaged_entry_is_rebuilt(tmp_path):
+def test_damaged_entry_is_rebuilt(private_assets):
     calls = []
 
     def build(folder: Path) -> dict:
