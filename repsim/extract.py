@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from repsim.data import fingerprint_texts
 from repsim.errors import UserError
 
 POOLS = ("mean", "cls", "last", "tokens")
@@ -161,16 +162,6 @@ def check_pool(pool: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
-
-
-def texts_fingerprint(texts: Sequence[str]) -> str:
-    """sha256 over the texts in order (each UTF-8 encoded, length-prefixed so boundaries count)."""
-    h = hashlib.sha256()
-    for t in texts:
-        b = t.encode("utf-8")
-        h.update(len(b).to_bytes(8, "little"))
-        h.update(b)
-    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -677,8 +668,8 @@ def extract(
         "model": handle.name, "revision": handle.revision, "offline_default": handle.offline_default,
         "tokenizer": tokenizer_fingerprint(handle.tokenizer),
         "padding_side": getattr(handle.tokenizer, "padding_side", "right"),
-        "data": data_name, "data_fingerprint": data_fp or texts_fingerprint(texts),
-        "texts_sha256": texts_fingerprint(texts), "n_texts": len(texts), "pool": pool,
+        "data": data_name, "data_fingerprint": data_fp or fingerprint_texts(texts),
+        "texts_sha256": fingerprint_texts(texts), "n_texts": len(texts), "pool": pool,
         "max_length": eff_len, "n_truncated": n_trunc, "n_tokens": int(lengths.sum()),
         "layers": chosen, "num_layers": n_blocks, "model_type": getattr(handle.config, "model_type", None),
         "dtype": dtype_name(torch_dtype), "accumulate": accumulate, "storage_dtype": "float32",
@@ -878,13 +869,13 @@ def extract_moments(
         moments.meta = {"teacher": t_lm.name, "teacher_revision": t_lm.revision, "student": s_lm.name,
                         "student_revision": s_lm.revision, "teacher_layers": t_run.layers,
                         "student_layers": s_run.layers, "pool": pool, "n_texts": len(texts),
-                        "data_fingerprint": data_fp or texts_fingerprint(texts), "n_truncated": n_trunc,
+                        "data_fingerprint": data_fp or fingerprint_texts(texts), "n_truncated": n_trunc,
                         "max_length": t_len, "rows_this_rank": n_rows}
     return moments
 
 
 __all__ = [
     "Activations", "LoadedModel", "POOLS", "check_same_tokenizer", "extract", "extract_moments", "load",
-    "pool_hidden", "resolve_layers", "same_tokenizer", "texts_fingerprint", "tokenizer_fingerprint",
+    "pool_hidden", "resolve_layers", "same_tokenizer", "tokenizer_fingerprint",
     "last_token_index", "first_token_index", "final_norm_name", "dist_info",
 ]
