@@ -27,6 +27,7 @@ marker that records the pinned digest, so two processes never assemble the same 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -41,7 +42,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -706,7 +707,8 @@ def load_model(spec: str | Path, *, task: str = "base", device: str = "cpu", dty
     if task == "sequence-classification":
         kwargs["num_labels"] = 2 if num_labels is None else int(num_labels)
     try:
-        model = classes[task].from_pretrained(source.path, **kwargs)
+        with quiet_transformers():
+            model = classes[task].from_pretrained(source.path, **kwargs)
     except (ValueError, OSError, KeyError) as exc:
         raise UserError(f"cannot load {source.name!r} from {source.path} as {task}: {_first_line(exc)}") from exc
     if task == "sequence-classification" and model.config.pad_token_id is None:
@@ -715,6 +717,23 @@ def load_model(spec: str | Path, *, task: str = "base", device: str = "cpu", dty
         model.to(resolve_device(device))
     model.eval()
     return model, tokenizer, source
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' own weight-loading progress bars and load reports (repsim shows its own progress;
+    loading a causal-LM checkpoint as a backbone lists the unused head as "unexpected", which is intended)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:
