@@ -8,10 +8,16 @@ import math
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slow_formulas import (
+    slow_gram_frobenius,
+    slow_linear_cka,
+    slow_procrustes_distance,
+    slow_projection_residual,
+    slow_unbiased_hsic,
+)
 
 from repsim.errors import UserError
 from repsim.losses import (
@@ -27,67 +33,12 @@ DT = torch.float64
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# slow formulas written from the definitions (explicit n×n matrices, explicit minimisation over Q)
-
-
-def _unit(X: np.ndarray) -> np.ndarray:
-    Xc = X - X.mean(axis=0, keepdims=True)
-    return Xc / np.linalg.norm(Xc)
-
-
-def slow_procrustes_distance(X: np.ndarray, Y: np.ndarray) -> float:
-    """min over orthogonal Q of ‖X̃ − [Ỹ, 0]Q‖_F, by scipy's orthogonal Procrustes on zero-padded inputs."""
-    Xt, Yt = _unit(X), _unit(Y)
-    width = max(Xt.shape[1], Yt.shape[1])
-    Xp = np.pad(Xt, ((0, 0), (0, width - Xt.shape[1])))
-    Yp = np.pad(Yt, ((0, 0), (0, width - Yt.shape[1])))
-    Q, _ = scipy.linalg.orthogonal_procrustes(Yp, Xp)
-    return float(np.linalg.norm(Xp - Yp @ Q))
-
-
-def slow_gram_frobenius(X: np.ndarray, Y: np.ndarray) -> float:
-    Xt, Yt = _unit(X), _unit(Y)
-    return float(np.linalg.norm(Xt @ Xt.T - Yt @ Yt.T))
-
-
-def slow_cka_biased(X: np.ndarray, Y: np.ndarray) -> float:
-    """HSIC(K, L)/√(HSIC(K, K)·HSIC(L, L)) with HSIC = tr(KHLH) and H = I − 11ᵀ/n, on the raw inputs."""
-    n = X.shape[0]
-    H = np.eye(n) - np.ones((n, n)) / n
-    K, L = X @ X.T, Y @ Y.T
-
-    def hsic(A: np.ndarray, B: np.ndarray) -> float:
-        return float(np.trace(A @ H @ B @ H))
-
-    return hsic(K, L) / math.sqrt(hsic(K, K) * hsic(L, L))
-
-
-def slow_cka_debiased(X: np.ndarray, Y: np.ndarray) -> float:
-    """Song et al. (2012) unbiased HSIC with zero-diagonal kernels, written term by term."""
-    n = X.shape[0]
-    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
-
-    def hsic(A: np.ndarray, B: np.ndarray) -> float:
-        A = A - np.diag(np.diag(A))
-        B = B - np.diag(np.diag(B))
-        one = np.ones(n)
-        value = np.trace(A @ B) + (one @ A @ one) * (one @ B @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (
-            one @ A @ B @ one
-        )
-        return value / (n * (n - 3))
-
-    K, L = Xc @ Xc.T, Yc @ Yc.T
-    return hsic(K, L) / math.sqrt(hsic(K, K) * hsic(L, L))
-
-
-def slow_projection_residual(X: np.ndarray, Y: np.ndarray) -> float:
-    """min_W ‖X̃ − ỸW‖²_F by least squares (in-sample)."""
-    Xt, Yt = _unit(X), _unit(Y)
-    W, *_ = np.linalg.lstsq(Yt, Xt, rcond=None)
-    return float(np.linalg.norm(Xt - Yt @ W) ** 2)
+# slow formulas written from the definitions (explicit n×n matrices, explicit minimisation over Q) live in
+# tests/slow_formulas.py; slow_value picks the one a loss name stands for
 
 
 def slow_value(loss_name: str, X: np.ndarray, Y: np.ndarray) -> float:
+    """The loss `loss_name` from the shared slow formulas (1 − CKA for the CKA losses)."""
     d = slow_procrustes_distance(X, Y)
     return {
         "procrustes[distance]": d,
@@ -95,8 +46,8 @@ def slow_value(loss_name: str, X: np.ndarray, Y: np.ndarray) -> float:
         "procrustes[angular]": math.acos(min(1.0, max(0.0, 1.0 - d * d / 2))),
         "gram_frobenius": slow_gram_frobenius(X, Y),
         "gram_frobenius[squared]": slow_gram_frobenius(X, Y) ** 2,
-        "cka": 1.0 - slow_cka_biased(X, Y),
-        "cka[debiased]": 1.0 - slow_cka_debiased(X, Y),
+        "cka": 1.0 - slow_linear_cka(X, Y),
+        "cka[debiased]": 1.0 - slow_linear_cka(X, Y, slow_unbiased_hsic, center=True),
     }[loss_name]
 
 
@@ -173,7 +124,7 @@ def test_gram_frobenius_both_forms_agree(n, p, q):
     """The n×n form (small n) and the p×q form (large n) are chosen by shape and give the same number."""
     X, Y = _rand(0, n, p), _rand(1, n, q)
     assert GramFrobeniusLoss()(X, Y).item() == pytest.approx(slow_gram_frobenius(X.numpy(), Y.numpy()), abs=1e-10)
-    assert 1 - CKALoss()(X, Y).item() == pytest.approx(slow_cka_biased(X.numpy(), Y.numpy()), abs=1e-10)
+    assert 1 - CKALoss()(X, Y).item() == pytest.approx(slow_linear_cka(X.numpy(), Y.numpy()), abs=1e-10)
 
 
 METRIC_CALLS = {

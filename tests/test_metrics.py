@@ -6,93 +6,26 @@ import math
 
 import numpy as np
 import pytest
-import scipy.linalg
-import scipy.spatial.distance
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slow_formulas import (
+    normalised,
+    slow_cka,
+    slow_gram_frobenius,
+    slow_heldout_residual,
+    slow_procrustes_distance,
+    slow_projection_residual,
+    slow_rbf_gram,
+    slow_unbiased_hsic,
+)
 
 from repsim import metrics
 from repsim.errors import UserError
 from repsim.metrics import cka, gram_frobenius, procrustes, projection_residual
 
-# ---------------------------------------------------------------------------------------------------------------
-# slow formulas, written from the definitions (n × n matrices, explicit H, explicit minimisation over Q, lstsq)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def normalised(A: np.ndarray, center: bool = True) -> np.ndarray:
-    A = np.asarray(A, dtype=np.float64)
-    if center:
-        A = A - A.mean(axis=0)
-    return A / np.linalg.norm(A)
-
-
-def slow_procrustes_distance(X: np.ndarray, Y: np.ndarray) -> float:
-    """min over orthogonal R of ‖X̃ − [Ỹ, 0]R‖_F, with the narrower side padded with zero columns."""
-    Xn, Yn = normalised(X), normalised(Y)
-    width = max(Xn.shape[1], Yn.shape[1])
-    Xp = np.pad(Xn, ((0, 0), (0, width - Xn.shape[1])))
-    Yp = np.pad(Yn, ((0, 0), (0, width - Yn.shape[1])))
-    R, _ = scipy.linalg.orthogonal_procrustes(Yp, Xp)
-    return float(np.linalg.norm(Yp @ R - Xp))
-
-
-def slow_gram_frobenius(X: np.ndarray, Y: np.ndarray) -> float:
-    Xn, Yn = normalised(X), normalised(Y)
-    return float(np.linalg.norm(Xn @ Xn.T - Yn @ Yn.T))
-
-
-def centering_matrix(n: int) -> np.ndarray:
-    return np.eye(n) - np.ones((n, n)) / n
-
-
-def slow_hsic(K: np.ndarray, L: np.ndarray) -> float:
-    """Gretton's biased HSIC: tr(KHLH)/(n − 1)²."""
-    H = centering_matrix(K.shape[0])
-    return float(np.trace(K @ H @ L @ H)) / (K.shape[0] - 1) ** 2
-
-
-def slow_unbiased_hsic(K: np.ndarray, L: np.ndarray) -> float:
-    """Song et al. (2012), eq. 5: with zero-diagonal K̃, L̃,
-    [tr(K̃L̃) + 1ᵀK̃1·1ᵀL̃1/((n−1)(n−2)) − 2/(n−2)·1ᵀK̃L̃1] / (n(n−3))."""
-    n = K.shape[0]
-    Kt, Lt = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
-    one = np.ones(n)
-    return (np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-            - 2 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3))
-
-
-def slow_cka(K: np.ndarray, L: np.ndarray, hsic=slow_hsic) -> float:
-    return hsic(K, L) / math.sqrt(hsic(K, K) * hsic(L, L))
-
-
-def slow_rbf_gram(A: np.ndarray, sigma: float) -> np.ndarray:
-    D = scipy.spatial.distance.cdist(A, A, "sqeuclidean")
-    return np.exp(-D / (2 * sigma**2 * np.median(D)))
-
-
-def slow_residual(X: np.ndarray, Y: np.ndarray, ridge: float = 0.0) -> float:
-    Xn, Yn = normalised(X), normalised(Y)
-    if ridge:
-        W = np.linalg.solve(Yn.T @ Yn + ridge * np.eye(Yn.shape[1]), Yn.T @ Xn)
-    else:
-        W = np.linalg.lstsq(Yn, Xn, rcond=None)[0]
-    return float(np.linalg.norm(Xn - Yn @ W) ** 2)
-
-
-def slow_heldout_residual(X: np.ndarray, Y: np.ndarray, folds: int, seed: int) -> float:
-    """k-fold held-out residual: the teacher's held-out rows predicted with an intercept fitted on the train rows."""
-    Xn, Yn = normalised(X), normalised(Y)
-    n = Xn.shape[0]
-    order = np.random.default_rng(seed).permutation(n)
-    total = 0.0
-    for test in np.array_split(order, folds):
-        train = np.setdiff1d(np.arange(n), test)
-        mx, my = Xn[train].mean(axis=0), Yn[train].mean(axis=0)
-        W = np.linalg.lstsq(Yn[train] - my, Xn[train] - mx, rcond=None)[0]
-        total += np.linalg.norm(Xn[test] - mx - (Yn[test] - my) @ W) ** 2
-    return float(total)
+# slow formulas written from the definitions (n × n matrices, explicit H, explicit minimisation over Q, lstsq):
+# tests/slow_formulas.py
 
 
 def kornblith_demo() -> tuple[np.ndarray, np.ndarray]:
@@ -230,7 +163,7 @@ def test_cka_agrees_with_explicit_hsic(shape):
 @given(shapes, st.sampled_from([0.0, 1e-3, 0.1]))
 def test_projection_residual_agrees_with_lstsq(shape, ridge):
     X, Y = random_pair(*shape)
-    assert projection_residual(X, Y, ridge=ridge) == pytest.approx(slow_residual(X, Y, ridge), abs=1e-8)
+    assert projection_residual(X, Y, ridge=ridge) == pytest.approx(slow_projection_residual(X, Y, ridge), abs=1e-8)
 
 
 @settings(max_examples=30, deadline=None)
@@ -261,7 +194,7 @@ def test_primal_and_dual_regimes_agree_with_slow_formulas(n, p, q):
     assert gram_frobenius(X, Y) == pytest.approx(slow_gram_frobenius(X, Y), abs=1e-9)
     assert cka(X, Y) == pytest.approx(slow_cka(X @ X.T, Y @ Y.T), abs=1e-9)
     assert cka(X, Y, estimator="debiased") == pytest.approx(slow_cka(X @ X.T, Y @ Y.T, slow_unbiased_hsic), abs=1e-9)
-    assert projection_residual(X, Y) == pytest.approx(slow_residual(X, Y), abs=1e-9)
+    assert projection_residual(X, Y) == pytest.approx(slow_projection_residual(X, Y), abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from slow_formulas import (
+    slow_gram_frobenius,
+    slow_linear_cka,
+    slow_procrustes_squared,
+    slow_projection_residual,
+    slow_rho,
+    slow_u_centered_hsic,
+)
 
 from repsim import metrics
 from repsim.errors import UserError
@@ -19,69 +26,15 @@ LINEAR_IDS = ["procrustes[distance]", "procrustes[angular]", "procrustes[squared
 
 
 # ------------------------------------------------------------------ slow formulas from the definitions
-def _unit(X: np.ndarray) -> np.ndarray:
-    Xc = X - X.mean(axis=0)
-    return Xc / np.linalg.norm(Xc)
-
-
-def slow_rho(X, Y):
-    return np.linalg.svd(_unit(X).T @ _unit(Y), compute_uv=False).sum()
-
-
-def slow_procrustes_squared(X, Y):
-    """min over orthogonal Q of ‖X̃ − [Ỹ, 0]Q‖²_F, by scipy's orthogonal Procrustes on zero-padded data."""
-    A, B = _unit(X), _unit(Y)
-    w = max(A.shape[1], B.shape[1])
-    A = np.pad(A, ((0, 0), (0, w - A.shape[1])))
-    B = np.pad(B, ((0, 0), (0, w - B.shape[1])))
-    Q, _ = scipy.linalg.orthogonal_procrustes(B, A)
-    return float(np.sum((A - B @ Q) ** 2))
-
-
-def slow_gram_frobenius(X, Y):
-    A, B = _unit(X), _unit(Y)
-    return float(np.linalg.norm(A @ A.T - B @ B.T))
-
-
-def _hsic_biased(K, L):
-    n = K.shape[0]
-    H = np.eye(n) - np.ones((n, n)) / n
-    return np.trace(K @ H @ L @ H)
-
-
-def _u_center(K):
-    """Kornblith's center_gram(unbiased=True): the U-centred Gram matrix (Song et al. 2012)."""
-    K = K.copy()
-    n = K.shape[0]
-    np.fill_diagonal(K, 0)
-    means = K.sum(axis=0) / (n - 2)
-    means -= means.sum() / (2 * (n - 1))
-    K -= means[:, None]
-    K -= means[None, :]
-    np.fill_diagonal(K, 0)
-    return K
-
-
-def slow_cka(X, Y, debiased=False):
-    K, L = X @ X.T, Y @ Y.T  # uncentred Grams, as in Kornblith's notebook
-    if debiased:
-        Kc, Lc = _u_center(K), _u_center(L)
-        return float((Kc * Lc).sum() / np.sqrt((Kc * Kc).sum() * (Lc * Lc).sum()))
-    return float(_hsic_biased(K, L) / np.sqrt(_hsic_biased(K, K) * _hsic_biased(L, L)))
-
-
-def slow_projection_residual(X, Y):
-    A, B = _unit(X), _unit(Y)
-    W = np.linalg.lstsq(B, A, rcond=None)[0]
-    return float(np.sum((A - B @ W) ** 2))
-
-
+# (tests/slow_formulas.py; slow_values gathers them under the metric ids)
 def slow_values(X, Y) -> dict[str, float]:
+    """The linear metrics by id, from the shared slow formulas."""
     rho = slow_rho(X, Y)
     sq = slow_procrustes_squared(X, Y)
     return {"procrustes[distance]": np.sqrt(max(sq, 0.0)), "procrustes[squared]": 2 - 2 * rho,
             "procrustes[angular]": np.arccos(np.clip(rho, 0, 1)), "gram_frobenius": slow_gram_frobenius(X, Y),
-            "cka[linear,biased]": slow_cka(X, Y), "cka[linear,debiased]": slow_cka(X, Y, debiased=True),
+            "cka[linear,biased]": slow_linear_cka(X, Y),
+            "cka[linear,debiased]": slow_linear_cka(X, Y, slow_u_centered_hsic),
             "projection_residual[in_sample]": slow_projection_residual(X, Y)}
 
 
