@@ -47,7 +47,7 @@ def synthetic(device: str, replicates: int, generic_replicates: int) -> None:
     import torch
 
     from repsim import stats
-    from repsim.pairwise import pairwise
+    from repsim.layer_pairs import pairwise
 
     rng = np.random.default_rng(0)
     T = torch.as_tensor(rng.standard_normal((13, 872, 768)), dtype=torch.float64, device=device)

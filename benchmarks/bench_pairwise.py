@@ -26,7 +26,7 @@ import time
 import torch
 
 from repsim import metrics
-from repsim.pairwise import pairwise
+from repsim.layer_pairs import pairwise
 
 LINEAR4 = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "projection_residual[in_sample]")
 

@@ -20,15 +20,18 @@ _LAZY = {
     "cka": "repsim.metrics",
     "projection_residual": "repsim.metrics",
     "METRICS": "repsim.metrics",
-    "pairwise": "repsim.pairwise",
+    "DEFAULT_METRICS": "repsim.metrics",
+    "MetricSpec": "repsim.metrics",
+    "get_metric": "repsim.metrics",
+    "pairwise": "repsim.layer_pairs",
     "CrossMoments": "repsim.moments",
     "LayerMoments": "repsim.moments",
-    "compare": "repsim.compare",
-    "Comparison": "repsim.compare",
+    "compare": "repsim.comparison",
+    "Comparison": "repsim.comparison",
     "UserError": "repsim.errors",
 }
-_SUBMODULES = {"losses", "metrics", "moments", "pairwise", "stats", "data", "extract", "store", "assets",
-               "compare", "plot", "theory", "distill"}
+_SUBMODULES = {"losses", "metrics", "moments", "layer_pairs", "stats", "data", "extract", "store", "assets",
+               "comparison", "plot", "theory", "distill", "evaluate", "errors", "arrays"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 

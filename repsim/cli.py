@@ -56,7 +56,7 @@ def _add_compare(sub) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from repsim.compare import run_compare_cli
+    from repsim.comparison import run_compare_cli
 
     return run_compare_cli(args)
 
@@ -74,7 +74,7 @@ def _add_plot(sub) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from repsim.compare import run_plot_cli
+    from repsim.comparison import run_plot_cli
 
     return run_plot_cli(args)
 

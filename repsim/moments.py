@@ -433,8 +433,8 @@ class LayerMoments:
 
     def _nuclear(self) -> torch.Tensor:
         """‖cross_ts‖_* for every pair, (Lt, Ls), batched where the student widths agree (√eig of the small Gram
-        where provably exact to 1e-9 relative to ‖cross‖, else svdvals; see repsim.pairwise._nuclear_norms)."""
-        from repsim.pairwise import _nuclear_norms
+        where provably exact to 1e-9 relative to ‖cross‖, else svdvals; see repsim.layer_pairs._nuclear_norms)."""
+        from repsim.layer_pairs import _nuclear_norms
 
         A, B = self._scales()
         out = self._zeros(self.n_teacher_layers, self.n_student_layers)

@@ -32,7 +32,7 @@ centred Grams: ⟨K_c, L_c⟩ = tr(K_c L_c), with
 (X̃X̃ᵀ = K_c / tr K_c because ‖X_c‖²_F = tr K_c). This is exact, costs O((L_t + L_s + L_t·L_s)·n²) per
 replicate instead of O(L_t·L_s·p·q·n), and is used when that is cheaper (:func:`gram_is_cheaper`: wide layers,
 n ≤ GRAM_MAX_N). Every other metric (Procrustes, projection residual, debiased or RBF CKA) is recomputed per
-replicate by :func:`repsim.pairwise.pairwise` on the resampled rows (on the comparison's device).
+replicate by :func:`repsim.layer_pairs.pairwise` on the resampled rows (on the comparison's device).
 ``method="fast"`` also offers an exact distinct-row Procrustes path (Z = √w ∘ (X − μ_w) gives ZᵀZ' = the
 resample's centred cross product on ~0.63·n rows, then singular values); at the default's shapes on CPU it
 measured ~2× slower than ``pairwise`` (18.5 s vs 9.2 s per replicate), so "auto" does not use it.
@@ -152,7 +152,7 @@ def _gram_values(spec, cross: torch.Tensor, t_sq, t_tr, s_sq, s_tr) -> np.ndarra
 
 
 def _generic_values(teacher, student, specs) -> dict[str, np.ndarray]:
-    from repsim.pairwise import pairwise
+    from repsim.layer_pairs import pairwise
 
     ids = [s.id for s in specs]
     res = pairwise(teacher, student, metrics=ids, device=teacher[0].device)
@@ -253,7 +253,7 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
     """Metric values on B bootstrap resamples of the rows: {metric id: array (B, L_t, L_s)}.
 
     ``method``: "fast" (Gram-matrix gathers for Gram-Frobenius and linear CKA, weighted distinct rows for
-    Procrustes; exact), "generic" (:func:`repsim.pairwise.pairwise` on the resampled rows for every metric), or
+    Procrustes; exact), "generic" (:func:`repsim.layer_pairs.pairwise` on the resampled rows for every metric), or
     "auto" (the Gram path when :func:`gram_is_cheaper`, pairwise for the rest). All methods use the same
     indices for the same seed, so they agree to rounding.
     """

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repsim import metrics as M
-from repsim.compare import Comparison, monotone_map, parse_layers
+from repsim.comparison import Comparison, monotone_map, parse_layers
 from repsim.errors import UserError
 from repsim.plot import DPI, HEATMAP_FIGSIZE
 

@@ -11,8 +11,8 @@ from test_moments import slow_values
 
 from repsim import metrics
 from repsim.errors import UserError
+from repsim.layer_pairs import pairwise
 from repsim.moments import LayerMoments
-from repsim.pairwise import pairwise
 
 ALL_IDS = ["procrustes[distance]", "procrustes[angular]", "procrustes[squared]", "gram_frobenius",
            "gram_frobenius[squared]", "cka[linear,biased]", "cka[linear,debiased]", "projection_residual[in_sample]",
@@ -148,7 +148,7 @@ def test_bad_input():
 
 
 def test_nuclear_norm_fast_path_and_fallback_agree_with_svdvals():
-    from repsim.pairwise import _nuclear_norms
+    from repsim.layer_pairs import _nuclear_norms
 
     g = torch.Generator().manual_seed(0)
     well = torch.randn(6, 40, 12, generator=g, dtype=torch.float64)

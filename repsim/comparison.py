@@ -2,7 +2,7 @@
 
 `compare(teacher, student, data)` extracts (or reads from the cache) one pooled hidden-state matrix per layer
 for each model, computes every metric for every (teacher layer, student layer) pair with
-:func:`repsim.pairwise.pairwise`, optionally adds bootstrap intervals and permutation p-values
+:func:`repsim.layer_pairs.pairwise`, optionally adds bootstrap intervals and permutation p-values
 (:mod:`repsim.stats`), and returns a :class:`Comparison`. Layer k is the output of block k; layer 0 is the
 embedding output (the convention of :mod:`repsim.extract`).
 
@@ -101,7 +101,7 @@ class Comparison:
         rows for percentile intervals, ``permutations`` = P shuffles of the student's rows for p-values, both
         for the metrics in ``stats_metrics`` (default: all; the others get NaN intervals and p-values).
         """
-        from repsim.pairwise import pairwise
+        from repsim.layer_pairs import pairwise
 
         ids = resolve_metrics(metrics)
         teacher, student = [_writable(x) for x in teacher_layers], [_writable(y) for y in student_layers]

@@ -1,0 +1,42 @@
+"""The public names of DESIGN.md §4 resolve, and each lazy name is the object its module defines."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+import repsim
+
+
+@pytest.mark.parametrize("name", sorted(repsim._LAZY))
+def test_lazy_name_is_the_module_object(name):
+    assert getattr(repsim, name) is getattr(importlib.import_module(repsim._LAZY[name]), name)
+
+
+@pytest.mark.parametrize("name", sorted(repsim._SUBMODULES))
+def test_submodule_imports(name):
+    assert getattr(repsim, name) is importlib.import_module(f"repsim.{name}")
+
+
+def test_unknown_attribute_raises_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'procrustes_distance'"):
+        repsim.procrustes_distance  # noqa: B018
+
+
+def test_design_names_and_return_types():
+    for module in repsim._SUBMODULES:  # importing submodules must not shadow the public functions
+        importlib.import_module(f"repsim.{module}")
+    rng = np.random.RandomState(0)
+    X, Y = rng.randn(20, 5), rng.randn(20, 3)
+    for fn in (repsim.procrustes, repsim.gram_frobenius, repsim.cka, repsim.projection_residual):
+        assert isinstance(fn(X, Y), float)
+        out = fn(torch.from_numpy(X), torch.from_numpy(Y))
+        assert isinstance(out, torch.Tensor) and out.ndim == 0
+        assert float(out) == pytest.approx(fn(X, Y), abs=1e-12)
+    assert set(repsim.pairwise([X], [Y])) == set(repsim.DEFAULT_METRICS)
+    assert callable(repsim.compare) and isinstance(repsim.Comparison, type)
+    for loss in ("ProcrustesLoss", "GramFrobeniusLoss", "CKALoss", "ProjectionLoss"):
+        assert issubclass(getattr(repsim.losses, loss), torch.nn.Module)
