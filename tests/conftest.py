@@ -25,6 +25,18 @@ def tiny_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread: on a loaded machine extra threads only spin-wait and
+    contend (40× slower seen). Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own activation cache; the unpacked model/data assets (sha256-pinned and verified)

@@ -42,13 +42,7 @@ VALID = toy_task(64, 1)
 FAST = D.DistillConfig(epochs=1, batch_size=16, lr=1e-3, progress=False, cache_teacher=False, max_length=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a loaded machine extra threads only contend (40× slower seen)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
