@@ -39,7 +39,10 @@ def as_matrix(
         t = x
     else:
         try:
-            t = torch.as_tensor(np.asarray(x))
+            arr = np.asarray(x)
+            if not arr.flags.writeable:  # e.g. a read-only memory-mapped activation: torch wants its own copy
+                arr = arr.copy()
+            t = torch.as_tensor(arr)
         except (TypeError, ValueError) as exc:
             raise UserError(f"{name} must be a numeric array, got {type(x).__name__}") from exc
     if t.ndim != 2:
