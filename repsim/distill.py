@@ -546,8 +546,14 @@ class DistillTrainer:
             self.feature_losses.to(self.device)
         self.cached = None
         if teacher is not None and not causal:
-            self.cached = teacher_outputs(teacher, train, [t for t, _ in self.layer_map], config.features,
-                                          self.pad_id, batch_size=config.eval_batch_size, device=self.device,
+            teacher_data, teacher_pad = train, self.pad_id
+            if teacher_tokenizer is not None and teacher_tokenizer is not tokenizer and train_texts is not None:
+                # the frozen teacher reads the texts through its own tokenizer: its logits and pooled features are
+                # per text, so they pair with the student's rows whatever the student's tokenizer
+                teacher_data = encode(teacher_tokenizer, train_texts, train.labels, config.max_length)
+                teacher_pad = teacher_tokenizer.pad_token_id if teacher_tokenizer.pad_token_id is not None else 0
+            self.cached = teacher_outputs(teacher, teacher_data, [t for t, _ in self.layer_map], config.features,
+                                          teacher_pad, batch_size=config.eval_batch_size, device=self.device,
                                           cache=config.cache_teacher, progress=config.progress)
         params = [p for p in self.student.parameters() if p.requires_grad] + list(self.feature_losses.parameters())
         decay = [p for p in params if p.ndim >= 2]

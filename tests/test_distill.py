@@ -92,6 +92,30 @@ def test_one_step_changes_student_not_teacher_with_finite_grads(teacher_dir, los
         assert lower is not None and float(lower.abs().sum()) > 0
 
 
+def test_teacher_reads_texts_through_its_own_tokenizer(teacher_dir, tiny_model):
+    """A student with another tokenizer: the cached teacher logits and pooled features are the teacher's own on
+    the same texts (feeding the student's token ids to the teacher would give other numbers)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    teacher, tok = load_teacher(teacher_dir)
+    s_tok = AutoTokenizer.from_pretrained(tiny_model("opt"))  # word-level ids, no [CLS]/[SEP]: not BERT's
+    torch.manual_seed(0)
+    student = BertForSequenceClassification(BertConfig(vocab_size=len(s_tok), hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=64, num_labels=2,
+                                                       pad_token_id=s_tok.pad_token_id))
+    cfg = dataclasses.replace(FAST, loss="procrustes", layer_map="2:1")
+    texts, labels = TRAIN[0][:24], TRAIN[1][:24]
+    assert D.encode(tok, texts, labels, 16).input_ids != D.encode(s_tok, texts, labels, 16).input_ids
+    trainer = D.DistillTrainer(teacher, student, s_tok, D.encode(s_tok, texts, labels, cfg.max_length), cfg,
+                               teacher_tokenizer=tok, train_texts=texts)
+    batch = tok(texts, padding=True, truncation=True, max_length=cfg.max_length, return_tensors="pt")
+    with torch.no_grad():
+        out = teacher(**batch, output_hidden_states=True)
+    pooled = D.pooled_mean(out.hidden_states[2], batch["attention_mask"])
+    torch.testing.assert_close(trainer.cached["logits"], out.logits.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trainer.cached["feat2"], pooled.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_feature_gradient_reaches_blocks_only_through_the_feature_loss(teacher_dir):
     """With CE and KD weighted 0, the gradient is the feature loss's alone, and it is non-zero for each loss."""
     teacher, tok = load_teacher(teacher_dir)
