@@ -425,9 +425,11 @@ def check_same_tokenization(teacher_tok: Any, student_tok: Any, texts: Sequence[
 
 
 def pooled_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens: Σ_t mask·h / Σ_t mask, shape (batch, width)."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    """Mean over real tokens: Σ_t mask·h / Σ_t mask, shape (batch, width), in the hidden states' own precision
+    (the extraction's mask-aware mean pooling, so training and comparison pool the same way)."""
+    from repsim.extract import pool_hidden
+
+    return pool_hidden(hidden, mask, "mean", accumulate=hidden.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- teacher cache
