@@ -244,6 +244,15 @@ def permutation_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
     return np.stack([rng.permutation(n) for _ in range(replicates)]) if replicates else np.zeros((0, n), int)
 
 
+def _prepare(teacher_layers, student_layers, metrics: Sequence[str], method: str, device: str | None):
+    """The per-comparison work shared by bootstrap and permutation: layer stacks on the device, the row count
+    (checked equal on both sides), the metric specs, and their split into Gram-path, Procrustes and generic."""
+    teacher, student = _as_stack(teacher_layers, device), _as_stack(student_layers, device)
+    n = _check_rows(teacher, student)
+    specs = _specs(metrics)
+    return teacher, student, n, specs, _split(specs, n, method, teacher, student)
+
+
 # ---------------------------------------------------------------------------------------------- bootstrap
 
 
@@ -259,10 +268,7 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
     """
     if replicates < 1:
         raise UserError(f"--bootstrap needs at least 1 replicate, got {replicates}")
-    teacher, student = _as_stack(teacher_layers, device), _as_stack(student_layers, device)
-    n = _check_rows(teacher, student)
-    specs = _specs(metrics)
-    fast, proc, slow = _split(specs, n, method, teacher, student)
+    teacher, student, n, specs, (fast, proc, slow) = _prepare(teacher_layers, student_layers, metrics, method, device)
     idx_all = torch.as_tensor(resample_indices(n, replicates, seed), device=teacher[0].device)
     out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
     if fast:
@@ -344,10 +350,7 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
     """Metric values with the student's rows shuffled: {metric id: array (P, L_t, L_s)} (the null distribution)."""
     if replicates < 1:
         raise UserError(f"--permutations needs at least 1 permutation, got {replicates}")
-    teacher, student = _as_stack(teacher_layers, device), _as_stack(student_layers, device)
-    n = _check_rows(teacher, student)
-    specs = _specs(metrics)
-    fast, proc, slow = _split(specs, n, method, teacher, student)
+    teacher, student, n, specs, (fast, proc, slow) = _prepare(teacher_layers, student_layers, metrics, method, device)
     perms = torch.as_tensor(permutation_indices(n, replicates, seed), device=teacher[0].device)
     if proc:
         all_rows = torch.arange(n, device=teacher[0].device)
