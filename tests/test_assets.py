@@ -284,15 +284,9 @@ def test_load_model_bad_options(tiny_model, kwargs, match):
 # ------------------------------------------------------------------------------------ the real defaults
 
 
-@pytest.fixture(scope="module")
-def shared_assets(tmp_path_factory):
-    """One assets cache for this module's real-model tests (mpnet is assembled, SmolLM2 dequantised, once)."""
-    return os.environ.get("REPSIM_ASSETS_CACHE") or str(tmp_path_factory.mktemp("assets"))
-
-
 @pytest.fixture
-def offline(shared_assets, monkeypatch):
-    monkeypatch.setenv("REPSIM_ASSETS_CACHE", shared_assets)
+def offline(monkeypatch):
+    """No hub; the assets come from the shared, pinned assets cache that conftest sets."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -190,15 +189,9 @@ def test_hf_spec_offline_fails_fast_with_advice(monkeypatch):
 # ------------------------------------------------------------------------------------ the SST-like sample
 
 
-@pytest.fixture(scope="module")
-def shared_assets(tmp_path_factory):
-    """One assets cache for this module's real-data tests (the snippets are fetched/unpacked once)."""
-    return os.environ.get("REPSIM_ASSETS_CACHE") or str(tmp_path_factory.mktemp("assets"))
-
-
 @pytest.fixture
-def offline_sst2(shared_assets, monkeypatch):
-    monkeypatch.setenv("REPSIM_ASSETS_CACHE", shared_assets)
+def offline_sst2(monkeypatch):
+    """No hub; the assets come from the shared, pinned assets cache that conftest sets."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
