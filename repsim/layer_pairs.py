@@ -33,7 +33,11 @@ computed by the registry function per pair on the original inputs.
 from __future__ import annotations
 
 import math
+import mmap
+import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +57,10 @@ class _Side:
     factors: torch.Tensor  # (n, Σ r_l)
     ranks: list[int]  # r_l: columns of each layer's factor
     widths: list[int]  # original widths
-    gram_sq: torch.Tensor  # (L,) ‖X̃ᵀX̃‖²_F
-    row_sq: torch.Tensor  # (L, n) squared row norms of X̃ (debiased CKA)
-    singular: list[torch.Tensor] | None  # per layer σ when F = U diag(σ) (rotated to the right singular basis)
+    gram_sq: torch.Tensor  # (L,) ‖X̃ᵀX̃‖²_F (NaN where not computed)
+    row_sq: torch.Tensor | None  # (L, n) squared row norms of X̃ (debiased CKA only)
+    singular: list[torch.Tensor] | None  # per layer σ (in-sample projection residual only)
+    bases: list[torch.Tensor | None] | None  # per layer V when the factor is X̃ itself, None when it is X̃V
 
     def layer_slice(self, lo: int, hi: int) -> tuple[int, int]:
         start = sum(self.ranks[:lo])
@@ -65,6 +70,24 @@ class _Side:
         """Layer index (lo … hi−1) of each factor column of layers lo … hi−1."""
         return torch.repeat_interleave(torch.arange(lo, hi, device=self.factors.device),
                                        torch.tensor(self.ranks[lo:hi], device=self.factors.device))
+
+
+HUGE_PAGE_MIN_BYTES = 64 << 20
+
+
+def _alloc(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised buffer. Large CPU buffers on Linux are anonymous mappings advised to use transparent huge
+    pages (MADV_HUGEPAGE): first-touch page faults on 4 KiB pages are what made filling the 400 MB factor buffer
+    of the 13 × 768 benchmark stack cost 0.17 s instead of 0.04 s on the dev box (benchmarks/RESULTS.md)."""
+    numel = math.prod(shape)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if device.type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(*shape, dtype=dtype, device=device)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_HUGEPAGE)
+    with warnings.catch_warnings():  # the mapping is writable; torch warns about buffers it cannot tell are
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=dtype, count=numel).view(*shape)
 
 
 def _as_layers(layers: Any, name: str) -> list[Any]:
@@ -82,95 +105,261 @@ def _as_layers(layers: Any, name: str) -> list[Any]:
     return out
 
 
-def _prepare_layer(x: torch.Tensor, name: str) -> torch.Tensor:
-    xc = x - x.mean(dim=0, keepdim=True)
-    norm = torch.linalg.matrix_norm(xc)
-    if not bool(norm > 0):
+def _centre(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """X − 1μᵀ in ``dtype`` (μ accumulated in ``dtype``), written into ``out`` when given (no temporary)."""
+    if x.dtype == dtype and x.shape[0] > 1:  # the column means as one matrix-vector product
+        mean = (x.T @ torch.ones(x.shape[0], dtype=dtype, device=x.device))[None, :] / x.shape[0]
+    else:
+        mean = x.mean(dim=0, keepdim=True, dtype=dtype)
+    return torch.sub(x, mean, out=out)
+
+
+def _unit_scale(xc: torch.Tensor, sq_norm: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """Check ‖X_c‖²_F (``sq_norm``) and divide the centred ``xc`` by ‖X_c‖_F in place.
+
+    Also the finiteness check of the input ``x``: NaN or inf anywhere makes the norm non-finite."""
+    if not bool(torch.isfinite(sq_norm)):
+        if not bool(torch.isfinite(x).all()):
+            raise UserError(f"{name} contains NaN or inf")
+        raise UserError(f"{name} is too large for {xc.dtype} (its squared norm overflows); rescale it")
+    if not bool(sq_norm > 0):
         raise UserError(f"{name} has zero variance (all rows equal after centering); the metric is undefined")
-    return xc / norm
+    return xc.div_(torch.sqrt(sq_norm))
 
 
-def _prepare_side(layers: list[torch.Tensor], name: str, rotate: bool, dtype: torch.dtype,
-                  device: torch.device) -> _Side:
-    """Factors of one side. ``rotate``: express each factor in its right singular basis, F = X̃V = U diag(σ), so
-    that the pair products F_tᵀF_s have columns C_ts v_k (what the projection residual weighs by 1/σ_k²)."""
+def _prepare_layer(x: torch.Tensor, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """X̃ = X_c/‖X_c‖_F (centred, unit Frobenius norm) in ``dtype``."""
+    xc = _centre(x, dtype)
+    return _unit_scale(xc, torch.linalg.vector_norm(xc) ** 2, x, name)
+
+
+def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, device: torch.device, *,
+                  singular: str = "none", gram: bool = True, row_sq: bool = False) -> _Side:
+    """Factors of one side, each layer centred and scaled in place in its slice of one (n, Σ r) buffer.
+
+    ``singular`` (what the in-sample projection residual needs of the student): "none"; "rotate": express each
+    factor in its right singular basis, F = X̃V = U diag(σ), so that the pair products F_tᵀF_s have columns
+    C_ts v_k; "basis": keep F = X̃ and record V (the residual is then read off the pair's CᵀC, see
+    ``_pair_work``), except for layers whose Gram is too ill-conditioned for its eigenvectors (rotated from an
+    SVD instead). ``gram``: compute ‖X̃ᵀX̃‖²_F (else NaN); ``row_sq``: squared row norms (debiased CKA).
+    Where the width × width Gram G = X_cᵀX_c is formed, ‖X_c‖²_F is read off as tr G (no extra pass).
+    On a CPU with several torch threads the layers are prepared concurrently, one thread each
+    (``_layer_parallel``): centring is memory bound and ``syrk``/``syevd`` scale poorly with BLAS threads.
+    """
     n = layers[0].shape[0]
     widths = [x.shape[1] for x in layers]
     ranks = [min(n, w) for w in widths]
-    factors = torch.empty(n, sum(ranks), dtype=dtype, device=device)
-    gram_sq = torch.empty(len(layers), dtype=dtype, device=device)
-    row_sq = torch.empty(len(layers), n, dtype=dtype, device=device)
-    singular: list[torch.Tensor] | None = [] if rotate else None
-    col = 0
-    for i, raw in enumerate(layers):
-        x = _prepare_layer(raw.to(device=device, dtype=dtype), f"{name} layer {i}")
-        row_sq[i] = (x * x).sum(dim=1)
-        r = ranks[i]
-        if x.shape[1] > n:  # dual: F = U S, n columns
-            u, s, _ = torch.linalg.svd(x, full_matrices=False)
-            factors[:, col:col + r] = u * s
-            gram_sq[i] = (s ** 4).sum()
-        elif rotate:
-            s, v = _right_singular(x)
-            factors[:, col:col + r] = x @ v
-            gram_sq[i] = (s ** 4).sum()
+    factors = _alloc((n, sum(ranks)), dtype, device)
+    starts = np.concatenate([[0], np.cumsum(ranks)]).tolist()
+
+    def one(i: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        x = layers[i].to(device=device)  # converted to ``dtype`` by the centring, which writes into the buffer
+        label = f"{name} layer {i}"
+        out = factors[:, starts[i]:starts[i + 1]]
+        s = v = None
+        if x.shape[1] > n:  # dual: F = U S, n columns (already the rotated form)
+            xp = _prepare_layer(x, label, dtype=dtype)
+            u, s, _ = torch.linalg.svd(xp, full_matrices=False)
+            out.copy_(u * s)
+            g_sq = (s ** 4).sum()
+        elif singular != "none" or gram:
+            xp = _centre(x, dtype, out=out)
+            g = _column_gram(xp)
+            total = torch.diagonal(g).sum()
+            _unit_scale(xp, total, x, label)
+            g /= total
+            if singular != "none":
+                s, v, from_gram = _right_singular(xp, g)
+                if singular == "rotate" or not from_gram:
+                    out.copy_(xp @ v)
+                    v = None
+            g_sq = torch.linalg.matrix_norm(g) ** 2
         else:
-            factors[:, col:col + r] = x
-            gram_sq[i] = _gram_frobenius_sq(x)
-        if singular is not None:
-            singular.append(s)
-        col += r
-    return _Side(factors, ranks, widths, gram_sq, row_sq, singular)
+            xp = _centre(x, dtype, out=out)
+            _unit_scale(xp, torch.linalg.vector_norm(xp) ** 2, x, label)
+            g_sq = torch.tensor(float("nan"), dtype=dtype)
+        return g_sq, (xp * xp).sum(dim=1) if row_sq else None, s, v
+
+    with _layer_parallel(device, len(layers)) as pool:
+        done = list(pool.map(one, range(len(layers)))) if pool is not None else [one(i) for i in range(len(layers))]
+    gram_sq = torch.stack([d[0].to(device) for d in done])
+    rows = torch.stack([d[1] for d in done]) if row_sq else None
+    sing = [d[2] for d in done] if singular != "none" else None
+    bases = [d[3] for d in done] if singular != "none" else None
+    return _Side(factors, ranks, widths, gram_sq, rows, sing, bases)
 
 
-def _gram_frobenius_sq(x: torch.Tensor, min_block: int = 192) -> torch.Tensor:
-    """‖xᵀx‖²_F using symmetry: with x = [a, b], ‖xᵀx‖² = ‖aᵀa‖² + ‖bᵀb‖² + 2‖aᵀb‖², recursively, so about
-    5/8 of the flops of the full Gram for widths ≥ 4·min_block."""
-    w = x.shape[1]
-    if w < 2 * min_block:
-        return torch.linalg.matrix_norm(x.T @ x) ** 2
-    a, b = x[:, : w // 2], x[:, w // 2:]
-    return _gram_frobenius_sq(a, min_block) + _gram_frobenius_sq(b, min_block) + 2 * torch.linalg.matrix_norm(
-        a.T @ b) ** 2
+_LAYER_POOL: ThreadPoolExecutor | None = None
 
 
-def _right_singular(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σ, V) of x = U diag(σ) Vᵀ (n ≥ width), σ descending.
+@contextmanager
+def _layer_parallel(device: torch.device, tasks: int):
+    """A thread pool for independent per-layer work on the CPU, with torch and BLAS set to one thread each
+    inside (restored on exit); None (run serially) on other devices or with one torch thread."""
+    global _LAYER_POOL
+    workers = min(torch.get_num_threads(), tasks) if device.type == "cpu" else 1
+    if workers <= 1:
+        yield None
+        return
+    from threadpoolctl import threadpool_limits
 
-    From the eigendecomposition of the width × width Gram xᵀx (one GEMM) when it is well conditioned: every
+    if _LAYER_POOL is None or _LAYER_POOL._max_workers < workers:
+        _LAYER_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="repsim-layer")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield _LAYER_POOL
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _column_gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx (width × width). On the CPU by numpy's matmul, which computes xᵀx with BLAS ``syrk`` (half the
+    flops of a GEMM; measured 0.72 s vs 1.25 s for torch's GEMM on 13 layers of 5000 × 768, one thread), with
+    as many BLAS threads as torch uses."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        from threadpoolctl import threadpool_limits
+
+        a = x.detach().numpy()
+        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+            return torch.from_numpy(a.T @ a)
+    return x.T @ x
+
+
+def _right_singular(x: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(σ, V, from_gram) of x = U diag(σ) Vᵀ (n ≥ width), σ descending, given its Gram xᵀx.
+
+    From the eigendecomposition of the Gram (``from_gram`` True) when it is well conditioned: every
     eigenvalue ≥ 1e-6·λ_max, so σ_k² carries a relative error ≤ ~1e-10 although the Gram squares the condition
     number. Otherwise from the SVD of the R factor of x = QR, accurate for any conditioning.
     """
-    lam, v = torch.linalg.eigh(x.T @ x)
+    lam, v = _eigh(gram)
     if bool(lam[0] >= 1e-6 * lam[-1]):
-        return torch.sqrt(lam).flip(0), v.flip(1)
+        return torch.sqrt(lam).flip(0), v.flip(1), True
     _, s, vh = torch.linalg.svd(torch.linalg.qr(x, mode="r").R, full_matrices=False)
-    return s, vh.T
+    return s, vh.T, False
 
 
-def _nuclear_norms(d: torch.Tensor, scale: torch.Tensor | float = 1.0, with_col_sq: bool = False):
+_EIG_POOL: ThreadPoolExecutor | None = None
+
+
+def _lapack_batched(fn, g: torch.Tensor) -> torch.Tensor:
+    """``fn`` (a numpy LAPACK gufunc over the last two axes) on a CPU batch (..., a, b), the batch split over
+    ``torch.get_num_threads()`` Python threads with single-threaded BLAS (threadpoolctl): the LAPACK drivers
+    used here (values-only ``syevd``, ``gesdd``) are level-2 bound and scale poorly with BLAS threads, while
+    independent matrices scale with cores."""
+    from threadpoolctl import threadpool_limits
+
+    global _EIG_POOL
+    arr = g.detach().contiguous().numpy()
+    batch = arr.reshape(-1, *arr.shape[-2:])
+    workers = max(1, min(torch.get_num_threads(), batch.shape[0]))
+    with threadpool_limits(limits=1, user_api="blas"):
+        if workers == 1:
+            vals = fn(batch)
+        else:
+            if _EIG_POOL is None or _EIG_POOL._max_workers < workers:
+                _EIG_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="repsim-lapack")
+            bounds = np.linspace(0, batch.shape[0], workers + 1).astype(int)
+            vals = np.concatenate(list(_EIG_POOL.map(lambda ab: fn(batch[ab[0]:ab[1]]),
+                                                     zip(bounds[:-1], bounds[1:], strict=True))))
+    return torch.from_numpy(vals.reshape(*arr.shape[:-2], vals.shape[-1]))
+
+
+def _on_cpu_lapack(g: torch.Tensor) -> bool:
+    return g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) and min(g.shape[-2:]) >= 64
+
+
+def _eigvalsh(g: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (ascending) of a batch of symmetric matrices (..., k, k), lower triangles read. On the CPU by
+    numpy's LAPACK through ``_lapack_batched``: measured on the 2-core dev box for 91 matrices of 384 × 384,
+    torch (MKL) 0.56 s, numpy 0.40 s on one thread, 0.21 s on two (benchmarks/RESULTS.md)."""
+    return _lapack_batched(np.linalg.eigvalsh, g) if _on_cpu_lapack(g) else torch.linalg.eigvalsh(g)
+
+
+def _svdvals(d: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending) of a batch (..., a, b); on the CPU through ``_lapack_batched``."""
+    if not _on_cpu_lapack(d):
+        return torch.linalg.svdvals(d)
+    return _lapack_batched(lambda m: np.linalg.svd(m, compute_uv=False), d)
+
+
+def _eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues ascending, eigenvectors) of one symmetric matrix; on the CPU by numpy's LAPACK with
+    single-threaded BLAS (torch's MKL ``syevd`` measured 12 ms one-threaded and 36 ms two-threaded for
+    384 × 384 on the 2-core dev box)."""
+    if g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64):
+        return torch.linalg.eigh(g)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        lam, v = np.linalg.eigh(g.detach().numpy())
+    return torch.from_numpy(lam), torch.from_numpy(v)
+
+
+def _gram_of_columns(d: torch.Tensor) -> torch.Tensor:
+    """dᵀd for a batch (..., r, q), from 3 of its 4 blocks when q is large (the fourth is the transpose)."""
+    q = d.shape[-1]
+    if q < 256:
+        return d.transpose(-1, -2) @ d
+    h = q // 2
+    a, b = d[..., :h], d[..., h:]
+    g = torch.empty(*d.shape[:-2], q, q, dtype=d.dtype, device=d.device)
+    g[..., :h, :h] = a.transpose(-1, -2) @ a
+    g[..., h:, h:] = b.transpose(-1, -2) @ b
+    ba = b.transpose(-1, -2) @ a
+    g[..., h:, :h] = ba
+    g[..., :h, h:] = ba.transpose(-1, -2)
+    return g
+
+
+def _nuclear_norms(d: torch.Tensor, scale: torch.Tensor | float = 1.0, with_gram: bool = False, probe: int = 0,
+                   tol: float = 1e-9):
     """‖D‖_* of a batch of matrices (..., r, q).
 
-    Fast path: σ = √eig of the smaller Gram (DᵀD or DDᵀ, one batched GEMM and ``eigvalsh``), accepted when the
-    bound on its rounding, Σ_k min(δ/(2σ_k), √(2δ)) with δ = 10·√max(r, q)·eps·σ_max² (backward-stable
-    eigenvalues of a Gram formed in floating point), is below 1e-9·``scale`` (the normaliser of the value: 1 for
-    unit-Frobenius inputs, √(AB) for raw co-moments); other
-    matrices (small singular values, where the square root loses digits) get exact ``svdvals``.
+    Fast path: σ = √eig of the smaller Gram (DᵀD when r ≥ q, else DDᵀ; batched GEMMs and ``_eigvalsh``),
+    accepted when the bound on its rounding, Σ_k min(δ/(2σ_k), √(2δ)) with δ = 10·√max(r, q)·eps·σ_max²
+    (backward-stable eigenvalues of a Gram formed in floating point), is below ``tol``·``scale`` (the normaliser of
+    the value: 1 for unit-Frobenius inputs, √(AB) for raw co-moments); other matrices (small singular values,
+    where the square root loses digits) get exact ``svdvals``. ``with_gram`` also returns the Gram formed.
+
+    ``probe`` > 0 (a flat batch, scalar ``scale``): the fast path is tried on the first ``probe`` matrices; when
+    most of them need ``svdvals`` anyway (real features with near-null directions, e.g. after LayerNorm), the
+    rest go to ``svdvals`` directly instead of forming and diagonalising Grams that would be discarded.
     """
     r, q = d.shape[-2:]
-    gram = d.transpose(-1, -2) @ d if r >= q else d @ d.transpose(-1, -2)
-    if with_col_sq:  # squared column norms of d: the diagonal of DᵀD when that is the Gram formed
-        col_sq = torch.diagonal(gram, dim1=-2, dim2=-1).clone() if r >= q else (d * d).sum(dim=-2)
-    lam = torch.linalg.eigvalsh(gram).clamp_min(0)
+
+    def gram_of(m: torch.Tensor) -> torch.Tensor:
+        return _gram_of_columns(m) if r >= q else _gram_of_columns(m.transpose(-1, -2))
+
+    if probe and d.ndim == 3 and d.shape[0] > 2 * probe and not isinstance(scale, torch.Tensor):
+        head, head_redo, head_gram = _nuclear_from_gram(d[:probe], gram_of(d[:probe]), scale, tol)
+        if float(head_redo.double().mean()) > 0.5:
+            out = torch.cat([head, _svdvals(d[probe:]).sum(dim=-1)])
+            gram = torch.cat([head_gram, gram_of(d[probe:])]) if with_gram else None
+        else:
+            tail, _, tail_gram = _nuclear_from_gram(d[probe:], gram_of(d[probe:]), scale, tol)
+            out, gram = torch.cat([head, tail]), torch.cat([head_gram, tail_gram])
+        return (out, gram) if with_gram else out
+    gram = gram_of(d)
+    out, _, _ = _nuclear_from_gram(d, gram, scale, tol)
+    return (out, gram) if with_gram else out
+
+
+def _nuclear_from_gram(d: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor | float, tol: float = 1e-9):
+    """(‖D‖_*, where svdvals was needed, the Gram) from the Gram's eigenvalues; see ``_nuclear_norms``."""
+    r, q = d.shape[-2:]
+    lam = _eigvalsh(gram).clamp_min(0)
     delta = 10 * math.sqrt(max(r, q)) * torch.finfo(d.dtype).eps * lam[..., -1:]
     sigma = torch.sqrt(lam)
     bound = torch.where(lam > 2 * delta, delta / (2 * sigma.clamp_min(torch.finfo(d.dtype).tiny)),
                         torch.sqrt(2 * delta)).sum(dim=-1)
     out = sigma.sum(dim=-1)
-    redo = bound > 1e-9 * torch.as_tensor(scale, dtype=d.dtype, device=d.device)
+    redo = bound > tol * torch.as_tensor(scale, dtype=d.dtype, device=d.device)
     if bool(redo.any()):
-        out[redo] = torch.linalg.svdvals(d[redo]).sum(dim=-1)
-    return (out, col_sq) if with_col_sq else out
+        out[redo] = _svdvals(d[redo]).sum(dim=-1)
+    return out, redo, gram
 
 
 def _gains(s: torch.Tensor, ridge: float, rows: int, width: int) -> torch.Tensor:
@@ -195,11 +384,7 @@ def _choose_chunk(ranks_t: list[int], ranks_s: list[int], device: torch.device,
     """(teacher layers, student layers) per chunk: the largest chunk whose pair blocks fit the memory budget."""
     lt, ls = len(ranks_t), len(ranks_s)
     if chunk_size is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = free // 4
-        else:
-            budget = CPU_CHUNK_BUDGET_BYTES
+        budget = _memory_budget(device)
         pair_bytes = 3 * 8 * max(ranks_t) * max(ranks_s)
         chunk_size = max(1, budget // pair_bytes)
     if chunk_size < 1:
@@ -216,6 +401,7 @@ def pairwise(
     device: torch.device | str | None = None,
     chunk_size: int | None = None,
     dtype: torch.dtype = torch.float64,
+    tol: float = 1e-9,
 ) -> dict[str, np.ndarray]:
     """All teacher × student layer pairs: ``{canonical metric id: (Lt, Ls) float64 ndarray}``.
 
@@ -228,6 +414,10 @@ def pairwise(
         device: where to compute (e.g. "cuda"); default: the inputs' GPU, else CUDA when available, else CPU.
         chunk_size: layer pairs per batched GEMM; chosen from a memory budget when omitted.
         dtype: compute dtype (float64 by default).
+        tol: accuracy asked of every value, relative to its scale (1e-9: the exact values the tests check).
+            Larger values let cheaper forms through: the nuclear norm's Gram fast path when its rounding bound is
+            below ``tol``, and the leave-fold-out held-out residual whenever every training fit provably keeps
+            the same directions (margin 1 instead of 10³ over numpy's lstsq cutoff). The bootstrap passes 1e-6.
     Returns:
         value[t, s] = metric(teacher_layers[t], student_layers[s]) exactly as the in-memory function defines it.
     """
@@ -255,8 +445,9 @@ def pairwise(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was requested but CUDA is not available")
-    t_in = [as_matrix(x, f"teacher layer {i}", dtype=None) for i, x in enumerate(t_raw)]
-    s_in = [as_matrix(y, f"student layer {i}", dtype=None) for i, y in enumerate(s_raw)]
+    # finiteness is checked where the layers are centred (one pass fewer over the data)
+    t_in = [as_matrix(x, f"teacher layer {i}", dtype=None, check_finite=False) for i, x in enumerate(t_raw)]
+    s_in = [as_matrix(y, f"student layer {i}", dtype=None, check_finite=False) for i, y in enumerate(s_raw)]
     rows = {x.shape[0] for x in t_in} | {y.shape[0] for y in s_in}
     if len(rows) != 1:
         raise UserError(f"all teacher and student layers must have the same number of rows (paired samples), "
@@ -269,7 +460,7 @@ def pairwise(
     other = [s for s in specs if not s.linear]
     out: dict[str, np.ndarray] = {}
     if linear:
-        out.update(_linear_pairwise(t_in, s_in, linear, device, chunk_size, dtype))
+        out.update(_linear_pairwise(t_in, s_in, linear, device, chunk_size, dtype, tol))
     for spec in other:
         m = np.empty((len(t_in), len(s_in)))
         for i, x in enumerate(t_in):
@@ -279,8 +470,16 @@ def pairwise(
     return {s.id: out[s.id] for s in specs}
 
 
+def _memory_budget(device: torch.device) -> int:
+    """Bytes pairwise may hold in working buffers: 1 GiB on the CPU, a quarter of free memory on CUDA."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return CPU_CHUNK_BUDGET_BYTES
+
+
 def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: list, device: torch.device,
-                     chunk_size: int | None, dtype: torch.dtype) -> dict[str, np.ndarray]:
+                     chunk_size: int | None, dtype: torch.dtype, tol: float = 1e-9) -> dict[str, np.ndarray]:
     from repsim.moments import _clamp_rounding, _gram_output, _procrustes_output
 
     n = t_in[0].shape[0]
@@ -291,27 +490,58 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
     need_debiased = any(s.family == "cka" and dict(s.kwargs).get("estimator") == "debiased" for s in specs)
     if need_debiased and n < 4:
         raise UserError(f"debiased CKA needs at least 4 samples (rows), got {n}")
-    teacher = _prepare_side(t_in, "teacher", False, dtype, device)
-    student = _prepare_side(s_in, "student", bool(in_sample), dtype, device)
+    need_gram = bool(families & {"gram_frobenius", "cka"})
+    ranks_t, ranks_s = [min(n, x.shape[1]) for x in t_in], [min(n, y.shape[1]) for y in s_in]
+    uniform = len(set(ranks_t)) == 1 and len(set(ranks_s)) == 1 and ranks_t[0] >= ranks_s[0]
+    # in-sample residual: read off each pair's CᵀC when the Procrustes pass forms it (uniform shapes), else rotate
+    singular = "none" if not in_sample else ("basis" if uniform and "procrustes" in families else "rotate")
+    dual = bool(held_out) and _dual_held_out_fits(n, ranks_t, ranks_s, [int(dict(s.kwargs)["folds"])
+                                                                         for s in held_out], device)
+    teacher = _prepare_side(t_in, "teacher", dtype, device, gram=need_gram and not dual, row_sq=need_debiased)
+    student = _prepare_side(s_in, "student", dtype, device, singular=singular, gram=need_gram,
+                            row_sq=need_debiased)
     lt, ls = len(t_in), len(s_in)
+    held: dict[str, torch.Tensor] = {}
+    if dual:
+        kernels = _teacher_kernels(teacher)
+        teacher.gram_sq = kernels.flatten(1).square().sum(dim=1)  # ‖X̃ᵀX̃‖²_F = ‖X̃X̃ᵀ‖²_F
+        for spec in held_out:
+            kw = dict(spec.kwargs)
+            held[spec.id] = _held_out_residual_dual(kernels, teacher, student, int(kw["folds"]),
+                                                    float(kw.get("ridge") or 0.0), device,
+                                                    margin=1e3 if tol <= 1e-9 else 1.0)
+        del kernels
     cross_sq = torch.empty(lt, ls, dtype=dtype, device=device)
     nuclear = torch.empty(lt, ls, dtype=dtype, device=device) if "procrustes" in families else None
     weights = {spec.id: [_in_sample_weights(sv, float(dict(spec.kwargs).get("ridge") or 0.0), n, w)
                          for sv, w in zip(student.singular, student.widths, strict=True)]
                for spec in in_sample}
+    if singular == "basis":  # M = V diag(w) Vᵀ (diag(w) for layers whose factor was rotated)
+        weights = {sid: torch.stack([torch.diag(w) if v is None else (v * w) @ v.T
+                                     for w, v in zip(ws, student.bases, strict=True)])
+                   for sid, ws in weights.items()}
     explained = {sid: torch.empty(lt, ls, dtype=dtype, device=device) for sid in weights}
     need_pairs = bool(families - {"projection_residual"}) or bool(in_sample)
     ct, cs = _choose_chunk(teacher.ranks, student.ranks, device, chunk_size)
+    uniform_pairs = len(set(teacher.ranks)) == 1 and len(set(student.ranks)) == 1
     for t0 in range(0, lt, ct) if need_pairs else ():
         t1 = min(lt, t0 + ct)
         a0, a1 = teacher.layer_slice(t0, t1)
         for s0 in range(0, ls, cs):
             s1 = min(ls, s0 + cs)
             b0, b1 = student.layer_slice(s0, s1)
-            block = teacher.factors[:, a0:a1].T @ student.factors[:, b0:b1]  # one GEMM for the chunk
-            _pair_work(block, teacher.ranks[t0:t1], student.ranks[s0:s1], (t0, s0), student, cross_sq, nuclear,
-                       weights, explained)
-            del block
+            if uniform_pairs:  # one GEMM per teacher layer, Ỹᵀ_chunk X̃_t, writes each pair's C_tsᵀ contiguously
+                r, q = teacher.ranks[0], student.ranks[0]
+                blocks = _alloc((t1 - t0, b1 - b0, r), dtype, device)
+                for i in range(t1 - t0):
+                    torch.matmul(student.factors[:, b0:b1].T, teacher.factors[:, a0 + i * r:a0 + (i + 1) * r],
+                                 out=blocks[i])
+                _uniform_pairs(blocks.view((t1 - t0) * (s1 - s0), q, r), (t0, s0), (t1 - t0, s1 - s0),
+                               cross_sq, nuclear, weights, explained, tol)
+            else:
+                block = teacher.factors[:, a0:a1].T @ student.factors[:, b0:b1]  # one GEMM for the chunk
+                _mixed_pairs(block, teacher.ranks[t0:t1], student.ranks[s0:s1], (t0, s0), cross_sq, nuclear,
+                             weights, explained, tol)
     gx, gy = teacher.gram_sq, student.gram_sq
     out: dict[str, torch.Tensor] = {}
     for spec in specs:
@@ -334,68 +564,95 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
         elif spec.id in explained:
             out[spec.id] = _clamp_rounding(1.0 - explained[spec.id], 0.0, 1.0, "projection residual")
         elif spec in held_out:
-            out[spec.id] = _held_out_residual(teacher, student, int(kw["folds"]), float(kw.get("ridge") or 0.0),
-                                              device)
+            value = held.get(spec.id)
+            if value is None:
+                value = torch.full((lt, ls), float("nan"), dtype=dtype, device=device)
+            todo = [j for j in range(ls) if bool(torch.isnan(value[:, j]).any())]
+            if todo:  # the primal fold-by-fold fit: no dual form, or a student the leave-fold-out identity rejects
+                value[:, todo] = _held_out_residual(teacher, student, int(kw["folds"]),
+                                                    float(kw.get("ridge") or 0.0), device, todo)
+            out[spec.id] = value
         else:
             raise UserError(f"metric {spec.id!r} has no batched linear form")
     return {k: v.detach().cpu().double().numpy() for k, v in out.items()}
 
 
-def _pair_work(block: torch.Tensor, ranks_t: list[int], ranks_s: list[int], origin: tuple[int, int],
-               student: _Side, cross_sq: torch.Tensor, nuclear: torch.Tensor | None,
-               weights: dict[str, list[torch.Tensor]], explained: dict[str, torch.Tensor]) -> None:
-    """Per-pair reductions of one chunk's cross-product block (rows: teacher factors, columns: student factors).
+def _uniform_pairs(d: torch.Tensor, origin: tuple[int, int], counts: tuple[int, int], cross_sq: torch.Tensor,
+                   nuclear: torch.Tensor | None, weights: dict[str, Any], explained: dict[str, torch.Tensor],
+                   tol: float = 1e-9) -> None:
+    """Per-pair reductions of a chunk of equal-shape pairs: ``d`` (ct·cs, q, r) holds D = C_tsᵀ, teacher-major.
 
-    With a rotated student, column k of a pair block is C_ts v_k, so its squared norm is what the in-sample
-    projection residual weighs by 1/σ_k²; ‖C_ts‖²_F is the sum of those column norms."""
-    t0, s0 = origin
-    if len(set(ranks_t)) == 1 and len(set(ranks_s)) == 1:
-        ct, cs, r, q = len(ranks_t), len(ranks_s), ranks_t[0], ranks_s[0]
-        pairs = block.view(ct, r, cs, q).permute(0, 2, 1, 3)  # (ct, cs, r, q) blocks C_ts
-        if nuclear is not None:
-            norms, col_sq = _nuclear_norms(pairs.reshape(ct * cs, r, q), with_col_sq=True)
-            nuclear[t0:t0 + ct, s0:s0 + cs] = norms.view(ct, cs)
-            col_sq = col_sq.view(ct, cs, q)
+    In-sample projection residual: the explained part is Σ_k w_k ‖C v_k‖² over the student's right singular
+    pairs. ``weights[sid]`` is either a list of vectors w (student factors rotated, F = X̃V: C v_k is column k
+    of C, so the sum weighs its squared column norms) or a stack of matrices M = V diag(w) Vᵀ (factors not
+    rotated: the sum is ⟨CᵀC, M⟩, with CᵀC the Gram the nuclear norm forms (set up only when q ≤ r)."""
+    (t0, s0), (ct, cs) = origin, counts
+    q, r = d.shape[-2:]
+    gram = None
+    if nuclear is not None:
+        need_gram = any(isinstance(w, torch.Tensor) for w in weights.values())
+        probe = 2 * torch.get_num_threads() if d.device.type == "cpu" else 0
+        res = _nuclear_norms(d.transpose(-1, -2), with_gram=need_gram, probe=probe, tol=tol)  # on C: CᵀC when r ≥ q
+        norms, gram = res if need_gram else (res, None)
+        nuclear[t0:t0 + ct, s0:s0 + cs] = norms.view(ct, cs)
+    if gram is not None and q <= r:  # CᵀC: its diagonal holds the squared column norms of C
+        col_sq = torch.diagonal(gram, dim1=-2, dim2=-1).reshape(ct, cs, q)
+    else:
+        col_sq = torch.linalg.vector_norm(d, dim=-1).square().view(ct, cs, q)
+    cross_sq[t0:t0 + ct, s0:s0 + cs] = col_sq.sum(dim=-1)
+    for sid, w in weights.items():
+        if isinstance(w, torch.Tensor):  # matrices M (only set up when CᵀC is formed: Procrustes, q ≤ r)
+            g = gram.view(ct, cs, q * q)
+            for j in range(cs):  # ⟨CᵀC, M⟩ for one student layer and all teacher layers: one GEMV
+                explained[sid][t0:t0 + ct, s0 + j] = g[:, j] @ w[s0 + j].reshape(-1)
         else:
-            col_sq = (pairs * pairs).sum(dim=2)  # (ct, cs, q)
-        cross_sq[t0:t0 + ct, s0:s0 + cs] = col_sq.sum(dim=-1)
-        for sid, w in weights.items():
             for j in range(cs):
                 explained[sid][t0:t0 + ct, s0 + j] = col_sq[:, j] @ w[s0 + j]
-        return
+
+
+def _mixed_pairs(block: torch.Tensor, ranks_t: list[int], ranks_s: list[int], origin: tuple[int, int],
+                 cross_sq: torch.Tensor, nuclear: torch.Tensor | None, weights: dict[str, Any],
+                 explained: dict[str, torch.Tensor], tol: float = 1e-9) -> None:
+    """Per-pair reductions of one chunk's cross-product block C (rows: teacher factors, columns: student
+    factors) when layer widths differ; the student factors are rotated (weights are vectors, see
+    ``_uniform_pairs``)."""
+    t0, s0 = origin
     for i, row in enumerate(block.split(ranks_t, dim=0)):
         for j, c in enumerate(row.split(ranks_s, dim=1)):
             col_sq = (c * c).sum(dim=0)
             cross_sq[t0 + i, s0 + j] = col_sq.sum()
             if nuclear is not None:
-                nuclear[t0 + i, s0 + j] = _nuclear_norms(c[None])[0]  # type: ignore[index]
+                nuclear[t0 + i, s0 + j] = _nuclear_norms(c[None], tol=tol)[0]  # type: ignore[index]
             for sid, w in weights.items():
                 explained[sid][t0 + i, s0 + j] = col_sq @ w[s0 + j]
 
 
-def _held_out_residual(teacher: _Side, student: _Side, folds: int, ridge: float,
-                       device: torch.device) -> torch.Tensor:
-    """k-fold held-out residual exactly as ``repsim.metrics.projection_residual(folds=k)``, all pairs.
+def _held_out_residual(teacher: _Side, student: _Side, folds: int, ridge: float, device: torch.device,
+                       students: Sequence[int] | None = None) -> torch.Tensor:
+    """k-fold held-out residual exactly as ``repsim.metrics.projection_residual(folds=k)``, fold by fold.
 
     Per fold and student layer one thin SVD of the re-centred training rows (Ỹ_tr − μ_Y = U S Vᵀ); then for all
     teacher layers at once W·(teacher) is applied as Z·P with P = Uᵀ(X̃_tr − μ_X) and Z = (Ỹ_te − μ_Y) V diag(g),
     and the held-out error ‖X̃_te − μ_X − ZP‖²_F is summed per teacher layer. Working on the factors is exact: they
     differ from X̃, Ỹ by orthogonal maps on the row spaces, which leave predictions and residual norms unchanged.
+    Returns (Lt, len(students)) for the student layers ``students`` (default: all).
     """
     from repsim.metrics import fold_assignment
 
     n = teacher.factors.shape[0]
     fold_of_row = torch.as_tensor(fold_assignment(n, folds, 0), device=device)
-    lt, ls = len(teacher.ranks), len(student.ranks)
+    lt = len(teacher.ranks)
+    students = list(range(len(student.ranks))) if students is None else list(students)
     seg_t = teacher.segments(0, lt)
-    out = torch.zeros(lt, ls, dtype=teacher.factors.dtype, device=device)
-    for fold in range(folds):
+
+    def one(fold: int) -> torch.Tensor:
+        out = torch.zeros(lt, len(students), dtype=teacher.factors.dtype, device=device)
         test = fold_of_row == fold
         x_tr, x_te = teacher.factors[~test], teacher.factors[test]
         mu_x = x_tr.mean(dim=0)
         x_te_c = x_te - mu_x
         ones_tr = torch.ones(x_tr.shape[0], dtype=x_tr.dtype, device=device)
-        for j in range(ls):
+        for col, j in enumerate(students):
             b0, b1 = student.layer_slice(j, j + 1)
             y_tr, y_te = student.factors[~test, b0:b1], student.factors[test, b0:b1]
             mu_y = y_tr.mean(dim=0)
@@ -404,8 +661,120 @@ def _held_out_residual(teacher: _Side, student: _Side, folds: int, ridge: float,
             z = ((y_te - mu_y) @ vh.T) * g  # (n_te, r)
             p = u.T @ x_tr - torch.outer(u.T @ ones_tr, mu_x)  # Uᵀ(X_tr − 1μ_Xᵀ), (r, Σr_t)
             err = x_te_c - z @ p
-            out[:, j] += torch.zeros(lt, dtype=err.dtype, device=device).index_add_(0, seg_t, (err * err).sum(dim=0))
+            out[:, col] = torch.zeros(lt, dtype=err.dtype, device=device).index_add_(0, seg_t, (err * err).sum(dim=0))
+        return out
+
+    with _layer_parallel(device, folds) as pool:  # folds are independent: one thread each on a CPU
+        parts = list(pool.map(one, range(folds))) if pool is not None else [one(k) for k in range(folds)]
+    return torch.stack(parts).sum(dim=0)
+
+
+def _dual_held_out_fits(n: int, ranks_t: list[int], ranks_s: list[int], folds: list[int],
+                        device: torch.device) -> bool:
+    """Whether the n × n leave-fold-out form of the held-out residual is cheaper than the fold-by-fold fits and
+    its Gram matrices (L_t + L_s + 2 of n × n, float64) fit the memory budget."""
+    if 8 * (len(ranks_t) + len(ranks_s) + 2) * n * n > _memory_budget(device):
+        return False
+    per_spec = sum(4 * n * r * (n + r) for r in ranks_s) + 2 * n * n * len(ranks_t) * len(ranks_s)
+    dual = 2 * n * n * sum(ranks_t) + len(folds) * per_spec
+    primal = sum(2 * k * n * sum(ranks_s) * sum(ranks_t) for k in folds)
+    return dual < primal
+
+
+def _teacher_kernels(teacher: _Side) -> torch.Tensor:
+    """(Lt, n, n) Gram matrices K_t = X̃_t X̃_tᵀ of the prepared teacher layers (= F_t F_tᵀ for any factor)."""
+    n = teacher.factors.shape[0]
+    out = torch.empty(len(teacher.ranks), n, n, dtype=teacher.factors.dtype, device=teacher.factors.device)
+    for t in range(len(teacher.ranks)):
+        a, b = teacher.layer_slice(t, t + 1)
+        f = teacher.factors[:, a:b]
+        torch.matmul(f, f.T, out=out[t])
     return out
+
+
+#: the leave-fold-out identity is used only where I − H_kk is this well conditioned (else fold-by-fold fits)
+MIN_LEAVE_OUT_EIGENVALUE = 1e-3
+
+
+def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Side, folds: int, ridge: float,
+                            device: torch.device, margin: float = 1e3) -> torch.Tensor:
+    """k-fold held-out residual of all pairs from one n × n matrix per layer (NaN columns: not applicable).
+
+    The fit with an intercept on the training rows is penalised least squares on Z = [1, Ỹ] (Ỹ centred on all
+    rows, so 1 ⟂ Ỹ) with penalty diag(0, λI). Its hat matrix on all rows is H = 11ᵀ/n + Ỹ(ỸᵀỸ + λI)⁻¹Ỹᵀ =
+    W Wᵀ with W = [1/√n, U diag(√h)], Ỹ = U S Vᵀ, h = s²/(s² + λ). Removing the rows of fold k from the fit gives
+    held-out residuals r_k = (I − H_kk)⁻¹ ((I − H)X̃)_k (the block leave-out identity, Sherman–Morrison–Woodbury),
+    so Σ_k ‖r_k‖² = ⟨X̃X̃ᵀ, N⟩ with N = (I − H) D (I − H), D = blockdiag_k (I − H_kk)⁻². N costs one
+    n × 2(r+1) by 2(r+1) × n product per student layer (N = D − FWᵀ − WFᵀ, F = DW − ½W(WᵀDW)), and every pair
+    one n² inner product with the teacher's K_t = X̃X̃ᵀ.
+
+    Exactly the fold-by-fold value when every training fit is this one. Ridge λ > 0: always. λ = 0 (numpy's
+    lstsq, minimum norm, singular values below eps·max(n_tr, q)·s_max dropped): Ỹ's singular values must split
+    into r kept ones, certified above the cutoff of every training fit by σ_r²(Ỹ_tr − μ_Y) ≥ min(n, s_r²)·
+    λ_min(I − H_kk) > (margin·cutoff)² (Z restricted to the kept directions; margin 10³, or 1 when the caller
+    asks a looser ``tol``), and null ones ≤ 10⁻³·cutoff, which stay below it in every training fit
+    (σ_{r+1}(Ỹ_tr − μ_Y) ≤ s_{r+1}: centring and dropping rows only shrink); the
+    fits then all have rank r and W uses the r kept directions (e.g. the exact linear relation LayerNorm puts
+    among a layer's features). A student layer failing that, or with λ_min(I − H_kk) <
+    MIN_LEAVE_OUT_EIGENVALUE, gets NaN and is fitted fold by fold.
+    """
+    from repsim.metrics import fold_assignment
+
+    n = teacher.factors.shape[0]
+    dtype = teacher.factors.dtype
+    fold_of_row = fold_assignment(n, folds, 0)
+    order = np.argsort(fold_of_row, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(fold_of_row, minlength=folds))]).tolist()
+    perm = torch.as_tensor(order, device=device)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(n, device=device)
+    lt, ls = len(teacher.ranks), len(student.ranks)
+    eps = torch.finfo(dtype).eps
+    mats = torch.zeros(ls, n, n, dtype=dtype, device=device)
+
+    def one(j: int) -> bool:
+        b0, b1 = student.layer_slice(j, j + 1)
+        u, sv, _ = torch.linalg.svd(student.factors[perm, b0:b1], full_matrices=False)  # rows in fold order
+        q = student.widths[j]
+        if ridge > 0:
+            h = sv * sv / (sv * sv + ridge)
+        else:
+            cutoff = eps * max(n - min(bounds[k + 1] - bounds[k] for k in range(folds)), q) * float(sv.max())
+            kept = sv > 1e-3 * cutoff
+            if not bool(kept.any()):
+                return False
+            u, sv = u[:, kept], sv[kept]
+            h = torch.ones_like(sv)
+        w = torch.cat([torch.full((n, 1), 1 / math.sqrt(n), dtype=dtype, device=device), u * torch.sqrt(h)], 1)
+        e = torch.empty_like(w)
+        blocks = []
+        for k in range(folds):
+            lo, hi = bounds[k], bounds[k + 1]
+            wk = w[lo:hi]
+            mu, vecs = torch.linalg.eigh(torch.eye(hi - lo, dtype=dtype, device=device) - wk @ wk.T)
+            mu_min = float(mu[0])
+            if mu_min < MIN_LEAVE_OUT_EIGENVALUE:
+                return False
+            if ridge == 0:
+                cutoff_k = eps * max(n - (hi - lo), q) * float(sv.max())
+                if not min(n, float(sv.min()) ** 2) * mu_min > (margin * cutoff_k) ** 2:
+                    return False
+            dk = (vecs / (mu * mu)) @ vecs.T  # (I − H_kk)⁻²
+            e[lo:hi] = dk @ wk
+            blocks.append(dk)
+        f = e - 0.5 * w @ (w.T @ e)
+        m = torch.cat([f, w], 1) @ torch.cat([w, f], 1).T
+        m.neg_()
+        for k, dk in enumerate(blocks):
+            m[bounds[k]:bounds[k + 1], bounds[k]:bounds[k + 1]] += dk
+        mats[j] = m.index_select(0, inverse).index_select(1, inverse)  # back to the original row order
+        return True
+
+    with _layer_parallel(device, ls) as pool:
+        usable = list(pool.map(one, range(ls))) if pool is not None else [one(j) for j in range(ls)]
+    value = kernels.reshape(lt, n * n) @ mats.reshape(ls, n * n).T
+    value[:, [j for j in range(ls) if not usable[j]]] = float("nan")
+    return value
 
 
 def pairwise_memory_bytes(n: int, teacher_widths: Sequence[int], student_widths: Sequence[int],

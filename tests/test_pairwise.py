@@ -178,3 +178,112 @@ def test_cross_check_against_installed_peers():
         return
     peer = cka_from_features([torch.from_numpy(x) for x in T], [torch.from_numpy(y) for y in S])
     np.testing.assert_allclose(np.asarray(peer), np.clip(got["cka[linear,debiased]"], 0, 1), atol=1e-10)
+
+
+HELD_OUT = ["projection_residual[folds=5]", "projection_residual[folds=3,ridge=0.1]",
+            "projection_residual[folds=4,ridge=0.001]"]
+
+
+def test_leave_fold_out_form_is_chosen_for_wide_layers_and_equals_fold_by_fold_fits():
+    """Wide layers and few texts (the default comparison's regime): the n × n leave-fold-out identity is the
+    cheaper form, is chosen, and gives the fold-by-fold value of every pair."""
+    from repsim import layer_pairs
+
+    T, S = stacks(60, [50] * 4, [20] * 3, seed=21)
+    assert layer_pairs._dual_held_out_fits(60, [50] * 4, [20] * 3, [5], torch.device("cpu"))
+    got = pairwise(T, S, metrics=HELD_OUT + ["gram_frobenius", "cka[linear,biased]"])
+    for mid in got:
+        np.testing.assert_allclose(got[mid], per_pair(mid, T, S), atol=1e-10, rtol=0, err_msg=mid)
+
+
+@pytest.mark.parametrize("case", ["student wider than the training folds", "collinear student", "mixed widths"])
+def test_leave_fold_out_form_falls_back_where_its_certificate_fails(monkeypatch, case):
+    """Forced onto the leave-fold-out form, student layers whose training fits are rank-deficient (n − n/k ≤ q,
+    or exactly collinear columns) are refitted fold by fold; every value still equals the metric's."""
+    from repsim import layer_pairs
+
+    monkeypatch.setattr(layer_pairs, "_dual_held_out_fits", lambda *a: True)
+    if case == "student wider than the training folds":
+        T, S = stacks(30, [12, 40], [8, 26], seed=5)  # 24 training rows < 26 columns
+    elif case == "collinear student":
+        T, S = stacks(50, [10, 10], [6, 6], seed=6)
+        S[1][:, 5] = S[1][:, 0] - 2 * S[1][:, 1]
+    else:
+        T, S = stacks(45, [7, 30], [5, 9, 14], seed=7)
+    for mid in HELD_OUT:
+        np.testing.assert_allclose(pairwise(T, S, metrics=[mid])[mid], per_pair(mid, T, S), atol=1e-9, rtol=0,
+                                   err_msg=mid)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(12, 40), tw=st.lists(st.integers(1, 30), min_size=1, max_size=3),
+       sw=st.lists(st.integers(1, 30), min_size=1, max_size=3), folds=st.integers(2, 5), seed=st.integers(0, 999))
+def test_leave_fold_out_form_agrees_for_any_shapes(n, tw, sw, folds, seed):
+    from repsim import layer_pairs
+
+    T, S = stacks(n, tw, sw, seed=seed)
+    ids = [f"projection_residual[folds={folds}]", f"projection_residual[folds={folds},ridge=0.01]"]
+    original = layer_pairs._dual_held_out_fits
+    try:
+        layer_pairs._dual_held_out_fits = lambda *a: True
+        got = pairwise(T, S, metrics=ids)
+    finally:
+        layer_pairs._dual_held_out_fits = original
+    for mid in ids:
+        np.testing.assert_allclose(got[mid], per_pair(mid, T, S), atol=1e-8, rtol=0, err_msg=mid)
+
+
+def test_in_sample_residual_from_the_pair_gram_handles_ill_conditioned_students():
+    """Equal widths with Procrustes asked: the in-sample residual is read off each pair's CᵀC through
+    M = V diag(w) Vᵀ; a student layer too ill-conditioned for its Gram's eigenvectors is rotated instead."""
+    T, S = stacks(80, [12, 12], [9, 9], seed=8)
+    S[1] = S[1] * np.logspace(0, -5, 9)  # Gram condition number 1e10 > 1e6: rotated from an SVD
+    ids = ["procrustes[distance]", "projection_residual[in_sample]", "projection_residual[in_sample,ridge=0.01]"]
+    got = pairwise(T, S, metrics=ids)
+    for mid in ids:
+        np.testing.assert_allclose(got[mid], per_pair(mid, T, S), atol=1e-9, rtol=0, err_msg=mid)
+
+
+def test_threads_do_not_change_the_values():
+    """Layers prepared concurrently (several torch threads) give the one-thread values to rounding."""
+    T, S = stacks(120, [70, 70, 70], [65, 65], seed=9)
+    ids = ["procrustes[distance]", "gram_frobenius", "cka[linear,debiased]", "projection_residual[in_sample]",
+           "projection_residual[folds=5]"]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = pairwise(T, S, metrics=ids)
+        torch.set_num_threads(2)
+        two = pairwise(T, S, metrics=ids)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    for mid in ids:
+        np.testing.assert_allclose(two[mid], one[mid], atol=1e-12, rtol=0, err_msg=mid)
+
+
+def test_wide_nuclear_norms_through_numpy_lapack_agree_with_svdvals():
+    """Batches of ≥ 64-wide Grams go through numpy's eigvalsh split over threads: same values as svdvals."""
+    from repsim.layer_pairs import _nuclear_norms
+
+    g = torch.Generator().manual_seed(1)
+    well = torch.randn(5, 150, 80, generator=g, dtype=torch.float64)
+    graded = well * torch.logspace(0, -9, 80, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            for batch in (well, graded, well.transpose(1, 2)):
+                batch = batch / torch.linalg.matrix_norm(batch)[:, None, None]
+                np.testing.assert_allclose(_nuclear_norms(batch).numpy(),
+                                           torch.linalg.svdvals(batch).sum(-1).numpy(), rtol=0, atol=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_overflowing_input_is_named_as_such():
+    T, S = stacks(20, [4], [3])
+    with pytest.raises(UserError, match="teacher layer 0 contains NaN or inf"):
+        pairwise([np.where(np.arange(80).reshape(20, 4) == 7, np.nan, T[0])], S, metrics=["procrustes"])
+    with pytest.raises(UserError, match="too large"):
+        pairwise([T[0] * 1e160], S, metrics=["procrustes"])
