@@ -45,7 +45,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--permutations", type=int, default=0, metavar="P",
                    help="student-row permutations for p-values (e.g. 200)")
     p.add_argument("--stats-metrics", nargs="+", default=None, metavar="METRIC",
-                   help="metrics that get bootstrap intervals / p-values (default: all compared metrics)")
+                   help="metrics that get bootstrap intervals / p-values (default: all compared metrics but the "
+                        "k-fold projection residual, whose bootstrap replicates leak duplicated texts across folds)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")

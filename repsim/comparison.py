@@ -285,9 +285,16 @@ class Comparison:
 
 
 def check_stats_metrics(stats_metrics: Sequence[str] | None, ids: Sequence[str]) -> list[str]:
-    """Canonical ids of the metrics that get intervals/p-values; each must be among the computed ``ids``."""
+    """Canonical ids of the metrics that get intervals/p-values; each must be among the computed ``ids``.
+
+    Default (None): every compared metric except the k-fold held-out projection residual, unless it is the only
+    one. A bootstrap replicate duplicates texts, and copies of one text land in both the fit and the held-out
+    fold, so that residual's replicates are optimistic (the interval is not a valid one); it is also the
+    costliest metric per replicate. Name it in ``stats_metrics`` to get its intervals and p-values anyway."""
     if stats_metrics is None:
-        return list(ids)
+        valid = [m for m in ids if not (_spec(m).family == "projection_residual"
+                                        and dict(_spec(m).kwargs).get("folds") is not None)]
+        return valid or list(ids)
     chosen = list(dict.fromkeys(_spec(m).id for m in stats_metrics))
     missing = [m for m in chosen if m not in ids]
     if missing:

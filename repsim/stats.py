@@ -20,8 +20,8 @@ structure beyond chance.
 
 **Reuse of per-layer work.** For the Gram-based metrics (``gram_frobenius`` in either form and linear biased
 CKA) each layer's n×n Gram matrix K = XXᵀ of the mean-centred features is computed once. A bootstrap
-replicate holding text i w_i times is then a gather of K on its distinct texts U (~63 % of n), weighted
-double centring and √w scaling (:func:`_weighted_centred_grams`: same inner products, norms and traces as the
+replicate holding text i w_i times is then a gather of K on its distinct texts U (~63 % of n) and a
+weighting by multiplicity (:func:`_weighted_gram_moments`: the inner products, norms and traces of the
 n × n centred Gram of the resample, on |U| × |U|), and a permutation is a
 gather of the student's centred Gram; every pair's statistic comes from one matrix product of the flattened
 centred Grams: ⟨K_c, L_c⟩ = tr(K_c L_c), with
@@ -118,18 +118,30 @@ def _double_centre(K: torch.Tensor) -> torch.Tensor:
     return K - row - col + K.mean(dim=(-2, -1), keepdim=True)
 
 
-def _weighted_centred_grams(K: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, n: int) -> torch.Tensor:
-    """√w_i √w_j (H K H)_ij over the distinct rows of a resample that holds row i w_i times (Σ w = n).
+def _weighted_gram_moments(T: torch.Tensor, S: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, n: int):
+    """⟨K̃_t, L̃_s⟩ (L_t, L_s), ‖K̃_t‖², tr K̃_t, ‖L̃_s‖², tr L̃_s of the centred n × n Grams of a resample that holds
+    row i w_i times (Σ w = n), from the Grams T (L_t, n, n) and S (L_s, n, n) gathered on its distinct rows only.
 
-    With r = K_UU w / n and g = wᵀ K_UU w / n², the resample's centred Gram on distinct rows is
-    K_UU − r1ᵀ − 1rᵀ + g; scaling rows and columns by √w makes its Frobenius inner products, norms and
-    trace equal to those of the full n × n centred Gram of the resample (duplicates included), on m × m only.
+    The resample's centred Gram is PᵀA P with P = I − w1ᵀ/n on the distinct rows, and its inner products weigh
+    each entry by w_i w_j, so with M = PWPᵀ = W − wwᵀ/n (W = diag w) and a = Aw, b = Bw:
+        ⟨Ã, B̃⟩ = tr(AMBM) = ⟨WAW, B⟩ − 2 aᵀWb/n + (wᵀa)(wᵀb)/n²,   tr Ã = Σ w_i A_ii − wᵀa/n:
+    one weighting pass of the teacher Grams and one matrix product of the flattened Grams for all pairs, with the
+    centring carried by the vectors a, b (no centred m × m copies).
     """
-    Ku = K.index_select(1, rows).index_select(2, rows)
-    r = Ku @ w / n  # (L, m)
-    g = (r @ w / n)[:, None, None]
-    sw = w.sqrt()
-    return (Ku - r[:, :, None] - r[:, None, :] + g) * sw[None, :, None] * sw[None, None, :]
+    Kt = T.index_select(1, rows).index_select(2, rows)
+    Ks = S.index_select(1, rows).index_select(2, rows)
+    m = rows.numel()
+    a, b = Kt @ w, Ks @ w  # (L, m)
+    wa, wb = a @ w, b @ w  # wᵀAw, wᵀBw
+    weighted_t = (Kt * w[None, :, None] * w[None, None, :]).reshape(len(T), m * m)
+    t_flat, s_flat = Kt.reshape(len(T), m * m), Ks.reshape(len(S), m * m)
+    cross = weighted_t @ s_flat.T - 2 * (a * w) @ b.T / n + wa[:, None] * wb[None, :] / n ** 2
+    t_sq = (weighted_t * t_flat).sum(dim=1) - 2 * ((a * a) @ w) / n + wa ** 2 / n ** 2
+    s_sq = ((Ks * w[None, :, None] * w[None, None, :]).reshape(len(S), m * m) * s_flat).sum(dim=1) \
+        - 2 * ((b * b) @ w) / n + wb ** 2 / n ** 2
+    t_tr = torch.diagonal(Kt, dim1=-2, dim2=-1) @ w - wa / n
+    s_tr = torch.diagonal(Ks, dim1=-2, dim2=-1) @ w - wb / n
+    return cross, t_sq, t_tr, s_sq, s_tr
 
 
 def _gram_summaries(Kc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,11 +163,11 @@ def _gram_values(spec, cross: torch.Tensor, t_sq, t_tr, s_sq, s_tr) -> np.ndarra
     return val.cpu().numpy()
 
 
-def _generic_values(teacher, student, specs) -> dict[str, np.ndarray]:
+def _generic_values(teacher, student, specs, tol: float = 1e-9) -> dict[str, np.ndarray]:
     from repsim.layer_pairs import pairwise
 
     ids = [s.id for s in specs]
-    res = pairwise(teacher, student, metrics=ids, device=teacher[0].device)
+    res = pairwise(teacher, student, metrics=ids, device=teacher[0].device, tol=tol)
     return {k: _numpy(res[k]) for k in ids}
 
 
@@ -188,9 +200,8 @@ def _split(specs, n: int, method: str, teacher, student):
     use_gram = method == "fast" or (method == "auto" and gram_is_cheaper(
         n, [x.shape[1] for x in teacher], [y.shape[1] for y in student]))
     fast = [s for s in specs if use_gram and gram_fast_path(s)]
-    # the distinct-row Procrustes path is exact but, measured at the default's shapes on CPU, ~2× slower than
-    # pairwise() on the resample (its eigvalsh fast path); "auto" therefore leaves Procrustes to pairwise()
-    proc = [s for s in specs if method == "fast" and procrustes_fast_path(s)]
+    # Procrustes on each replicate's distinct rows (~63 % of n) to REPLICATE_TOL; "generic" recomputes it exactly
+    proc = [s for s in specs if method in ("auto", "fast") and procrustes_fast_path(s)]
     slow = [s for s in specs if s not in fast and s not in proc]
     return fast, proc, slow
 
@@ -204,26 +215,36 @@ def _weighted_unit(X: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n
     return Z / torch.linalg.matrix_norm(Z)
 
 
-def _procrustes_values(specs, teacher_units: list[torch.Tensor], student_units: list[torch.Tensor]):
+#: accuracy asked of each replicate's Procrustes ρ: the nuclear norm's Gram fast path is accepted when its rounding
+#: bound is below this (point estimates use 1e-9). A percentile interval from B = 200 replicates carries a Monte-Carlo
+#: error of a few percent of its width, so 1e-6 on ρ leaves every reported digit unchanged while sparing the exact
+#: SVD that real features (near-null directions) need for 1e-9: measured 0.9 s of SVDs per replicate on the default.
+REPLICATE_TOL = 1e-6
+
+
+def _procrustes_values(specs, teacher_units: list[torch.Tensor], student_units: list[torch.Tensor],
+                       tol: float = REPLICATE_TOL):
     """ρ = ‖X̃ᵀỸ‖_* for every pair from unit-norm centred (weighted) features, then each Procrustes output.
 
-    Per teacher layer one matrix product against all student layers side by side, then batched singular
-    values (``torch.linalg.svdvals``) per student width.
+    Per teacher layer one matrix product against all student layers side by side (Ỹ_allᵀX̃_t: each pair's
+    block contiguous), then the batched nuclear norms of :func:`repsim.layer_pairs._nuclear_norms` to ``tol``.
     """
+    from repsim.layer_pairs import _nuclear_norms
+
     S_all = torch.cat(student_units, dim=1)
     widths = [y.shape[1] for y in student_units]
-    rho = torch.empty(len(teacher_units), len(student_units), dtype=S_all.dtype, device=S_all.device)
-    # one batched call per teacher layer on GPUs; on CPUs torch's batched svdvals was ~10× slower than a loop
-    # (7 × 768 × 384 float64: 9.5 s batched vs 0.11 s per matrix on the 2-core dev box)
-    batched = len(set(widths)) == 1 and S_all.device.type != "cpu"
-    for i, Zt in enumerate(teacher_units):
-        cross = Zt.T @ S_all
-        if batched:  # (L_s, p, q)
-            batch = cross.reshape(cross.shape[0], len(widths), widths[0]).permute(1, 0, 2)
-            rho[i] = torch.linalg.svdvals(batch).sum(dim=-1)
-        else:
-            for j, A in enumerate(torch.split(cross, widths, dim=1)):
-                rho[i, j] = torch.linalg.svdvals(A.contiguous()).sum()  # a strided view is ~3× slower in LAPACK
+    lt, ls = len(teacher_units), len(student_units)
+    rho = torch.empty(lt, ls, dtype=S_all.dtype, device=S_all.device)
+    if len(set(widths)) == 1 and len({x.shape[1] for x in teacher_units}) == 1:  # all pairs in one batch
+        crosses = torch.empty(lt, S_all.shape[1], teacher_units[0].shape[1], dtype=S_all.dtype, device=S_all.device)
+        for i, Zt in enumerate(teacher_units):
+            torch.matmul(S_all.T, Zt, out=crosses[i])  # (Σq, p): rows of student layer j are C_ijᵀ
+        probe = 2 * torch.get_num_threads() if S_all.device.type == "cpu" else 0
+        rho[:] = _nuclear_norms(crosses.view(lt * ls, widths[0], -1), tol=tol, probe=probe).view(lt, ls)
+    else:
+        for i, Zt in enumerate(teacher_units):
+            for j, A in enumerate(torch.split(S_all.T @ Zt, widths, dim=0)):
+                rho[i, j] = _nuclear_norms(A[None], tol=tol)[0]
     rho = rho.clamp(0.0, 1.0).cpu().numpy()  # ρ ≤ 1 by Cauchy–Schwarz; beyond is rounding
     out = {}
     for s in specs:
@@ -262,9 +283,10 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
     """Metric values on B bootstrap resamples of the rows: {metric id: array (B, L_t, L_s)}.
 
     ``method``: "fast" (Gram-matrix gathers for Gram-Frobenius and linear CKA, weighted distinct rows for
-    Procrustes; exact), "generic" (:func:`repsim.layer_pairs.pairwise` on the resampled rows for every metric), or
-    "auto" (the Gram path when :func:`gram_is_cheaper`, pairwise for the rest). All methods use the same
-    indices for the same seed, so they agree to rounding.
+    Procrustes), "generic" (:func:`repsim.layer_pairs.pairwise` on the resampled rows for every metric), or
+    "auto" (the Gram path when :func:`gram_is_cheaper`, the distinct-row path for Procrustes, pairwise for the
+    rest). All methods use the same indices for the same seed and agree to REPLICATE_TOL (Procrustes, and the
+    k-fold residual's leave-fold-out form, are computed to that accuracy per replicate, not to 1e-9).
     """
     if replicates < 1:
         raise UserError(f"--bootstrap needs at least 1 replicate, got {replicates}")
@@ -280,9 +302,7 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
         rows = torch.nonzero(counts).squeeze(1)  # the distinct texts of this replicate (~63 % of n)
         w = counts.index_select(0, rows).to(torch.float64)
         if fast:
-            t_flat, t_sq, t_tr = _gram_summaries(_weighted_centred_grams(T, rows, w, n))
-            s_flat, s_sq, s_tr = _gram_summaries(_weighted_centred_grams(S, rows, w, n))
-            cross = t_flat @ s_flat.T
+            cross, t_sq, t_tr, s_sq, s_tr = _weighted_gram_moments(T, S, rows, w, n)
             for s in fast:
                 out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
         if proc:
@@ -291,7 +311,7 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
             for s in proc:
                 out[s.id][b] = res[s.id]
         if slow:
-            res = _generic_values([x[idx] for x in teacher], [y[idx] for y in student], slow)
+            res = _generic_values([x[idx] for x in teacher], [y[idx] for y in student], slow, REPLICATE_TOL)
             for s in slow:
                 out[s.id][b] = res[s.id]
         if progress is not None:
@@ -376,7 +396,7 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
             for s in proc:
                 out[s.id][b] = res[s.id]
         if slow:
-            res = _generic_values(teacher, [y[perm] for y in student], slow)
+            res = _generic_values(teacher, [y[perm] for y in student], slow, REPLICATE_TOL)
             for s in slow:
                 out[s.id][b] = res[s.id]
         if progress is not None:

@@ -137,6 +137,22 @@ def test_bootstrap_and_permutation_columns(synthetic):
     pd.testing.assert_frame_equal(t, again.table)
 
 
+def test_default_statistics_leave_out_the_cross_validated_residual(synthetic):
+    """By default the k-fold held-out residual gets no interval (duplicated texts leak across its folds); named
+    explicitly it gets one, and alone it is the default."""
+    teacher, student = synthetic
+    ids = ["cka", "projection_residual[folds=3]"]
+    comp = Comparison.from_layers(teacher, student, ids, bootstrap=5, seed=1)
+    t = comp.table
+    held = t["metric"] == "projection_residual[folds=3]"
+    assert t.loc[held, "ci_low"].isna().all() and t.loc[~held, "ci_low"].notna().all()
+    named = Comparison.from_layers(teacher, student, ids, bootstrap=5, seed=1,
+                                   stats_metrics=["projection_residual[folds=3]"]).table
+    assert named.loc[named["metric"] == "projection_residual[folds=3]", "ci_low"].notna().all()
+    alone = Comparison.from_layers(teacher, student, ids[1:], bootstrap=5, seed=1).table
+    assert alone["ci_low"].notna().all()
+
+
 def test_in_sample_projection_residual_is_flagged_at_n_le_q():
     rng = np.random.default_rng(4)
     X, Y = _layers(rng, 20, [30]), _layers(rng, 20, [25])

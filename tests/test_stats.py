@@ -58,6 +58,32 @@ def test_replicate_is_the_metric_on_resampled_rows():
         assert null["cka[linear,biased]"][b, 0, 0] == pytest.approx(M.cka(X[0], Y[0][perms[b]]), abs=1e-9)
 
 
+def test_replicates_of_ill_conditioned_features_are_within_the_replicate_tolerance():
+    """Features with LayerNorm's exact linear relation and near-null directions (where point estimates need exact
+    SVDs): every Procrustes and k-fold residual replicate is within REPLICATE_TOL of the metric on the resample."""
+    rng = np.random.default_rng(7)
+    n = 120
+    base = rng.standard_normal((n, 20))
+    X = [base @ rng.standard_normal((20, 90)) + 1e-3 * rng.standard_normal((n, 90)) for _ in range(2)]
+    Y = []
+    for _ in range(2):
+        y = base @ rng.standard_normal((20, 70)) + 0.1 * rng.standard_normal((n, 70))
+        y -= y.mean(axis=1, keepdims=True)  # rows sum to zero: an exact linear relation among the features
+        y[:, 3] = y[:, 4] + 1e-9 * rng.standard_normal(n)  # a near-null direction
+        Y.append(y)
+    ids = ["procrustes[distance]", "projection_residual[folds=3]"]
+    reps = stats.bootstrap_replicates(X, Y, ids, 3, seed=2)
+    idx = stats.resample_indices(n, 3, seed=2)
+    for b in range(3):
+        for i in range(2):
+            for j in range(2):
+                Xb, Yb = X[i][idx[b]], Y[j][idx[b]]
+                assert reps["procrustes[distance]"][b, i, j] == pytest.approx(M.procrustes(Xb, Yb),
+                                                                              abs=stats.REPLICATE_TOL)
+                assert reps["projection_residual[folds=3]"][b, i, j] == pytest.approx(
+                    M.projection_residual(Xb, Yb, folds=3), abs=stats.REPLICATE_TOL)
+
+
 def test_seeded_and_reproducible():
     rng = np.random.default_rng(2)
     X, Y = _related(rng, 25)
