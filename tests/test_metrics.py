@@ -172,7 +172,8 @@ def test_projection_residual_agrees_with_lstsq(shape, ridge):
 def test_heldout_residual_agrees_with_explicit_fold_loop(n, p, q, data_seed, folds, seed):
     X, Y = random_pair(n, p, q, data_seed)
     expected = slow_heldout_residual(X, Y, folds, seed)
-    assert projection_residual(X, Y, folds=folds, seed=seed) == pytest.approx(expected, abs=1e-8)
+    # relative as well: with near-singular training folds the residual itself can reach 1e8 (wild overfitting)
+    assert projection_residual(X, Y, folds=folds, seed=seed) == pytest.approx(expected, abs=1e-8, rel=1e-9)
 
 
 def test_heldout_intercept_equals_an_appended_constant_column_when_train_folds_have_full_rank():
