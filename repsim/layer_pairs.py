@@ -698,7 +698,7 @@ MIN_LEAVE_OUT_EIGENVALUE = 1e-3
 
 def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Side, folds: int, ridge: float,
                             device: torch.device, margin: float = 1e3) -> torch.Tensor:
-    """k-fold held-out residual of all pairs from one n × n matrix per layer (NaN columns: not applicable).
+    """k-fold held-out residual of all pairs from one n × n matrix per layer.
 
     The fit with an intercept on the training rows is penalised least squares on Z = [1, Ỹ] (Ỹ centred on all
     rows, so 1 ⟂ Ỹ) with penalty diag(0, λI). Its hat matrix on all rows is H = 11ᵀ/n + Ỹ(ỸᵀỸ + λI)⁻¹Ỹᵀ =
@@ -716,7 +716,8 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
     (σ_{r+1}(Ỹ_tr − μ_Y) ≤ s_{r+1}: centring and dropping rows only shrink); the
     fits then all have rank r and W uses the r kept directions (e.g. the exact linear relation LayerNorm puts
     among a layer's features). A student layer failing that, or with λ_min(I − H_kk) <
-    MIN_LEAVE_OUT_EIGENVALUE, gets NaN and is fitted fold by fold.
+    MIN_LEAVE_OUT_EIGENVALUE, gets its N from its k training SVDs instead (``fold_form``: the fits themselves,
+    still one n × n matrix and n² per pair).
     """
     from repsim.metrics import fold_assignment
 
@@ -732,17 +733,16 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
     eps = torch.finfo(dtype).eps
     mats = torch.zeros(ls, n, n, dtype=dtype, device=device)
 
-    def one(j: int) -> bool:
-        b0, b1 = student.layer_slice(j, j + 1)
-        u, sv, _ = torch.linalg.svd(student.factors[perm, b0:b1], full_matrices=False)  # rows in fold order
-        q = student.widths[j]
+    def hat_form(y: torch.Tensor, q: int) -> torch.Tensor | None:
+        """N from the leave-fold-out identity, or None where its certificate fails."""
+        u, sv, _ = torch.linalg.svd(y, full_matrices=False)
         if ridge > 0:
             h = sv * sv / (sv * sv + ridge)
         else:
             cutoff = eps * max(n - min(bounds[k + 1] - bounds[k] for k in range(folds)), q) * float(sv.max())
             kept = sv > 1e-3 * cutoff
             if not bool(kept.any()):
-                return False
+                return None
             u, sv = u[:, kept], sv[kept]
             h = torch.ones_like(sv)
         w = torch.cat([torch.full((n, 1), 1 / math.sqrt(n), dtype=dtype, device=device), u * torch.sqrt(h)], 1)
@@ -754,11 +754,11 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
             mu, vecs = torch.linalg.eigh(torch.eye(hi - lo, dtype=dtype, device=device) - wk @ wk.T)
             mu_min = float(mu[0])
             if mu_min < MIN_LEAVE_OUT_EIGENVALUE:
-                return False
+                return None
             if ridge == 0:
                 cutoff_k = eps * max(n - (hi - lo), q) * float(sv.max())
                 if not min(n, float(sv.min()) ** 2) * mu_min > (margin * cutoff_k) ** 2:
-                    return False
+                    return None
             dk = (vecs / (mu * mu)) @ vecs.T  # (I − H_kk)⁻²
             e[lo:hi] = dk @ wk
             blocks.append(dk)
@@ -767,14 +767,39 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
         m.neg_()
         for k, dk in enumerate(blocks):
             m[bounds[k]:bounds[k + 1], bounds[k]:bounds[k + 1]] += dk
+        return m
+
+    def fold_form(y: torch.Tensor, q: int) -> torch.Tensor:
+        """N = Σ_k L_kᵀL_k from the k training SVDs themselves (any rank): the held-out residual of fold k is
+        L_k X̃ with L_k = [I | −(A + (1 − A1)1ᵀ/n_tr)] on (test | train) rows, A = (Ỹ_te − μ_Y)V diag(g) Uᵀ the
+        map the fit applies to the centred training teacher rows (μ_X = X̃_trᵀ1/n_tr folded into the last term)."""
+        m = torch.zeros(n, n, dtype=dtype, device=device)
+        for k in range(folds):
+            lo, hi = bounds[k], bounds[k + 1]
+            train = torch.cat([torch.arange(0, lo, device=device), torch.arange(hi, n, device=device)])
+            y_tr, y_te = y[train], y[lo:hi]
+            mu_y = y_tr.mean(dim=0)
+            u, sv, vh = torch.linalg.svd(y_tr - mu_y, full_matrices=False)
+            a = (((y_te - mu_y) @ vh.T) * _gains(sv, ridge, y_tr.shape[0], q)) @ u.T  # (n_te, n_tr)
+            lk = torch.zeros(hi - lo, n, dtype=dtype, device=device)
+            lk[:, lo:hi] = torch.eye(hi - lo, dtype=dtype, device=device)
+            lk[:, train] = -(a + (1 - a.sum(dim=1, keepdim=True)) / y_tr.shape[0])
+            m += lk.T @ lk
+        return m
+
+    def one(j: int) -> bool:
+        b0, b1 = student.layer_slice(j, j + 1)
+        y = student.factors[perm, b0:b1]  # rows in fold order
+        m = hat_form(y, student.widths[j])
+        via_hat = m is not None
+        if m is None:
+            m = fold_form(y, student.widths[j])
         mats[j] = m.index_select(0, inverse).index_select(1, inverse)  # back to the original row order
-        return True
+        return via_hat
 
     with _layer_parallel(device, ls) as pool:
-        usable = list(pool.map(one, range(ls))) if pool is not None else [one(j) for j in range(ls)]
-    value = kernels.reshape(lt, n * n) @ mats.reshape(ls, n * n).T
-    value[:, [j for j in range(ls) if not usable[j]]] = float("nan")
-    return value
+        list(pool.map(one, range(ls))) if pool is not None else [one(j) for j in range(ls)]
+    return kernels.reshape(lt, n * n) @ mats.reshape(ls, n * n).T
 
 
 def pairwise_memory_bytes(n: int, teacher_widths: Sequence[int], student_widths: Sequence[int],
