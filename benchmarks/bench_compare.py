@@ -25,9 +25,11 @@ from pathlib import Path
 STAGES = ("load", "extract", "metrics", "bootstrap", "plots")
 
 
-def run(label: str, cache: Path, out: Path, extra: list[str]) -> dict:
+def run(label: str, cache: Path, out: Path, extra: list[str], assets: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "repsim", "compare", "--out", str(out), *extra]
     env = {**os.environ, "REPSIM_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
+    if assets is not None:
+        env["REPSIM_ASSETS_CACHE"] = str(assets)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -92,6 +94,10 @@ def main() -> None:
     ap.add_argument("--stats-metrics", nargs="+", default=None)
     ap.add_argument("--cache", default=None, help="cache folder (default: a fresh temporary one = cold)")
     ap.add_argument("--skip-cold", action="store_true", help="reuse --cache as is (no cold run)")
+    ap.add_argument("--assets", default=None,
+                    help="an unpacked model-assets folder to share (REPSIM_ASSETS_CACHE): cold then means an empty "
+                         "activation store with the models already downloaded, the stricter comparison")
+    ap.add_argument("--repeats", type=int, default=1, help="warm runs (the median is reported)")
     args = ap.parse_args()
     if args.synthetic:
         synthetic(args.synthetic, args.bootstrap, args.generic_replicates)
@@ -102,14 +108,17 @@ def main() -> None:
     common = ["--max-samples", str(args.max_samples)] if args.max_samples else []
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}")
+    assets = Path(args.assets) if args.assets else None
     results = {}
     if not args.skip_cold:
-        results["cold"] = run("cold", cache, work / "cold", common)
-    results["warm"] = run("warm", cache, work / "warm", common)
+        results["cold"] = run("cold", cache, work / "cold", common, assets)
+    warm = [run(f"warm {i + 1}", cache, work / f"warm{i}", common, assets) for i in range(args.repeats)]
+    results["warm"] = sorted(warm, key=lambda t: t["wall"])[len(warm) // 2]
     stats = ["--bootstrap", str(args.bootstrap)]
     if args.stats_metrics:
         stats += ["--stats-metrics", *args.stats_metrics]
-    results["bootstrap"] = run(f"warm + bootstrap {args.bootstrap}", cache, work / "boot", common + stats)
+    if args.bootstrap:
+        results["bootstrap"] = run(f"warm + bootstrap {args.bootstrap}", cache, work / "boot", common + stats, assets)
 
     print()
     print(f"{'stage':<10}" + "".join(f"{k:>14}" for k in results))
@@ -121,6 +130,13 @@ def main() -> None:
         warm_c = sum(results["warm"].get(s, 0) for s in cached)
         print(f"\nload+extract: cold / warm = {cold_c / warm_c:.1f}x   "
               f"end to end: cold / warm = {results['cold']['wall'] / results['warm']['wall']:.1f}x")
+    if "bootstrap" not in results:
+        return
+    if "cold" in results:
+        extra = results["bootstrap"]["wall"] - results["warm"]["wall"]
+        print(f"bootstrap {args.bootstrap}: a cold run with it / the cold run without = "
+              f"{(results['cold']['wall'] + extra) / results['cold']['wall']:.2f}x (cold run + the bootstrap's "
+              f"extra time over the warm run)")
     print(f"bootstrap {args.bootstrap} run / run without (warm, end to end) = "
           f"{results['bootstrap']['wall'] / results['warm']['wall']:.2f}x;  bootstrap stage / metrics stage = "
           f"{results['bootstrap'].get('bootstrap', 0) / results['warm'].get('metrics', 1):.1f}x")

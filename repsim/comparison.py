@@ -510,17 +510,35 @@ def _model_shape(spec: str) -> dict[str, Any]:
         if not Path(spec).is_dir():
             raise UserError(f"model {spec!r} is not a local folder")
         info = {"name": str(spec), "revision": None, "path": str(spec)}
+    info["width"], info["n_layers"] = _config_shape(Path(info["path"]))
+    return info
+
+
+def _config_shape(path: Path) -> tuple[int | None, int | None]:
+    """(hidden width, hidden-state layers = blocks + 1) from a model folder's config.
+
+    Read from config.json when it names them in the common spellings (a warm run then never imports
+    transformers); otherwise through ``transformers.AutoConfig``, which knows every model's attribute names."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+        raw = raw.get("text_config") or raw
+        width = next((raw[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(raw.get(k), int)), None)
+        blocks = next((raw[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
+                       if isinstance(raw.get(k), int)), None)
+        if width and blocks is not None:
+            return int(width), int(blocks) + 1
+    except (OSError, ValueError, AttributeError):
+        pass
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(info["path"])
+        cfg = AutoConfig.from_pretrained(str(path))
         cfg = getattr(cfg, "text_config", None) or cfg
-        info["width"] = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))) or None
+        width = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))) or None
         blocks = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", None))
-        info["n_layers"] = int(blocks) + 1 if blocks is not None else None
+        return width, int(blocks) + 1 if blocks is not None else None
     except (OSError, ValueError, KeyError, TypeError):
-        info["width"], info["n_layers"] = None, None
-    return info
+        return None, None
 
 
 def _resolve_device(device: str) -> str:
@@ -634,11 +652,11 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
 
 def _versions() -> dict[str, str]:
     import torch
-    import transformers
 
     import repsim
+    from repsim.extract import _transformers_version
 
-    return {"repsim": repsim.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"repsim": repsim.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
             "numpy": np.__version__, "pandas": pd.__version__, "python": platform.python_version()}
 
 
