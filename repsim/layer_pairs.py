@@ -33,8 +33,6 @@ computed by the registry function per pair on the original inputs.
 from __future__ import annotations
 
 import math
-import mmap
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -70,24 +68,6 @@ class _Side:
         """Layer index (lo … hi−1) of each factor column of layers lo … hi−1."""
         return torch.repeat_interleave(torch.arange(lo, hi, device=self.factors.device),
                                        torch.tensor(self.ranks[lo:hi], device=self.factors.device))
-
-
-HUGE_PAGE_MIN_BYTES = 64 << 20
-
-
-def _alloc(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised buffer. Large CPU buffers on Linux are anonymous mappings advised to use transparent huge
-    pages (MADV_HUGEPAGE): first-touch page faults on 4 KiB pages are what made filling the 400 MB factor buffer
-    of the 13 × 768 benchmark stack cost 0.17 s instead of 0.04 s on the dev box (benchmarks/RESULTS.md)."""
-    numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if device.type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(*shape, dtype=dtype, device=device)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)
-    with warnings.catch_warnings():  # the mapping is writable; torch warns about buffers it cannot tell are
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(buf, dtype=dtype, count=numel).view(*shape)
 
 
 def _as_layers(layers: Any, name: str) -> list[Any]:
@@ -149,7 +129,7 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
     n = layers[0].shape[0]
     widths = [x.shape[1] for x in layers]
     ranks = [min(n, w) for w in widths]
-    factors = _alloc((n, sum(ranks)), dtype, device)
+    factors = torch.empty(n, sum(ranks), dtype=dtype, device=device)
     starts = np.concatenate([[0], np.cumsum(ranks)]).tolist()
 
     def one(i: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -316,7 +296,8 @@ def _gram_of_columns(d: torch.Tensor) -> torch.Tensor:
 
 def _nuclear_norms(d: torch.Tensor, scale: torch.Tensor | float = 1.0, with_gram: bool = False, probe: int = 0,
                    tol: float = 1e-9):
-    """‖D‖_* of a batch of matrices (..., r, q).
+    """‖D‖_* of a batch of matrices (..., r, q); a 4-D batch (a, b, r, q) may be a strided view (the pair
+    blocks of one cross-product GEMM), handled one leading index at a time without copying it.
 
     Fast path: σ = √eig of the smaller Gram (DᵀD when r ≥ q, else DDᵀ; batched GEMMs and ``_eigvalsh``),
     accepted when the bound on its rounding, Σ_k min(δ/(2σ_k), √(2δ)) with δ = 10·√max(r, q)·eps·σ_max²
@@ -324,42 +305,66 @@ def _nuclear_norms(d: torch.Tensor, scale: torch.Tensor | float = 1.0, with_gram
     the value: 1 for unit-Frobenius inputs, √(AB) for raw co-moments); other matrices (small singular values,
     where the square root loses digits) get exact ``svdvals``. ``with_gram`` also returns the Gram formed.
 
-    ``probe`` > 0 (a flat batch, scalar ``scale``): the fast path is tried on the first ``probe`` matrices; when
-    most of them need ``svdvals`` anyway (real features with near-null directions, e.g. after LayerNorm), the
-    rest go to ``svdvals`` directly instead of forming and diagonalising Grams that would be discarded.
+    ``probe`` > 0 (scalar ``scale``): the fast path is tried on a first slice (the first leading index of a 4-D
+    batch, else the first ``probe`` matrices); when most of it needs ``svdvals`` anyway (real features with
+    near-null directions, e.g. after LayerNorm), the rest goes to ``svdvals`` directly instead of forming and
+    diagonalising Grams that would be discarded.
     """
     r, q = d.shape[-2:]
+    lead = d.shape[:-2]
 
     def gram_of(m: torch.Tensor) -> torch.Tensor:
         return _gram_of_columns(m) if r >= q else _gram_of_columns(m.transpose(-1, -2))
 
-    if probe and d.ndim == 3 and d.shape[0] > 2 * probe and not isinstance(scale, torch.Tensor):
-        head, head_redo, head_gram = _nuclear_from_gram(d[:probe], gram_of(d[:probe]), scale, tol)
-        if float(head_redo.double().mean()) > 0.5:
-            out = torch.cat([head, _svdvals(d[probe:]).sum(dim=-1)])
-            gram = torch.cat([head_gram, gram_of(d[probe:])]) if with_gram else None
-        else:
-            tail, _, tail_gram = _nuclear_from_gram(d[probe:], gram_of(d[probe:]), scale, tol)
-            out, gram = torch.cat([head, tail]), torch.cat([head_gram, tail_gram])
+    if d.ndim == 4:
+        units = list(d.unbind(0))
+    elif d.ndim == 3 and probe and d.shape[0] > 2 * probe:
+        units = [d[:probe], d[probe:]]
+    else:
+        gram = gram_of(d)
+        out, _ = _nuclear_from_gram(gram, scale, tol, lambda mask: d[mask])
         return (out, gram) if with_gram else out
-    gram = gram_of(d)
-    out, _, _ = _nuclear_from_gram(d, gram, scale, tol)
-    return (out, gram) if with_gram else out
+    sizes = [u.shape[0] for u in units]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    k = min(r, q)
+    gram = torch.empty(starts[-1], k, k, dtype=d.dtype, device=d.device)
+
+    def pick(mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([u[mask[starts[i]:starts[i + 1]]] for i, u in enumerate(units)])
+
+    gram[:sizes[0]] = gram_of(units[0])
+    direct = False
+    if probe and len(units) > 1 and not isinstance(scale, torch.Tensor):
+        _, redo = _nuclear_from_gram(gram[:sizes[0]], scale, tol, lambda mask: units[0][mask])
+        direct = float(redo.double().mean()) > 0.5
+    if direct:
+        head, _ = _nuclear_from_gram(gram[:sizes[0]], scale, tol, lambda mask: units[0][mask])
+        out = torch.cat([head, _svdvals(torch.cat(units[1:])).sum(dim=-1)])
+        if with_gram:
+            for i in range(1, len(units)):
+                gram[starts[i]:starts[i + 1]] = gram_of(units[i])
+    else:
+        for i in range(1, len(units)):
+            gram[starts[i]:starts[i + 1]] = gram_of(units[i])
+        out, _ = _nuclear_from_gram(gram, scale, tol, pick)
+    out = out.view(*lead)
+    return (out, gram.view(*lead, k, k)) if with_gram else out
 
 
-def _nuclear_from_gram(d: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor | float, tol: float = 1e-9):
-    """(‖D‖_*, where svdvals was needed, the Gram) from the Gram's eigenvalues; see ``_nuclear_norms``."""
-    r, q = d.shape[-2:]
+def _nuclear_from_gram(gram: torch.Tensor, scale: torch.Tensor | float, tol: float, pick):
+    """(‖D‖_*, where svdvals was needed) from the Grams' eigenvalues; ``pick(mask)`` returns the matrices D of
+    the masked batch entries for ``svdvals``; see ``_nuclear_norms``."""
+    k = gram.shape[-1]
     lam = _eigvalsh(gram).clamp_min(0)
-    delta = 10 * math.sqrt(max(r, q)) * torch.finfo(d.dtype).eps * lam[..., -1:]
+    delta = 10 * math.sqrt(k) * torch.finfo(gram.dtype).eps * lam[..., -1:]
     sigma = torch.sqrt(lam)
-    bound = torch.where(lam > 2 * delta, delta / (2 * sigma.clamp_min(torch.finfo(d.dtype).tiny)),
+    bound = torch.where(lam > 2 * delta, delta / (2 * sigma.clamp_min(torch.finfo(gram.dtype).tiny)),
                         torch.sqrt(2 * delta)).sum(dim=-1)
     out = sigma.sum(dim=-1)
-    redo = bound > tol * torch.as_tensor(scale, dtype=d.dtype, device=d.device)
+    redo = bound > tol * torch.as_tensor(scale, dtype=gram.dtype, device=gram.device)
     if bool(redo.any()):
-        out[redo] = _svdvals(d[redo]).sum(dim=-1)
-    return out, redo, gram
+        out[redo] = _svdvals(pick(redo)).sum(dim=-1)
+    return out, redo
 
 
 def _gains(s: torch.Tensor, ridge: float, rows: int, width: int) -> torch.Tensor:
@@ -530,14 +535,11 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
         for s0 in range(0, ls, cs):
             s1 = min(ls, s0 + cs)
             b0, b1 = student.layer_slice(s0, s1)
-            if uniform_pairs:  # one GEMM per teacher layer, Ỹᵀ_chunk X̃_t, writes each pair's C_tsᵀ contiguously
+            if uniform_pairs:  # one GEMM for the chunk; pair (t, s) is the strided block view C_ts
                 r, q = teacher.ranks[0], student.ranks[0]
-                blocks = _alloc((t1 - t0, b1 - b0, r), dtype, device)
-                for i in range(t1 - t0):
-                    torch.matmul(student.factors[:, b0:b1].T, teacher.factors[:, a0 + i * r:a0 + (i + 1) * r],
-                                 out=blocks[i])
-                _uniform_pairs(blocks.view((t1 - t0) * (s1 - s0), q, r), (t0, s0), (t1 - t0, s1 - s0),
-                               cross_sq, nuclear, weights, explained, tol)
+                block = teacher.factors[:, a0:a1].T @ student.factors[:, b0:b1]
+                _uniform_pairs(block.view(t1 - t0, r, s1 - s0, q).transpose(1, 2), (t0, s0), cross_sq, nuclear,
+                               weights, explained, tol)
             else:
                 block = teacher.factors[:, a0:a1].T @ student.factors[:, b0:b1]  # one GEMM for the chunk
                 _mixed_pairs(block, teacher.ranks[t0:t1], student.ranks[s0:s1], (t0, s0), cross_sq, nuclear,
@@ -577,32 +579,32 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
     return {k: v.detach().cpu().double().numpy() for k, v in out.items()}
 
 
-def _uniform_pairs(d: torch.Tensor, origin: tuple[int, int], counts: tuple[int, int], cross_sq: torch.Tensor,
-                   nuclear: torch.Tensor | None, weights: dict[str, Any], explained: dict[str, torch.Tensor],
-                   tol: float = 1e-9) -> None:
-    """Per-pair reductions of a chunk of equal-shape pairs: ``d`` (ct·cs, q, r) holds D = C_tsᵀ, teacher-major.
+def _uniform_pairs(c: torch.Tensor, origin: tuple[int, int], cross_sq: torch.Tensor, nuclear: torch.Tensor | None,
+                   weights: dict[str, Any], explained: dict[str, torch.Tensor], tol: float = 1e-9) -> None:
+    """Per-pair reductions of a chunk of equal-shape pairs: ``c`` (ct, cs, r, q), a strided view of the chunk's
+    cross-product block, c[t, s] = C_ts.
 
     In-sample projection residual: the explained part is Σ_k w_k ‖C v_k‖² over the student's right singular
     pairs. ``weights[sid]`` is either a list of vectors w (student factors rotated, F = X̃V: C v_k is column k
     of C, so the sum weighs its squared column norms) or a stack of matrices M = V diag(w) Vᵀ (factors not
     rotated: the sum is ⟨CᵀC, M⟩, with CᵀC the Gram the nuclear norm forms (set up only when q ≤ r)."""
-    (t0, s0), (ct, cs) = origin, counts
-    q, r = d.shape[-2:]
+    t0, s0 = origin
+    ct, cs, r, q = c.shape
     gram = None
     if nuclear is not None:
         need_gram = any(isinstance(w, torch.Tensor) for w in weights.values())
-        probe = 2 * torch.get_num_threads() if d.device.type == "cpu" else 0
-        res = _nuclear_norms(d.transpose(-1, -2), with_gram=need_gram, probe=probe, tol=tol)  # on C: CᵀC when r ≥ q
+        probe = 2 * torch.get_num_threads() if c.device.type == "cpu" else 0
+        res = _nuclear_norms(c, with_gram=need_gram, probe=probe, tol=tol)
         norms, gram = res if need_gram else (res, None)
-        nuclear[t0:t0 + ct, s0:s0 + cs] = norms.view(ct, cs)
+        nuclear[t0:t0 + ct, s0:s0 + cs] = norms
     if gram is not None and q <= r:  # CᵀC: its diagonal holds the squared column norms of C
-        col_sq = torch.diagonal(gram, dim1=-2, dim2=-1).reshape(ct, cs, q)
+        col_sq = torch.diagonal(gram, dim1=-2, dim2=-1)
     else:
-        col_sq = torch.linalg.vector_norm(d, dim=-1).square().view(ct, cs, q)
+        col_sq = torch.stack([torch.linalg.vector_norm(c[i], dim=-2) for i in range(ct)]).square()
     cross_sq[t0:t0 + ct, s0:s0 + cs] = col_sq.sum(dim=-1)
     for sid, w in weights.items():
         if isinstance(w, torch.Tensor):  # matrices M (only set up when CᵀC is formed: Procrustes, q ≤ r)
-            g = gram.view(ct, cs, q * q)
+            g = gram.reshape(ct, cs, q * q)
             for j in range(cs):  # ⟨CᵀC, M⟩ for one student layer and all teacher layers: one GEMV
                 explained[sid][t0:t0 + ct, s0 + j] = g[:, j] @ w[s0 + j].reshape(-1)
         else:
