@@ -1,9 +1,9 @@
 """Every teacher layer against every student layer at once.
 
-Per-layer work is done once: centring, scaling to unit Frobenius norm (X̃ = X_c/‖X_c‖_F, float64), a *factor*
-F with the same cross products as X̃ up to an orthogonal map, ‖X̃ᵀX̃‖²_F, squared row norms (for debiased
-CKA) and, for student layers when the in-sample projection residual is asked, the factor rotated to its right
-singular basis (F = X̃V = U diag(σ)), so that column k of a pair product is C_ts v_k.
+Per-layer work is done once (layers in parallel, one thread each, on a CPU): centring, scaling to unit
+Frobenius norm (X̃ = X_c/‖X_c‖_F, float64), a *factor* F with the same cross products as X̃ up to an orthogonal
+map, ‖X̃ᵀX̃‖²_F, squared row norms (for debiased CKA) and, for student layers when the in-sample projection
+residual is asked, the right singular basis V (kept aside, or the factor rotated to F = X̃V = U diag(σ)).
 
 - primal (n ≥ width): F = X̃ (n × width).
 - dual (n < width): X̃ = U S Vᵀ, F = U S (n × n). Then F_tᵀF_s = V_tᵀ(X̃_tᵀỸ_s)V_s has the same singular values
@@ -11,23 +11,25 @@ singular basis (F = X̃V = U diag(σ)), so that column k of a pair product is C_
   n·p·q to n³.
 
 Pair work is batched: the factors of each side are stored side by side, (n, Σr), and a chunk of teacher layers ×
-a chunk of student layers is one GEMM, C = F_chunkᵀ G_chunk, whose (t, s) blocks are the pair cross products.
-From the blocks (all on ``device``):
+a chunk of student layers is one GEMM, C = F_chunkᵀ G_chunk, whose (t, s) blocks are the pair cross products
+(used as strided views, not copied). From the blocks (all on ``device``):
 
-- Procrustes ρ = ‖C_ts‖_* (σ = √eig of the small Gram CᵀC by batched ``eigvalsh`` where a rounding bound shows
-  it exact to 1e-9, else ``torch.linalg.svdvals``),
+- Procrustes ρ = ‖C_ts‖_* (σ = √eig of the small Gram CᵀC by batched eigenvalues where a rounding bound shows
+  it exact to ``tol`` = 1e-9, else singular values; see ``_nuclear_norms``),
 - Gram-Frobenius² = ‖X̃ᵀX̃‖²_F + ‖ỸᵀỸ‖²_F − 2‖C_ts‖²_F, linear CKA = ‖C_ts‖²_F / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F),
 - debiased CKA from the same plus a_tᵀb_s (a = squared row norms; see :mod:`repsim.moments` for the formula),
 - in-sample projection residual 1 − Σ_k ‖C_ts v_k‖²/σ_k² over the student's singular pairs (σ_k, v_k) above
-  numpy's lstsq cutoff (with ridge λ: weights (σ_k² + 2λ)/(σ_k² + λ)²).
+  numpy's lstsq cutoff (with ridge λ: weights (σ_k² + 2λ)/(σ_k² + λ)²), read off CᵀC as ⟨CᵀC, V diag(w) Vᵀ⟩.
 
 Memory: one float64 copy of the inputs plus about 3·(chunk pairs)·r_t·r_s·8 bytes; ``chunk_size`` (pairs per
 chunk) is chosen from a budget (1 GiB on CPU, a quarter of free memory on CUDA) when not given. For 48 × 48 layers
 of width 4096 (n ≥ 4096) one pair block is 128 MiB, so the CPU budget gives 2 pairs per chunk.
 
-The k-fold held-out projection residual (``projection_residual[folds=K]``, the default) reuses one thin SVD per
-student layer and fold for all teacher layers (see ``_held_out_residual``). RBF CKA, not a second-moment metric, is
-computed by the registry function per pair on the original inputs.
+The k-fold held-out projection residual (``projection_residual[folds=K]``, the default) is, where cheaper and
+within the memory budget, one n × n matrix per layer and an n² inner product per pair (the leave-fold-out
+identity, ``_held_out_residual_dual``); otherwise one thin SVD per student layer and fold serves all teacher
+layers (``_held_out_residual``). RBF CKA, not a second-moment metric, is computed by the registry function per
+pair on the original inputs.
 """
 
 from __future__ import annotations
