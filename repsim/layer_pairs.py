@@ -567,15 +567,9 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
             out[spec.id] = hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
         elif spec.id in explained:
             out[spec.id] = _clamp_rounding(1.0 - explained[spec.id], 0.0, 1.0, "projection residual")
-        elif spec in held_out:
-            value = held.get(spec.id)
-            if value is None:
-                value = torch.full((lt, ls), float("nan"), dtype=dtype, device=device)
-            todo = [j for j in range(ls) if bool(torch.isnan(value[:, j]).any())]
-            if todo:  # the primal fold-by-fold fit: no dual form, or a student the leave-fold-out identity rejects
-                value[:, todo] = _held_out_residual(teacher, student, int(kw["folds"]),
-                                                    float(kw.get("ridge") or 0.0), device, todo)
-            out[spec.id] = value
+        elif spec in held_out:  # the n × n form computed above, else the fold-by-fold fits
+            out[spec.id] = held[spec.id] if spec.id in held else _held_out_residual(
+                teacher, student, int(kw["folds"]), float(kw.get("ridge") or 0.0), device)
         else:
             raise UserError(f"metric {spec.id!r} has no batched linear form")
     return {k: v.detach().cpu().double().numpy() for k, v in out.items()}
@@ -631,32 +625,32 @@ def _mixed_pairs(block: torch.Tensor, ranks_t: list[int], ranks_s: list[int], or
                 explained[sid][t0 + i, s0 + j] = col_sq @ w[s0 + j]
 
 
-def _held_out_residual(teacher: _Side, student: _Side, folds: int, ridge: float, device: torch.device,
-                       students: Sequence[int] | None = None) -> torch.Tensor:
+def _held_out_residual(teacher: _Side, student: _Side, folds: int, ridge: float,
+                       device: torch.device) -> torch.Tensor:
     """k-fold held-out residual exactly as ``repsim.metrics.projection_residual(folds=k)``, fold by fold.
 
     Per fold and student layer one thin SVD of the re-centred training rows (Ỹ_tr − μ_Y = U S Vᵀ); then for all
     teacher layers at once W·(teacher) is applied as Z·P with P = Uᵀ(X̃_tr − μ_X) and Z = (Ỹ_te − μ_Y) V diag(g),
     and the held-out error ‖X̃_te − μ_X − ZP‖²_F is summed per teacher layer. Working on the factors is exact: they
     differ from X̃, Ỹ by orthogonal maps on the row spaces, which leave predictions and residual norms unchanged.
-    Returns (Lt, len(students)) for the student layers ``students`` (default: all).
+    Folds run one thread each on a CPU. Returns (Lt, Ls).
     """
     from repsim.metrics import fold_assignment
 
     n = teacher.factors.shape[0]
     fold_of_row = torch.as_tensor(fold_assignment(n, folds, 0), device=device)
     lt = len(teacher.ranks)
-    students = list(range(len(student.ranks))) if students is None else list(students)
+    ls = len(student.ranks)
     seg_t = teacher.segments(0, lt)
 
     def one(fold: int) -> torch.Tensor:
-        out = torch.zeros(lt, len(students), dtype=teacher.factors.dtype, device=device)
+        out = torch.zeros(lt, ls, dtype=teacher.factors.dtype, device=device)
         test = fold_of_row == fold
         x_tr, x_te = teacher.factors[~test], teacher.factors[test]
         mu_x = x_tr.mean(dim=0)
         x_te_c = x_te - mu_x
         ones_tr = torch.ones(x_tr.shape[0], dtype=x_tr.dtype, device=device)
-        for col, j in enumerate(students):
+        for j in range(ls):
             b0, b1 = student.layer_slice(j, j + 1)
             y_tr, y_te = student.factors[~test, b0:b1], student.factors[test, b0:b1]
             mu_y = y_tr.mean(dim=0)
@@ -665,7 +659,7 @@ def _held_out_residual(teacher: _Side, student: _Side, folds: int, ridge: float,
             z = ((y_te - mu_y) @ vh.T) * g  # (n_te, r)
             p = u.T @ x_tr - torch.outer(u.T @ ones_tr, mu_x)  # Uᵀ(X_tr − 1μ_Xᵀ), (r, Σr_t)
             err = x_te_c - z @ p
-            out[:, col] = torch.zeros(lt, dtype=err.dtype, device=device).index_add_(0, seg_t, (err * err).sum(dim=0))
+            out[:, j] = torch.zeros(lt, dtype=err.dtype, device=device).index_add_(0, seg_t, (err * err).sum(dim=0))
         return out
 
     with _layer_parallel(device, folds) as pool:  # folds are independent: one thread each on a CPU
