@@ -122,7 +122,7 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
     ``singular`` (what the in-sample projection residual needs of the student): "none"; "rotate": express each
     factor in its right singular basis, F = X̃V = U diag(σ), so that the pair products F_tᵀF_s have columns
     C_ts v_k; "basis": keep F = X̃ and record V (the residual is then read off the pair's CᵀC, see
-    ``_pair_work``), except for layers whose Gram is too ill-conditioned for its eigenvectors (rotated from an
+    ``_uniform_pairs``), except for layers whose Gram is too ill-conditioned for its eigenvectors (rotated from an
     SVD instead). ``gram``: compute ‖X̃ᵀX̃‖²_F (else NaN); ``row_sq``: squared row norms (debiased CKA).
     Where the width × width Gram G = X_cᵀX_c is formed, ‖X_c‖²_F is read off as tr G (no extra pass).
     On a CPU with several torch threads the layers are prepared concurrently, one thread each
@@ -223,29 +223,23 @@ def _right_singular(x: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, 
     return s, vh.T, False
 
 
-_EIG_POOL: ThreadPoolExecutor | None = None
-
-
 def _lapack_batched(fn, g: torch.Tensor) -> torch.Tensor:
-    """``fn`` (a numpy LAPACK gufunc over the last two axes) on a CPU batch (..., a, b), the batch split over
-    ``torch.get_num_threads()`` Python threads with single-threaded BLAS (threadpoolctl): the LAPACK drivers
-    used here (values-only ``syevd``, ``gesdd``) are level-2 bound and scale poorly with BLAS threads, while
-    independent matrices scale with cores."""
+    """``fn`` (a numpy LAPACK gufunc over the last two axes) on a CPU batch (..., a, b), the batch split over the
+    ``_layer_parallel`` threads with single-threaded BLAS: the LAPACK drivers used here (values-only ``syevd``,
+    ``gesdd``) are level-2 bound and scale poorly with BLAS threads, while independent matrices scale with cores."""
     from threadpoolctl import threadpool_limits
 
-    global _EIG_POOL
     arr = g.detach().contiguous().numpy()
     batch = arr.reshape(-1, *arr.shape[-2:])
-    workers = max(1, min(torch.get_num_threads(), batch.shape[0]))
-    with threadpool_limits(limits=1, user_api="blas"):
-        if workers == 1:
-            vals = fn(batch)
+    workers = min(torch.get_num_threads(), batch.shape[0])  # read before the pool sets torch to one thread
+    with _layer_parallel(g.device, batch.shape[0]) as pool:
+        if pool is None:
+            with threadpool_limits(limits=1, user_api="blas"):
+                vals = fn(batch)
         else:
-            if _EIG_POOL is None or _EIG_POOL._max_workers < workers:
-                _EIG_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="repsim-lapack")
             bounds = np.linspace(0, batch.shape[0], workers + 1).astype(int)
-            vals = np.concatenate(list(_EIG_POOL.map(lambda ab: fn(batch[ab[0]:ab[1]]),
-                                                     zip(bounds[:-1], bounds[1:], strict=True))))
+            vals = np.concatenate(list(pool.map(lambda ab: fn(batch[ab[0]:ab[1]]),
+                                                zip(bounds[:-1], bounds[1:], strict=True))))
     return torch.from_numpy(vals.reshape(*arr.shape[:-2], vals.shape[-1]))
 
 
@@ -326,29 +320,31 @@ def _nuclear_norms(d: torch.Tensor, scale: torch.Tensor | float = 1.0, with_gram
         gram = gram_of(d)
         out, _ = _nuclear_from_gram(gram, scale, tol, lambda mask: d[mask])
         return (out, gram) if with_gram else out
+    k = min(r, q)
     sizes = [u.shape[0] for u in units]
     starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-    k = min(r, q)
     gram = torch.empty(starts[-1], k, k, dtype=d.dtype, device=d.device)
 
-    def pick(mask: torch.Tensor) -> torch.Tensor:
-        return torch.cat([u[mask[starts[i]:starts[i + 1]]] for i, u in enumerate(units)])
-
-    gram[:sizes[0]] = gram_of(units[0])
-    direct = False
-    if probe and len(units) > 1 and not isinstance(scale, torch.Tensor):
-        _, redo = _nuclear_from_gram(gram[:sizes[0]], scale, tol, lambda mask: units[0][mask])
-        direct = float(redo.double().mean()) > 0.5
-    if direct:
-        head, _ = _nuclear_from_gram(gram[:sizes[0]], scale, tol, lambda mask: units[0][mask])
-        out = torch.cat([head, _svdvals(torch.cat(units[1:])).sum(dim=-1)])
-        if with_gram:
-            for i in range(1, len(units)):
-                gram[starts[i]:starts[i + 1]] = gram_of(units[i])
-    else:
-        for i in range(1, len(units)):
+    def fill(lo: int) -> None:  # the Grams of units lo, lo+1, …
+        for i in range(lo, len(units)):
             gram[starts[i]:starts[i + 1]] = gram_of(units[i])
-        out, _ = _nuclear_from_gram(gram, scale, tol, pick)
+
+    def pick(lo: int, hi: int):  # for svdvals: the matrices of units lo … hi−1 where mask (over their Grams) is set
+        return lambda mask: torch.cat([units[i][mask[starts[i] - starts[lo]:starts[i + 1] - starts[lo]]]
+                                       for i in range(lo, hi)])
+
+    if probe and len(units) > 1 and not isinstance(scale, torch.Tensor):
+        gram[:sizes[0]] = gram_of(units[0])
+        head, redo = _nuclear_from_gram(gram[:sizes[0]], scale, tol, pick(0, 1))
+        direct = float(redo.double().mean()) > 0.5  # most need svdvals: skip the rest's Grams and eigenvalues
+        if with_gram or not direct:
+            fill(1)
+        tail = _svdvals(torch.cat(units[1:])).sum(dim=-1) if direct else _nuclear_from_gram(
+            gram[sizes[0]:], scale, tol, pick(1, len(units)))[0]
+        out = torch.cat([head, tail])
+    else:
+        fill(0)
+        out, _ = _nuclear_from_gram(gram, scale, tol, pick(0, len(units)))
     out = out.view(*lead)
     return (out, gram.view(*lead, k, k)) if with_gram else out
 
@@ -499,9 +495,10 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
         raise UserError(f"debiased CKA needs at least 4 samples (rows), got {n}")
     need_gram = bool(families & {"gram_frobenius", "cka"})
     ranks_t, ranks_s = [min(n, x.shape[1]) for x in t_in], [min(n, y.shape[1]) for y in s_in]
-    uniform = len(set(ranks_t)) == 1 and len(set(ranks_s)) == 1 and ranks_t[0] >= ranks_s[0]
-    # in-sample residual: read off each pair's CᵀC when the Procrustes pass forms it (uniform shapes), else rotate
-    singular = "none" if not in_sample else ("basis" if uniform and "procrustes" in families else "rotate")
+    uniform_pairs = len(set(ranks_t)) == 1 and len(set(ranks_s)) == 1  # every pair block has one shape
+    # in-sample residual: read off each pair's CᵀC when the Procrustes pass forms it (uniform, r ≥ q), else rotate
+    gram_formed = uniform_pairs and ranks_t[0] >= ranks_s[0] and "procrustes" in families
+    singular = "none" if not in_sample else ("basis" if gram_formed else "rotate")
     dual = bool(held_out) and _dual_held_out_fits(n, ranks_t, ranks_s, [int(dict(s.kwargs)["folds"])
                                                                          for s in held_out], device)
     teacher = _prepare_side(t_in, "teacher", dtype, device, gram=need_gram and not dual, row_sq=need_debiased)
@@ -530,20 +527,17 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
     explained = {sid: torch.empty(lt, ls, dtype=dtype, device=device) for sid in weights}
     need_pairs = bool(families - {"projection_residual"}) or bool(in_sample)
     ct, cs = _choose_chunk(teacher.ranks, student.ranks, device, chunk_size)
-    uniform_pairs = len(set(teacher.ranks)) == 1 and len(set(student.ranks)) == 1
     for t0 in range(0, lt, ct) if need_pairs else ():
         t1 = min(lt, t0 + ct)
         a0, a1 = teacher.layer_slice(t0, t1)
         for s0 in range(0, ls, cs):
             s1 = min(ls, s0 + cs)
             b0, b1 = student.layer_slice(s0, s1)
-            if uniform_pairs:  # one GEMM for the chunk; pair (t, s) is the strided block view C_ts
-                r, q = teacher.ranks[0], student.ranks[0]
-                block = teacher.factors[:, a0:a1].T @ student.factors[:, b0:b1]
-                _uniform_pairs(block.view(t1 - t0, r, s1 - s0, q).transpose(1, 2), (t0, s0), cross_sq, nuclear,
-                               weights, explained, tol)
+            block = teacher.factors[:, a0:a1].T @ student.factors[:, b0:b1]  # one GEMM for the chunk
+            if uniform_pairs:  # pair (t, s) is the strided block view C_ts
+                _uniform_pairs(block.view(t1 - t0, ranks_t[0], s1 - s0, ranks_s[0]).transpose(1, 2), (t0, s0),
+                               cross_sq, nuclear, weights, explained, tol)
             else:
-                block = teacher.factors[:, a0:a1].T @ student.factors[:, b0:b1]  # one GEMM for the chunk
                 _mixed_pairs(block, teacher.ranks[t0:t1], student.ranks[s0:s1], (t0, s0), cross_sq, nuclear,
                              weights, explained, tol)
     gx, gy = teacher.gram_sq, student.gram_sq

@@ -287,3 +287,25 @@ def test_overflowing_input_is_named_as_such():
         pairwise([np.where(np.arange(80).reshape(20, 4) == 7, np.nan, T[0])], S, metrics=["procrustes"])
     with pytest.raises(UserError, match="too large"):
         pairwise([T[0] * 1e160], S, metrics=["procrustes"])
+
+
+@pytest.mark.parametrize("kind", ["well conditioned", "near-null directions", "mixed"])
+def test_nuclear_norm_probe_paths_agree_with_svdvals(kind):
+    """With a probe (the first slice decides whether the rest goes straight to SVDs), 3-D and 4-D (strided)
+    batches give svdvals' nuclear norms, and the Grams returned equal DᵀD whichever path was taken."""
+    from repsim.layer_pairs import _nuclear_norms
+
+    g = torch.Generator().manual_seed(2)
+    well = torch.randn(4, 5, 150, 80, generator=g, dtype=torch.float64)
+    bad = well * torch.logspace(0, -12, 80, dtype=torch.float64)
+    d = {"well conditioned": well, "near-null directions": bad, "mixed": torch.cat([bad[:1], well[1:]])}[kind]
+    d = d / torch.linalg.matrix_norm(d)[..., None, None]
+    exact = torch.linalg.svdvals(d).sum(-1)
+    strided = torch.cat([d, d], dim=-1)[..., :80]  # the same matrices as a non-contiguous view
+    for batch in (d, strided, d.reshape(20, 150, 80)):
+        norms, gram = _nuclear_norms(batch, probe=4, with_gram=True)
+        np.testing.assert_allclose(norms.reshape(4, 5).numpy(), exact.numpy(), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(gram.reshape(4, 5, 80, 80).numpy(), (d.transpose(-1, -2) @ d).numpy(),
+                                   rtol=0, atol=1e-14)
+        np.testing.assert_allclose(_nuclear_norms(batch, probe=4).reshape(4, 5).numpy(), exact.numpy(),
+                                   rtol=0, atol=1e-12)
