@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -292,8 +293,9 @@ def check_stats_metrics(stats_metrics: Sequence[str] | None, ids: Sequence[str])
     fold, so that residual's replicates are optimistic (the interval is not a valid one); it is also the
     costliest metric per replicate. Name it in ``stats_metrics`` to get its intervals and p-values anyway."""
     if stats_metrics is None:
-        valid = [m for m in ids if not (_spec(m).family == "projection_residual"
-                                        and dict(_spec(m).kwargs).get("folds") is not None)]
+        specs = [_spec(m) for m in ids]
+        valid = [sp.id for sp in specs if not (sp.family == "projection_residual"
+                                               and dict(sp.kwargs).get("folds") is not None)]
         return valid or list(ids)
     chosen = list(dict.fromkeys(_spec(m).id for m in stats_metrics))
     missing = [m for m in chosen if m not in ids]
@@ -515,28 +517,30 @@ def _model_shape(spec: str) -> dict[str, Any]:
 
 
 def _config_shape(path: Path) -> tuple[int | None, int | None]:
-    """(hidden width, hidden-state layers = blocks + 1) from a model folder's config.
+    """(hidden width, hidden-state layers = blocks + 1) from a model folder's config; the block count is the
+    extraction's own (:func:`repsim.extract.num_layers_of_config`).
 
     Read from config.json when it names them in the common spellings (a warm run then never imports
     transformers); otherwise through ``transformers.AutoConfig``, which knows every model's attribute names."""
+    from repsim.extract import num_layers_of_config
+
     try:
         raw = json.loads((path / "config.json").read_text())
         raw = raw.get("text_config") or raw
         width = next((raw[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(raw.get(k), int)), None)
-        blocks = next((raw[k] for k in ("num_hidden_layers", "n_layer", "num_layers")
-                       if isinstance(raw.get(k), int)), None)
+        blocks = num_layers_of_config(SimpleNamespace(**raw))
         if width and blocks is not None:
-            return int(width), int(blocks) + 1
-    except (OSError, ValueError, AttributeError):
+            return int(width), blocks + 1
+    except (OSError, ValueError, AttributeError, TypeError):
         pass
     try:
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(str(path))
+        blocks = num_layers_of_config(cfg)
         cfg = getattr(cfg, "text_config", None) or cfg
         width = int(getattr(cfg, "hidden_size", getattr(cfg, "n_embd", 0))) or None
-        blocks = getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", None))
-        return width, int(blocks) + 1 if blocks is not None else None
+        return width, blocks + 1 if blocks is not None else None
     except (OSError, ValueError, KeyError, TypeError):
         return None, None
 

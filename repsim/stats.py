@@ -128,19 +128,19 @@ def _weighted_gram_moments(T: torch.Tensor, S: torch.Tensor, rows: torch.Tensor,
     one weighting pass of the teacher Grams and one matrix product of the flattened Grams for all pairs, with the
     centring carried by the vectors a, b (no centred m × m copies).
     """
-    Kt = T.index_select(1, rows).index_select(2, rows)
-    Ks = S.index_select(1, rows).index_select(2, rows)
-    m = rows.numel()
-    a, b = Kt @ w, Ks @ w  # (L, m)
-    wa, wb = a @ w, b @ w  # wᵀAw, wᵀBw
-    weighted_t = (Kt * w[None, :, None] * w[None, None, :]).reshape(len(T), m * m)
-    t_flat, s_flat = Kt.reshape(len(T), m * m), Ks.reshape(len(S), m * m)
+    def side(G: torch.Tensor):
+        """(WAW flattened, A flattened, a = Aw, wᵀa, ‖Ã‖², tr Ã) of each gathered Gram A of one side."""
+        K = G.index_select(1, rows).index_select(2, rows)
+        flat = K.reshape(len(G), -1)
+        weighted = (K * w[None, :, None] * w[None, None, :]).reshape(len(G), -1)
+        a = K @ w  # (L, m)
+        wa = a @ w
+        sq = (weighted * flat).sum(dim=1) - 2 * ((a * a) @ w) / n + wa ** 2 / n ** 2
+        return weighted, flat, a, wa, sq, torch.diagonal(K, dim1=-2, dim2=-1) @ w - wa / n
+
+    weighted_t, _, a, wa, t_sq, t_tr = side(T)
+    _, s_flat, b, wb, s_sq, s_tr = side(S)
     cross = weighted_t @ s_flat.T - 2 * (a * w) @ b.T / n + wa[:, None] * wb[None, :] / n ** 2
-    t_sq = (weighted_t * t_flat).sum(dim=1) - 2 * ((a * a) @ w) / n + wa ** 2 / n ** 2
-    s_sq = ((Ks * w[None, :, None] * w[None, None, :]).reshape(len(S), m * m) * s_flat).sum(dim=1) \
-        - 2 * ((b * b) @ w) / n + wb ** 2 / n ** 2
-    t_tr = torch.diagonal(Kt, dim1=-2, dim2=-1) @ w - wa / n
-    s_tr = torch.diagonal(Ks, dim1=-2, dim2=-1) @ w - wb / n
     return cross, t_sq, t_tr, s_sq, s_tr
 
 
