@@ -252,8 +252,17 @@ class Comparison:
         """The heatmap of one metric as a matplotlib Figure (``fig.savefig(...)`` to write it)."""
         from repsim.plot import heatmap
 
-        return heatmap(self.table, self._metric_id(metric), teacher_name=self.meta.get("teacher", {}).get(
-            "name", "teacher"), student_name=self.meta.get("student", {}).get("name", "student"))
+        return heatmap(self.table, self._metric_id(metric), **self.figure_labels())
+
+    def figure_labels(self) -> dict[str, Any]:
+        """Model names (short form) and the number of texts for figure axes and titles; None where ``meta``
+        does not know them (a results.csv without its report.json)."""
+        names = {}
+        for side in ("teacher", "student"):
+            name = (self.meta.get(side) or {}).get("name")
+            names[f"{side}_name"] = _short(name) if name else None
+        n = (self.meta.get("data") or {}).get("n_texts", self.meta.get("n_texts"))
+        return dict(names, n_texts=int(n) if n else None)
 
     def summary(self) -> str:
         """The terminal report: per teacher layer, the best student layer and value under each metric."""
@@ -273,8 +282,7 @@ class Comparison:
         try:
             t0 = time.perf_counter()
             self.table.to_csv(tmp / "results.csv", index=False, float_format="%.10g")
-            save_figures(self.table, tmp, teacher_name=_short(self.meta.get("teacher", {}).get("name", "teacher")),
-                         student_name=_short(self.meta.get("student", {}).get("name", "student")))
+            save_figures(self.table, tmp, **self.figure_labels())
             self.meta.setdefault("timings", {})["plots"] = time.perf_counter() - t0
             (tmp / "report.json").write_text(json.dumps(_jsonable(self.meta), indent=2) + "\n")
             out.mkdir(exist_ok=True)
@@ -701,12 +709,14 @@ def run_plot_cli(args: Any) -> int:
     from repsim.plot import save_figures
 
     comp = Comparison.from_csv(args.results)
+    if not comp.meta:
+        print(f"repsim: no report.json beside {args.results}: model names and the number of texts are unknown; "
+              "axes say only 'teacher layer' / 'student layer'", file=sys.stderr)
     out = check_out_dir(args.out or Path(args.results).parent)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
     try:
-        files = save_figures(comp.table, tmp, teacher_name=_short(comp.meta.get("teacher", {}).get("name", "teacher")),
-                             student_name=_short(comp.meta.get("student", {}).get("name", "student")))
+        files = save_figures(comp.table, tmp, **comp.figure_labels())
         for f in files:
             os.replace(f, out / f.name)
     finally:

@@ -18,7 +18,8 @@ from repsim.errors import UserError
 
 HEATMAP_FIGSIZE = (7.0, 5.5)  # inches
 DPI = 100  # → heatmap PNGs are 700 × 550 pixels
-CURVE_FIGSIZE = (7.0, 4.5)
+CURVE_FIGSIZE = (7.0, 4.5)  # the best-match figure grows taller with more than three metrics
+MAX_TICK_LABELS = 16  # layer labels per heatmap axis; more layers are labelled every k-th
 REQUIRED_COLUMNS = ("teacher_layer", "student_layer", "metric", "value")
 
 
@@ -54,13 +55,16 @@ def best_in_rows(matrix: np.ndarray, direction: str) -> np.ndarray:
     return np.argmin(matrix, axis=1) if direction == "lower" else np.argmax(matrix, axis=1)
 
 
-def heatmap(table: pd.DataFrame, metric: str, *, teacher_name: str = "teacher", student_name: str = "student",
-            annotate: bool | None = None) -> Figure:
+def heatmap(table: pd.DataFrame, metric: str, *, teacher_name: str | None = None, student_name: str | None = None,
+            n_texts: int | None = None, annotate: bool | None = None) -> Figure:
     """Heatmap of one metric: rows = teacher layers, columns = student layers, each row's best match boxed.
 
     The colour map runs so that "more similar" is always the bright end (viridis, reversed for metrics where
     lower is more similar); the colour bar names the metric's convention and direction. Cells carry their
-    value (2 decimals) when there are at most 200 of them; missing values are left blank.
+    value (2 decimals) when there are at most 200 of them; missing values are left blank. With more than
+    :data:`MAX_TICK_LABELS` layers on an axis only every k-th layer is labelled (:func:`tick_positions`).
+    The title names the number of texts ``n_texts`` when it is known; the axes name the models when their names
+    are known (None: just "teacher layer" / "student layer").
     Drawn with matplotlib's ``imshow`` directly (seaborn's heatmap adds nothing here but a 0.6 s import of
     scipy.stats to every run).
     """
@@ -75,8 +79,9 @@ def heatmap(table: pd.DataFrame, metric: str, *, teacher_name: str = "teacher", 
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label=metric_label(spec.id))
     rows, cols = values.shape
-    ax.set_xticks(np.arange(cols), [str(c) for c in mat.columns])
-    ax.set_yticks(np.arange(rows), [str(r) for r in mat.index])
+    xt, yt = tick_positions(cols), tick_positions(rows)
+    ax.set_xticks(xt, [str(mat.columns[i]) for i in xt])
+    ax.set_yticks(yt, [str(mat.index[i]) for i in yt])
     ax.set_xticks(np.arange(cols + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(rows + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="white", linewidth=0.3)
@@ -94,41 +99,74 @@ def heatmap(table: pd.DataFrame, metric: str, *, teacher_name: str = "teacher", 
     best = best_in_rows(values, spec.direction)
     for row, col in enumerate(best):
         ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.0))
-    ax.set_xlabel(f"student layer ({student_name})")
-    ax.set_ylabel(f"teacher layer ({teacher_name})")
-    ax.set_title(f"{spec.id}: red box = best student layer per teacher layer", fontsize=9)
+    ax.set_xlabel(axis_label("student", student_name))
+    ax.set_ylabel(axis_label("teacher", teacher_name))
+    ax.set_title(f"{spec.id}{texts_note(n_texts)}: red box = best student layer per teacher layer", fontsize=9)
     return fig
 
 
-def best_match_curve(table: pd.DataFrame, *, teacher_name: str = "teacher", student_name: str = "student") -> Figure:
-    """For each metric, the best-matching student layer as a function of the teacher layer (left) and its
-    value rescaled to [0, 1] within the metric with 1 = most similar (right)."""
-    fig = Figure(figsize=CURVE_FIGSIZE, dpi=DPI, layout="constrained")
-    ax_layer, ax_value = fig.subplots(1, 2)
-    metrics = list(dict.fromkeys(table["metric"]))
-    for k, metric in enumerate(metrics):
-        spec = _spec(metric)
+def best_match_curve(table: pd.DataFrame, *, teacher_name: str | None = None, student_name: str | None = None,
+                     n_texts: int | None = None) -> Figure:
+    """For each metric, the best-matching student layer as a function of the teacher layer (left), and the
+    value of that best match in the metric's own units (right, one panel per metric, its axis labelled with
+    the convention and the direction that means "more similar")."""
+    metrics = [_spec(m) for m in dict.fromkeys(table["metric"])]
+    height = max(CURVE_FIGSIZE[1], 1.0 + 1.15 * len(metrics))
+    fig = Figure(figsize=(CURVE_FIGSIZE[0], height), dpi=DPI, layout="constrained")
+    grid = fig.add_gridspec(len(metrics), 2)
+    ax_layer = fig.add_subplot(grid[:, 0])
+    value_axes = [fig.add_subplot(grid[k, 1]) for k in range(len(metrics))]
+    for k, (spec, ax_value) in enumerate(zip(metrics, value_axes, strict=True)):
         mat = pivot(table, spec.id)
         values = mat.to_numpy(dtype=float)
         best = best_in_rows(values, spec.direction)
         teacher_layers = mat.index.to_numpy()
         student_layers = mat.columns.to_numpy()
+        colour = f"C{k % 10}"
         offset = (k - (len(metrics) - 1) / 2) * 0.08  # keep coinciding curves visible
-        ax_layer.plot(teacher_layers, student_layers[best] + offset, marker="o", label=spec.id)
-        best_vals = values[np.arange(len(best)), best]
-        lo, hi = np.nanmin(values), np.nanmax(values)
-        scaled = (best_vals - lo) / (hi - lo) if hi > lo else np.ones_like(best_vals)
-        if spec.direction == "lower":
-            scaled = 1 - scaled
-        ax_value.plot(teacher_layers, scaled, marker="o", label=spec.id)
-    ax_layer.set_xlabel(f"teacher layer ({teacher_name})")
-    ax_layer.set_ylabel(f"best student layer ({student_name})")
-    ax_layer.set_title("best match per teacher layer", fontsize=9)
-    ax_value.set_xlabel(f"teacher layer ({teacher_name})")
-    ax_value.set_ylabel("best value, min-max scaled (1 = most similar)")
-    ax_value.set_title("how similar the best match is", fontsize=9)
+        ax_layer.plot(teacher_layers, student_layers[best] + offset, marker="o", color=colour, label=spec.id)
+        ax_value.plot(teacher_layers, values[np.arange(len(best)), best], marker="o", markersize=3, color=colour)
+        arrow = "↓" if spec.direction == "lower" else "↑"
+        ax_value.set_ylabel(f"{spec.id}\n{arrow} {spec.direction} = more similar", fontsize=7)
+        ax_value.tick_params(labelsize=7)
+        ax_value.grid(alpha=0.3)
+        if k < len(metrics) - 1:
+            ax_value.tick_params(labelbottom=False)
+        if len(metrics) > 1:
+            ax_value.sharex(value_axes[0])
+    ax_layer.set_xlabel(axis_label("teacher", teacher_name))
+    ax_layer.set_ylabel(f"best {axis_label('student', student_name)}")
+    ax_layer.set_title(f"best match per teacher layer{texts_note(n_texts)}", fontsize=9)
+    value_axes[-1].set_xlabel(axis_label("teacher", teacher_name))
+    value_axes[0].set_title("value of that best match", fontsize=9)
     ax_layer.legend(fontsize=7)
     return fig
+
+
+def axis_label(side: str, name: str | None) -> str:
+    """``"teacher layer (all-mpnet-base-v2)"``, or ``"teacher layer"`` when the model's name is not known."""
+    return f"{side} layer ({name})" if name else f"{side} layer"
+
+
+def texts_note(n_texts: int | None) -> str:
+    """``", n = 872 texts"`` for titles; empty when the number of texts is not known."""
+    return f", n = {int(n_texts)} texts" if n_texts else ""
+
+
+def tick_positions(count: int, max_labels: int = MAX_TICK_LABELS) -> list[int]:
+    """Positions 0..count−1 to label on a heatmap axis: all of them up to ``max_labels``, else every k-th with
+    k = ⌈count / max_labels⌉, the last position always labelled (it replaces the one before when they would
+    sit closer than k/2 apart)."""
+    if count <= max_labels:
+        return list(range(count))
+    step = -(-count // max_labels)
+    positions = list(range(0, count, step))
+    if positions[-1] != count - 1:
+        if count - 1 - positions[-1] < step / 2:
+            positions[-1] = count - 1
+        else:
+            positions.append(count - 1)
+    return positions
 
 
 def file_stem(metric: str) -> str:
@@ -137,15 +175,16 @@ def file_stem(metric: str) -> str:
     return "_".join(part for part in out.split("_") if part)
 
 
-def save_figures(table: pd.DataFrame, out_dir: str | Path, *, teacher_name: str = "teacher",
-                 student_name: str = "student", formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+def save_figures(table: pd.DataFrame, out_dir: str | Path, *, teacher_name: str | None = None,
+                 student_name: str | None = None, n_texts: int | None = None,
+                 formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
     """Write heatmap_<metric>.<fmt> for every metric and best_match.<fmt> into ``out_dir``; return the paths."""
     out_dir = Path(out_dir)
     written = []
-    figures = [(f"heatmap_{file_stem(_spec(m).id)}", heatmap(table, m, teacher_name=teacher_name,
-                                                             student_name=student_name))
+    names = dict(teacher_name=teacher_name, student_name=student_name, n_texts=n_texts)
+    figures = [(f"heatmap_{file_stem(_spec(m).id)}", heatmap(table, m, **names))
                for m in dict.fromkeys(table["metric"])]
-    figures.append(("best_match", best_match_curve(table, teacher_name=teacher_name, student_name=student_name)))
+    figures.append(("best_match", best_match_curve(table, **names)))
     import matplotlib
 
     # SVG text stays text (editable in a paper, 1/3 smaller, faster to write than glyph outlines); the
