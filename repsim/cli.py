@@ -16,6 +16,13 @@ from collections.abc import Sequence
 from repsim import __version__
 from repsim.errors import UserError
 
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch and BLAS (default: torch's choice); on a CPU shared with other jobs "
+                   "1 is often fastest")
+
+
 # ------------------------------------------------------------------------------------ compare
 
 
@@ -53,6 +60,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for data sampling, bootstrap and permutations")
     p.add_argument("--suggest-map", default=None, metavar="METRIC",
                    help="print the monotone teacher->student layer map maximising total similarity under METRIC")
+    _add_threads(p)
     p.set_defaults(func=_run_compare)
 
 
@@ -105,6 +113,7 @@ def _add_extract(sub) -> None:
                    help="compute dtype of the model (features are stored as float32)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads(p)
     p.set_defaults(func=_run_extract)
 
 
@@ -201,6 +210,7 @@ def _add_check(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     p.add_argument("--seed", type=int, default=0, help="seed for data sampling")
     p.add_argument("--out", default=None, metavar="DIR", help="write check.csv and check.json here")
+    _add_threads(p)
     p.set_defaults(func=_run_check)
 
 
@@ -237,6 +247,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    "(0: end of each epoch); an interrupted run resumes from --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_threads(p)
 
 
 def _add_distill(sub) -> None:
@@ -333,6 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "threads", None) is not None:
+            from repsim.threads import set_threads
+
+            set_threads(args.threads)
         result = args.func(args)
     except UserError as exc:
         print(f"repsim: error: {exc}", file=sys.stderr)

@@ -1,0 +1,21 @@
+"""CPU threads of one repsim process: torch's intra-op pool and the BLAS/OpenMP libraries, set together."""
+
+from __future__ import annotations
+
+from repsim.errors import UserError
+
+
+def set_threads(n: int) -> None:
+    """Use ``n`` CPU threads from now on: ``torch.set_num_threads(n)`` and, through threadpoolctl, every BLAS
+    and OpenMP library loaded in the process (numpy's OpenBLAS, MKL, ...). Per-layer work in
+    :mod:`repsim.layer_pairs` sizes its thread pool from torch's thread count, so it follows.
+
+    One thread is the faster choice when the cores are busy with other jobs (intra-op threads spin-wait for
+    a core); ``benchmarks/RESULTS.md`` has the measurements."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"--threads must be a positive integer, got {n!r}")
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    threadpool_limits(limits=n)  # applies now, for the rest of the process (not used as a context manager)
