@@ -28,10 +28,12 @@ _LAZY = {
     "LayerMoments": "repsim.moments",
     "compare": "repsim.comparison",
     "Comparison": "repsim.comparison",
+    "compare_saved": "repsim.comparison",
     "UserError": "repsim.errors",
 }
 _SUBMODULES = {"losses", "metrics", "moments", "layer_pairs", "stats", "data", "extract", "store", "assets",
-               "comparison", "plot", "theory", "distill", "evaluate", "errors", "arrays"}
+               "comparison", "plot", "theory", "distill", "evaluate", "errors", "arrays",
+               "saved", "threads"}
 
 __all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
 

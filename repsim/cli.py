@@ -33,9 +33,16 @@ def _add_compare(sub) -> None:
         "default: all-mpnet-base-v2 (teacher) vs all-MiniLM-L6-v2 (student) on sst2.")
     p.add_argument("teacher", nargs="?", default=None, help="teacher model: HF id, short name or local folder")
     p.add_argument("student", nargs="?", default=None, help="student model: HF id, short name or local folder")
-    p.add_argument("--data", default="sst2", help="sst2 | PATH (.txt/.csv/.jsonl) | hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--data", default=None,
+                   help="sst2 (default) | PATH (.txt/.csv/.jsonl) | hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--text-column", default=None, help="column holding the texts (files / hf data sets)")
     p.add_argument("--label-column", default=None, help="column holding the labels (optional)")
+    p.add_argument("--teacher-acts", default=None, metavar="PATH",
+                   help="compare saved activations instead of models: a .npy/.safetensors file (one layer, or a "
+                   "(layers, texts, width) stack, or one tensor per layer) or a folder with one file per layer; "
+                   "needs --student-acts; rows = texts, in the same order on both sides")
+    p.add_argument("--student-acts", default=None, metavar="PATH", help="the student's saved activations (as "
+                   "--teacher-acts)")
     p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
                    help="metric ids, e.g. procrustes gram_frobenius cka 'projection_residual[folds=5]' "
                    "(default: the four default metrics)")

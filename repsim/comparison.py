@@ -584,20 +584,11 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     from repsim import assets
 
     say: Echo = echo or (lambda _line: None)
-    ids = resolve_metrics(metrics)
-    check_stats_metrics(stats_metrics, ids)
+    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out)
     if pool not in POOLS:
         raise UserError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
-    if max_samples is not None and max_samples < MIN_TEXTS:
-        raise UserError(f"--max-samples must be at least {MIN_TEXTS} (a comparison needs several texts), "
-                        f"got {max_samples}")
-    for flag, val in (("--bootstrap", bootstrap), ("--permutations", permutations)):
-        if val < 0:
-            raise UserError(f"{flag} must be ≥ 0, got {val}")
     if batch_size < 1 or max_length < 1:
         raise UserError("--batch-size and --max-length must be positive")
-    if out is not None:
-        check_out_dir(out)
     device = _resolve_device(device)
     teacher = teacher or assets.DEFAULT_TEACHER
     student = student or assets.DEFAULT_STUDENT
@@ -662,6 +653,77 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     return comp
 
 
+def _check_options(metrics: Sequence[str] | str | None, stats_metrics: Sequence[str] | None,
+                   max_samples: int | None, bootstrap: int, permutations: int, out: str | Path | None) -> list[str]:
+    """The options every comparison shares, checked before any work; returns the canonical metric ids."""
+    ids = resolve_metrics(metrics)
+    check_stats_metrics(stats_metrics, ids)
+    if max_samples is not None and max_samples < MIN_TEXTS:
+        raise UserError(f"--max-samples must be at least {MIN_TEXTS} (a comparison needs several texts), "
+                        f"got {max_samples}")
+    for flag, val in (("--bootstrap", bootstrap), ("--permutations", permutations)):
+        if val < 0:
+            raise UserError(f"{flag} must be ≥ 0, got {val}")
+    if out is not None:
+        check_out_dir(out)
+    return ids
+
+
+def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence[str] | str | None = None,
+                  layers: Sequence[str] | None = None, max_samples: int | None = None, device: str = "auto",
+                  bootstrap: int = 0, permutations: int = 0, stats_metrics: Sequence[str] | None = None,
+                  seed: int = 0, out: str | Path | None = None, progress: bool = False,
+                  echo: Echo | None = None) -> Comparison:
+    """Compare activations saved as files (``.npy`` / ``.safetensors`` per layer, a folder of them, or a
+    (layers, n, width) stack; see :mod:`repsim.saved`): row i of every layer on both sides must come from text i.
+
+    ``layers``: the same tokens as :func:`compare` (layer numbers as read from the file names; negatives count
+    from the end). ``max_samples``: the same seeded subset of rows that ``compare --max-samples`` takes of the
+    texts. ``meta`` records each array's file, tensor, shape, dtype and sha256.
+    """
+    from repsim.data import sample_rows
+    from repsim.saved import load_saved_layers
+
+    say: Echo = echo or (lambda _line: None)
+    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out)
+    device = _resolve_device(device)
+    t_req, s_req = parse_layers(layers)
+    t0 = time.perf_counter()
+    sides = {}
+    for side, path, req in (("teacher", teacher, t_req), ("student", student, s_req)):
+        sides[side] = load_saved_layers(path, side).select(req, side)
+    t_acts, s_acts = sides["teacher"], sides["student"]
+    if t_acts.n != s_acts.n:
+        raise UserError(f"the teacher activations have {t_acts.n} rows and the student's {s_acts.n}; row i of both "
+                        "must come from the same text i")
+    n_all = t_acts.n
+    if max_samples is not None and max_samples < n_all:
+        rows = sample_rows(n_all, max_samples, seed)
+        t_acts, s_acts = t_acts.take_rows(rows), s_acts.take_rows(rows)
+    timings = {"load": time.perf_counter() - t0}
+    for side, acts in sides.items():
+        widths = sorted({int(a.shape[1]) for a in acts.arrays})
+        say(f"{side:<8} {Path(str(acts.provenance['path']))}  width {','.join(map(str, widths))}  layers "
+            f"{','.join(map(str, acts.ids))}")
+    say(f"rows     {t_acts.n} of {n_all} (saved activations: row i = text i on both sides)   device {device}   "
+        f"metrics {', '.join(ids)}")
+    meta: dict[str, Any] = {
+        side: {"name": Path(str(acts.provenance["path"])).name or str(acts.provenance["path"]),
+               "layers": list(acts.ids), "layer_names": list(acts.names),
+               "width": int(acts.arrays[0].shape[1]), "activations": acts.provenance}
+        for side, acts in (("teacher", t_acts), ("student", s_acts))}
+    meta.update({
+        "data": {"spec": None, "source": "saved activations (rows as given)", "n_texts": t_acts.n,
+                 "n_rows_saved": n_all, "max_samples": max_samples},
+        "device": device, "versions": _versions(), "timings": timings, "warnings": []})
+    comp = Comparison.from_layers(t_acts.arrays, s_acts.arrays, ids, teacher_layer_ids=t_acts.ids,
+                                  student_layer_ids=s_acts.ids, bootstrap=bootstrap, permutations=permutations,
+                                  seed=seed, stats_metrics=stats_metrics, device=device, meta=meta, progress=progress)
+    if out is not None:
+        comp.save(out)
+    return comp
+
+
 def _versions() -> dict[str, str]:
     import torch
 
@@ -682,12 +744,27 @@ def run_compare_cli(args: Any) -> int:
         check_out_dir(args.out)
     if args.suggest_map and _spec(args.suggest_map).id not in resolve_metrics(args.metrics):
         raise UserError(f"--suggest-map {args.suggest_map}: that metric is not among --metrics")
-    comp = compare(args.teacher, args.student, args.data, metrics=args.metrics, pool=args.pool, layers=args.layers,
-                   text_column=args.text_column, label_column=args.label_column, max_samples=args.max_samples,
-                   batch_size=args.batch_size, max_length=args.max_length, device=args.device,
-                   bootstrap=args.bootstrap, permutations=args.permutations,
-                   stats_metrics=getattr(args, "stats_metrics", None), seed=args.seed,
-                   cache=not args.no_cache, out=None, progress=True, echo=echo)
+    t_acts, s_acts = getattr(args, "teacher_acts", None), getattr(args, "student_acts", None)
+    if t_acts is not None or s_acts is not None:
+        if t_acts is None or s_acts is None:
+            raise UserError("give both --teacher-acts and --student-acts")
+        if args.teacher is not None or args.student is not None:
+            raise UserError("give either TEACHER STUDENT models or --teacher-acts/--student-acts, not both")
+        given = [f for f, v in (("--data", args.data), ("--text-column", args.text_column),
+                                ("--label-column", args.label_column)) if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} does not apply to saved activations: their rows are the texts")
+        comp = compare_saved(t_acts, s_acts, metrics=args.metrics, layers=args.layers, max_samples=args.max_samples,
+                             device=args.device, bootstrap=args.bootstrap, permutations=args.permutations,
+                             stats_metrics=getattr(args, "stats_metrics", None), seed=args.seed, out=None,
+                             progress=True, echo=echo)
+    else:
+        comp = compare(args.teacher, args.student, "sst2" if args.data is None else args.data, metrics=args.metrics,
+                       pool=args.pool, layers=args.layers, text_column=args.text_column,
+                       label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size,
+                       max_length=args.max_length, device=args.device, bootstrap=args.bootstrap,
+                       permutations=args.permutations, stats_metrics=getattr(args, "stats_metrics", None),
+                       seed=args.seed, cache=not args.no_cache, out=None, progress=True, echo=echo)
     if args.out is not None:
         comp.save(args.out)
     echo("")

@@ -133,11 +133,17 @@ def subsample(data: TextData, max_samples: int | None, *, seed: int = 0) -> Text
         raise UserError(f"max_samples must be at least 1, got {max_samples}")
     if max_samples is None or max_samples >= len(data.texts):
         return data
-    keep = np.sort(np.random.default_rng(seed).permutation(len(data.texts))[:max_samples])
+    keep = sample_rows(len(data.texts), max_samples, seed)
     texts = [data.texts[i] for i in keep]
     labels = None if data.labels is None else [data.labels[i] for i in keep]
     return TextData(texts, labels, data.name, f"{data.source}; random {max_samples} of {len(data.texts)} (seed {seed})",
                     data.offline_fallback, "", data.n_dropped, data.split, dict(data.extra))
+
+
+def sample_rows(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """The rows ``max_samples=k`` keeps out of ``n``: the first k of a seeded permutation, sorted (so nested
+    across k for one seed). Applies to texts and to saved activation rows alike."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
 # ------------------------------------------------------------------------------------ sst2
