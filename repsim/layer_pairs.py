@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.arrays import as_matrix
+from repsim.arrays import as_matrix, check_spread, power_of_two_exponent, safe_squares, scale_by_power_of_two, \
+    zero_variance_error
 from repsim.errors import UserError
 
 CPU_CHUNK_BUDGET_BYTES = 1 << 30
@@ -87,32 +88,55 @@ def _as_layers(layers: Any, name: str) -> list[Any]:
     return out
 
 
-def _centre(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """X − 1μᵀ in ``dtype`` (μ accumulated in ``dtype``), written into ``out`` when given (no temporary)."""
-    if x.dtype == dtype and x.shape[0] > 1:  # the column means as one matrix-vector product
-        mean = (x.T @ torch.ones(x.shape[0], dtype=dtype, device=x.device))[None, :] / x.shape[0]
+def _centre(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
+            exponent: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X·2^−exponent − 1μᵀ in ``dtype``, n‖μ‖²), μ accumulated in ``dtype``, written into ``out`` when given (no
+    temporary). The power-of-two factor is exact (see repsim.arrays)."""
+    n = x.shape[0]
+    if exponent:
+        x = scale_by_power_of_two(x, -exponent, out=out if out is not None else
+                                  torch.empty(x.shape, dtype=dtype, device=x.device))
+        mean = x.mean(dim=0, keepdim=True)
+        return x.sub_(mean), n * mean.square().sum()
+    if x.dtype == dtype and n > 1:  # the column means as one matrix-vector product
+        mean = (x.T @ torch.ones(n, dtype=dtype, device=x.device))[None, :] / n
     else:
         mean = x.mean(dim=0, keepdim=True, dtype=dtype)
-    return torch.sub(x, mean, out=out)
+    return torch.sub(x, mean, out=out), n * mean.square().sum()
 
 
-def _unit_scale(xc: torch.Tensor, sq_norm: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    """Check ‖X_c‖²_F (``sq_norm``) and divide the centred ``xc`` by ‖X_c‖_F in place.
-
-    Also the finiteness check of the input ``x``: NaN or inf anywhere makes the norm non-finite."""
-    if not bool(torch.isfinite(sq_norm)):
-        if not bool(torch.isfinite(x).all()):
-            raise UserError(f"{name} contains NaN or inf")
-        raise UserError(f"{name} is too large for {xc.dtype} (its squared norm overflows); rescale it")
-    if not bool(sq_norm > 0):
-        raise UserError(f"{name} has zero variance (all rows equal after centering); the metric is undefined")
-    return xc.div_(torch.sqrt(sq_norm))
+def _unit_scale(xc: torch.Tensor, centred_sq: torch.Tensor, offset_sq: torch.Tensor, x: torch.Tensor, name: str,
+                rescaled: bool) -> bool:
+    """Divide the centred ``xc`` by ‖X_c‖_F (``centred_sq`` = ‖X_c‖²_F) in place and return True; or return False
+    when its squares were computed outside the safe range (``rescaled`` False): the caller then redoes the layer
+    divided by a power of two. Raises for NaN or inf in ``x`` and for zero variance (relative rule of
+    repsim.arrays)."""
+    c, o = float(centred_sq), float(offset_sq)
+    if not math.isfinite(c + o) and not bool(torch.isfinite(x).all()):
+        raise UserError(f"{name} contains NaN or inf")
+    if not rescaled and not safe_squares(c, o, xc.numel()):
+        return False
+    check_spread(c, o, x.shape[0], xc.dtype, name)
+    xc.div_(math.sqrt(c))
+    return True
 
 
 def _prepare_layer(x: torch.Tensor, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """X̃ = X_c/‖X_c‖_F (centred, unit Frobenius norm) in ``dtype``."""
-    xc = _centre(x, dtype)
-    return _unit_scale(xc, torch.linalg.vector_norm(xc) ** 2, x, name)
+    """X̃ = X_c/‖X_c‖_F (centred, unit Frobenius norm) in ``dtype``, for data anywhere in the float range."""
+    xc, offset = _centre(x, dtype)
+    if _unit_scale(xc, torch.linalg.vector_norm(xc) ** 2, offset, x, name, rescaled=False):
+        return xc
+    xc, offset = _centre(x, dtype, exponent=_exponent(x, name))
+    _unit_scale(xc, torch.linalg.vector_norm(xc) ** 2, offset, x, name, rescaled=True)
+    return xc
+
+
+def _exponent(x: torch.Tensor, name: str) -> int:
+    """The power-of-two exponent of max|x| (repsim.arrays.power_of_two_exponent); all zeros is zero variance."""
+    exponent = power_of_two_exponent(x)
+    if exponent is None:
+        raise zero_variance_error(name, x.shape[0], torch.float64)
+    return exponent
 
 
 def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, device: torch.device, *,
@@ -145,10 +169,14 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
             out.copy_(u * s)
             g_sq = (s ** 4).sum()
         elif singular != "none" or gram:
-            xp = _centre(x, dtype, out=out)
+            xp, offset = _centre(x, dtype, out=out)
             g = _column_gram(xp)
             total = torch.diagonal(g).sum()
-            _unit_scale(xp, total, x, label)
+            if not _unit_scale(xp, total, offset, x, label, rescaled=False):  # outside the safe range: redo
+                xp, offset = _centre(x, dtype, out=out, exponent=_exponent(x, label))
+                g = _column_gram(xp)
+                total = torch.diagonal(g).sum()
+                _unit_scale(xp, total, offset, x, label, rescaled=True)
             g /= total
             if singular != "none":
                 s, v, from_gram = _right_singular(xp, g)
@@ -157,8 +185,10 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
                     v = None
             g_sq = torch.linalg.matrix_norm(g) ** 2
         else:
-            xp = _centre(x, dtype, out=out)
-            _unit_scale(xp, torch.linalg.vector_norm(xp) ** 2, x, label)
+            xp, offset = _centre(x, dtype, out=out)
+            if not _unit_scale(xp, torch.linalg.vector_norm(xp) ** 2, offset, x, label, rescaled=False):
+                xp, offset = _centre(x, dtype, out=out, exponent=_exponent(x, label))
+                _unit_scale(xp, torch.linalg.vector_norm(xp) ** 2, offset, x, label, rescaled=True)
             g_sq = torch.tensor(float("nan"), dtype=dtype)
         return g_sq, (xp * xp).sum(dim=1) if row_sq else None, s, v
 
@@ -204,7 +234,9 @@ def _column_gram(x: torch.Tensor) -> torch.Tensor:
         from threadpoolctl import threadpool_limits
 
         a = x.detach().numpy()
-        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        # data outside the safe range may overflow here: the caller sees it in the trace and rescales
+        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"), np.errstate(over="ignore",
+                                                                                           invalid="ignore"):
             return torch.from_numpy(a.T @ a)
     return x.T @ x
 
@@ -448,9 +480,10 @@ def pairwise(
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was requested but CUDA is not available")
-    # finiteness is checked where the layers are centred (one pass fewer over the data)
-    t_in = [as_matrix(x, f"teacher layer {i}", dtype=None, check_finite=False) for i, x in enumerate(t_raw)]
-    s_in = [as_matrix(y, f"student layer {i}", dtype=None, check_finite=False) for i, y in enumerate(s_raw)]
+    # finiteness is checked where the layers are centred (one pass fewer over the data); pairwise is not
+    # differentiable, so tensors that require grad are read through detached views (repsim.losses has gradients)
+    t_in = [as_matrix(x, f"teacher layer {i}", dtype=None, check_finite=False).detach() for i, x in enumerate(t_raw)]
+    s_in = [as_matrix(y, f"student layer {i}", dtype=None, check_finite=False).detach() for i, y in enumerate(s_raw)]
     rows = {x.shape[0] for x in t_in} | {y.shape[0] for y in s_in}
     if len(rows) != 1:
         raise UserError(f"all teacher and student layers must have the same number of rows (paired samples), "

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from repsim.arrays import centred_unit
 from repsim.errors import UserError
 
 __all__ = [
@@ -133,25 +134,11 @@ def _centered_unit(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """X̃ = Xc/‖Xc‖_F and Ỹ = Yc/‖Yc‖_F in ``dtype`` (columns centred), with one check for bad input."""
     _check_rows(teacher.shape[0], min_rows, why)
-    X = teacher.to(dtype)
-    Y = student.to(dtype)
-    Xc = X - X.mean(dim=0, keepdim=True)
-    Yc = Y - Y.mean(dim=0, keepdim=True)
-    nx = torch.linalg.matrix_norm(Xc)
-    ny = torch.linalg.matrix_norm(Yc)
-    norms = torch.stack([nx.detach(), ny.detach()])
-    if not bool((torch.isfinite(norms) & (norms > 0)).all()):  # the one host sync of the check
-        for name, t, nrm in (("teacher", X, nx), ("student", Y, ny)):
-            if not bool(torch.isfinite(t).all()):
-                raise UserError(f"{name} features contain NaN or inf (in the non-masked rows)")
-            if not bool(torch.isfinite(nrm)):
-                raise UserError(f"{name} features overflow {dtype} when squared; rescale them")
-            if not bool(nrm > 0):
-                raise UserError(
-                    f"{name} features have zero variance over the {t.shape[0]} non-masked rows "
-                    "(all rows equal after centering); the loss is undefined"
-                )
-    return Xc / nx, Yc / ny
+    out = []
+    for name, t in (("teacher", teacher), ("student", student)):
+        out.append(centred_unit(t.to(dtype), f"{name} features (over the {t.shape[0]} non-masked rows)",
+                                what="the loss"))
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

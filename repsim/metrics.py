@@ -311,7 +311,14 @@ def _rbf_gram(A: torch.Tensor, sigma: float, side: str) -> torch.Tensor:
     if not float(m) > 0:
         raise UserError(f"the median squared distance between rows of {side} is 0 (more than half the pairs of rows "
                         "coincide): the RBF bandwidth is undefined")
-    return torch.exp(-D / (2 * sigma**2 * m))
+    # c = 1/(2σ²m) without forming σ² (which over- or underflows for σ near the ends of the float range)
+    c = min(1.0 / (2.0 * float(m)) / sigma / sigma, 1e300)
+    if c * float(D.max()) < 1e-8:
+        # exp(−cD) = 1 + c·(−D + cD²/2) + O((cD)³): the constant 1 and the factor c change no CKA (centring
+        # removes constants, the ratio removes scale), so use −D + cD²/2, exact to (cD)²/6 < 2e-17 here, and
+        # −D itself (linear CKA, the σ → ∞ limit) once c underflows
+        return D * (0.5 * c * D - 1.0)
+    return torch.exp(-c * D)
 
 
 def cka(
@@ -334,7 +341,10 @@ def cka(
       invariant, so ``center`` does not change it.
     - ``kernel="rbf"``: K = exp(−d²/(2·sigma²·m)) with m the median of the full n × n matrix of squared distances
       (diagonal included, numpy median), Kornblith's convention; K is always double-centred (HSIC's H), and
-      distances are translation invariant, so ``center`` does not change it.
+      distances are translation invariant, so ``center`` does not change it. Any finite sigma > 0: for very
+      large sigma the kernel is evaluated as its expansion −d² + d⁴/(4σ²m) (constants and scale removed, which
+      CKA cannot see), reaching linear CKA (the σ → ∞ limit); for very small sigma K is the identity on distinct
+      rows.
 
     Higher is more similar; symmetric; invariant to translation, isotropic scaling and orthogonal maps, not to
     general invertible linear maps.
