@@ -33,6 +33,17 @@ student side) is exact:
 so merging = move both parts to the pooled mean, then add; ``all_reduce`` = all-reduce n and the sum of rows to
 get the global mean, move every rank's state there, then all-reduce (sum) every statistic.
 
+Scale. Every statistic is kept for each layer's rows divided by 2^e, e per layer (``exp_t``, ``exp_s``) the
+power-of-two exponent of the largest |entry| seen so far (2^(e−1) ≤ max|x| < 2^e), so nothing overflows or drops
+into the subnormal range whatever the data's scale (1e−300 … 1e300), and the division is exact. A batch with a
+larger maximum raises e; the state is then multiplied by the matching powers of two (a statistic of degree k in
+the teacher rows and l in the student rows by 2^(−kΔ_t − lΔ_s)), exact up to contributions already below the new
+scale's rounding. Merging and ``all_reduce`` first bring both sides to the larger exponents the same way. The
+metrics are scale invariant, so they read the scaled statistics directly.
+
+Zero variance is judged as in :mod:`repsim.arrays`: a layer is refused when ‖X_c‖²_F = A ≤ τ²·(A + n‖x̄‖²)
+(‖X‖²_F, from the running mean), τ = 16·√n·eps.
+
 Metrics (DESIGN.md §3; X̃ = centred X / ‖centred X‖_F, so X̃ᵀỸ = cross/√(AB), A = tr cov_x, B = tr cov_y):
 
 - Procrustes ρ = ‖cross‖_* / √(AB); distance √max(0, 2−2ρ), angular arccos(clip(ρ, 0, 1)), squared 2−2ρ.
@@ -57,10 +68,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.arrays import as_matrix
+from repsim.arrays import as_matrix, power_of_two_exponent, scale_by_power_of_two, variance_tolerance
 from repsim.errors import UserError
 
 _PAIR_KEYS = ("cross", "s_ab", "t_ay", "t_bx")
+#: the scale exponent of a layer that has seen only zeros (below every float64 exponent)
+_NO_SCALE = -2000
 
 
 def _rank_tolerance(eigenvalues: torch.Tensor, size: int) -> torch.Tensor:
@@ -107,6 +120,8 @@ class LayerMoments:
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.n = 0
+        self.exp_t = [_NO_SCALE] * len(self.teacher_widths)  # statistics are of rows / 2^exp (module docstring)
+        self.exp_s = [_NO_SCALE] * len(self.student_widths)
         lt, ls = len(self.teacher_widths), len(self.student_widths)
         pt, ps = sum(self.teacher_widths), sum(self.student_widths)
         z = self._zeros
@@ -132,13 +147,17 @@ class LayerMoments:
 
     @property
     def teacher_mean(self) -> torch.Tensor:
-        """Running mean of the teacher features, all layers side by side (Σp,)."""
-        return self.mean_t + self.mean_lo_t
+        """Running mean of the teacher features, all layers side by side (Σp,), in the data's own units."""
+        return self._unscaled(self.mean_t + self.mean_lo_t, self.exp_t, self.teacher_widths)
 
     @property
     def student_mean(self) -> torch.Tensor:
-        """Running mean of the student features, all layers side by side (Σq,)."""
-        return self.mean_s + self.mean_lo_s
+        """Running mean of the student features, all layers side by side (Σq,), in the data's own units."""
+        return self._unscaled(self.mean_s + self.mean_lo_s, self.exp_s, self.student_widths)
+
+    def _unscaled(self, v: torch.Tensor, exps: list[int], widths: list[int]) -> torch.Tensor:
+        parts = [_scaled(p, -e) if e != _NO_SCALE else p for p, e in zip(v.split(widths), exps, strict=True)]
+        return torch.cat(parts)
 
     @property
     def n_teacher_layers(self) -> int:
@@ -192,12 +211,45 @@ class LayerMoments:
         if xs[0].shape[0] != ys[0].shape[0]:
             raise UserError(f"teacher and student batches must have the same number of rows (paired samples), "
                             f"got {xs[0].shape[0]} and {ys[0].shape[0]}")
+        self._rescale([max(e, _exponent(x)) for e, x in zip(self.exp_t, xs, strict=True)],
+                      [max(e, _exponent(y)) for e, y in zip(self.exp_s, ys, strict=True)])
+        xs = [_scaled(x, e) for x, e in zip(xs, self.exp_t, strict=True)]
+        ys = [_scaled(y, e) for y, e in zip(ys, self.exp_s, strict=True)]
         self._merge_in(self._batch_moments(xs, ys), consume=True)
         return self
+
+    def _rescale(self, exp_t: list[int], exp_s: list[int]) -> None:
+        """Express the statistics for rows / 2^exp (exponents only grow), in place: each statistic is multiplied
+        by 2^(−kΔ_t − lΔ_s) for its degree k in teacher rows and l in student rows (exact powers of two)."""
+        dt = [old - new for old, new in zip(self.exp_t, exp_t, strict=True)]
+        ds = [old - new for old, new in zip(self.exp_s, exp_s, strict=True)]
+        self.exp_t, self.exp_s = list(exp_t), list(exp_s)
+        if self.n == 0 or not (any(dt) or any(ds)):
+            return
+
+        def powers(d: list[int], k: int, widths: list[int] | None = None) -> torch.Tensor:
+            f = torch.tensor([math.ldexp(1.0, max(k * x, -2000)) for x in d], dtype=self.dtype, device=self.device)
+            return f if widths is None else torch.repeat_interleave(
+                f, torch.tensor(widths, device=self.device))
+
+        t1, s1 = powers(dt, 1, self.teacher_widths), powers(ds, 1, self.student_widths)
+        t2, s2 = powers(dt, 2), powers(ds, 2)
+        self.mean_t, self.mean_lo_t = self.mean_t * t1, self.mean_lo_t * t1
+        self.mean_s, self.mean_lo_s = self.mean_s * s1, self.mean_lo_s * s1
+        self.cov_t = [c * f for c, f in zip(self.cov_t, t2, strict=True)]
+        self.cov_s = [c * f for c, f in zip(self.cov_s, s2, strict=True)]
+        self.quart_t, self.quart_s = self.quart_t * powers(dt, 4), self.quart_s * powers(ds, 4)
+        self.cub_t = self.cub_t * powers(dt, 3, self.teacher_widths)
+        self.cub_s = self.cub_s * powers(ds, 3, self.student_widths)
+        self.cross = self.cross * t1[:, None] * s1[None, :]
+        self.s_ab = self.s_ab * t2[:, None] * s2[None, :]
+        self.t_ay = self.t_ay * t2[:, None] * s1[None, :]
+        self.t_bx = self.t_bx * s2[:, None] * t1[None, :]
 
     def _batch_moments(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> LayerMoments:
         """Statistics of one batch, centred at the batch's own mean."""
         b = self._empty_like()
+        b.exp_t, b.exp_s = list(self.exp_t), list(self.exp_s)
         b.n = xs[0].shape[0]
         us, a = b._side_moments(xs, b.cov_t, "t")
         vs, bb = b._side_moments(ys, b.cov_s, "s")
@@ -281,6 +333,7 @@ class LayerMoments:
         if other.n == 0:
             return
         if self.n == 0:
+            self.exp_t, self.exp_s = list(other.exp_t), list(other.exp_s)
             for key, value in other._tensors().items():
                 setattr(self, key, value.clone())
             self.cov_t = [c.clone() for c in other.cov_t]
@@ -289,6 +342,10 @@ class LayerMoments:
             return
         if not consume:
             other = other._copy()
+        exp_t = [max(a, b) for a, b in zip(self.exp_t, other.exp_t, strict=True)]
+        exp_s = [max(a, b) for a, b in zip(self.exp_s, other.exp_s, strict=True)]
+        self._rescale(exp_t, exp_s)
+        other._rescale(exp_t, exp_s)
         w = other.n / (self.n + other.n)
         # shifts from the mean difference (exact for nearby means), not from two rounded absolute means, so both
         # parts land on the same centre to within eps·|Δ| even when the data carry a large common offset
@@ -321,6 +378,10 @@ class LayerMoments:
             raise UserError("all_reduce needs an initialised torch.distributed process group "
                             "(torch.distributed.init_process_group)")
         world = dist.get_world_size(group)
+        exps = torch.tensor(self.exp_t + self.exp_s, dtype=torch.float64, device=self.device)
+        dist.all_reduce(exps, op=dist.ReduceOp.MAX, group=group)  # one scale for all ranks (module docstring)
+        exps = [int(e) for e in exps.tolist()]
+        self._rescale(exps[:self.n_teacher_layers], exps[self.n_teacher_layers:])
         counts = torch.zeros(world, dtype=torch.float64, device=self.device)
         counts[dist.get_rank(group)] = float(self.n)
         dist.all_reduce(counts, group=group)
@@ -385,6 +446,8 @@ class LayerMoments:
              "teacher_widths": torch.tensor(self.teacher_widths, dtype=torch.int64),
              "student_widths": torch.tensor(self.student_widths, dtype=torch.int64)}
         d.update({k: v.clone() for k, v in self._tensors().items()})
+        d["exp_t"] = torch.tensor(self.exp_t, dtype=torch.int64)
+        d["exp_s"] = torch.tensor(self.exp_s, dtype=torch.int64)
         d.update({f"cov_t.{i}": c.clone() for i, c in enumerate(self.cov_t)})
         d.update({f"cov_s.{i}": c.clone() for i, c in enumerate(self.cov_s)})
         return d
@@ -400,6 +463,11 @@ class LayerMoments:
             obj = LayerMoments.__new__(cls)
             LayerMoments.__init__(obj, tw, sw, dtype=dtype, device=device)
             obj.n = int(state["n"])
+            # states saved before per-layer scaling hold unscaled statistics: exponent 0
+            obj.exp_t = [int(e) for e in state.get("exp_t", torch.zeros(len(tw), dtype=torch.int64)).tolist()]
+            obj.exp_s = [int(e) for e in state.get("exp_s", torch.zeros(len(sw), dtype=torch.int64)).tolist()]
+            if len(obj.exp_t) != len(tw) or len(obj.exp_s) != len(sw):
+                raise UserError("moments state entries 'exp_t'/'exp_s' do not match the layer widths")
             for k in obj._tensors():
                 v = state[k].to(dtype=dtype, device=obj.device)
                 if v.shape != getattr(obj, k).shape:
@@ -424,11 +492,20 @@ class LayerMoments:
     def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A_t = tr cov_t, B_s = tr cov_s (the squared Frobenius norms of the centred layers); must be > 0."""
         A, B = self._traces()
-        for name, v in (("teacher", A), ("student", B)):
-            bad = torch.nonzero(v <= 0).flatten().tolist()
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
+                and bool(torch.isfinite(self.cross).all())):
+            raise UserError("the moments are not finite (a state that was loaded or combined from non-finite "
+                            "statistics); rebuild them from the data")
+        tau2 = variance_tolerance(self.n, self.dtype) ** 2
+        for name, v, mean, seg, count in (("teacher", A, self.mean_t + self.mean_lo_t, self._seg_t,
+                                           self.n_teacher_layers),
+                                          ("student", B, self.mean_s + self.mean_lo_s, self._seg_s,
+                                           self.n_student_layers)):
+            offset = self.n * torch.zeros(count, dtype=v.dtype, device=v.device).index_add_(0, seg, mean * mean)
+            bad = torch.nonzero(~(v > tau2 * (v + offset))).flatten().tolist()
             if bad:
-                raise UserError(f"{name} layer(s) {bad} have zero variance (all rows equal after centering); "
-                                f"the metric is undefined")
+                raise UserError(f"{name} layer(s) {bad} have zero variance: all {self.n} rows are equal up to "
+                                f"rounding (‖X − mean‖_F ≤ {math.sqrt(tau2):.1e}·‖X‖_F); the metric is undefined")
         return A, B
 
     def _nuclear(self) -> torch.Tensor:
@@ -599,6 +676,17 @@ class CrossMoments(LayerMoments):
 
 
 # ---------------------------------------------------------------------- shared output conventions
+def _exponent(x: torch.Tensor) -> int:
+    """Power-of-two exponent of max|x| (repsim.arrays), _NO_SCALE for all zeros."""
+    e = power_of_two_exponent(x)
+    return _NO_SCALE if e is None else e
+
+
+def _scaled(x: torch.Tensor, exponent: int) -> torch.Tensor:
+    """x / 2^exponent (exact), x itself for exponent 0 or a layer that has seen only zeros."""
+    return x if exponent in (0, _NO_SCALE) else scale_by_power_of_two(x, -exponent)
+
+
 def _add_small(hi: torch.Tensor, lo: torch.Tensor, small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hi + lo) + small as a new unevaluated pair (hi', lo'), keeping the digits of ``small`` (Fast2Sum)."""
     t = lo + small
