@@ -44,8 +44,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.arrays import as_matrix, check_spread, power_of_two_exponent, safe_squares, scale_by_power_of_two, \
-    zero_variance_error
+from repsim.arrays import (
+    as_matrix,
+    check_spread,
+    power_of_two_exponent,
+    safe_squares,
+    scale_by_power_of_two,
+    zero_variance_error,
+)
 from repsim.errors import UserError
 
 CPU_CHUNK_BUDGET_BYTES = 1 << 30

@@ -313,12 +313,13 @@ def _rbf_gram(A: torch.Tensor, sigma: float, side: str) -> torch.Tensor:
                         "coincide): the RBF bandwidth is undefined")
     # c = 1/(2σ²m) without forming σ² (which over- or underflows for σ near the ends of the float range)
     c = min(1.0 / (2.0 * float(m)) / sigma / sigma, 1e300)
-    if c * float(D.max()) < 1e-8:
-        # exp(−cD) = 1 + c·(−D + cD²/2) + O((cD)³): the constant 1 and the factor c change no CKA (centring
-        # removes constants, the ratio removes scale), so use −D + cD²/2, exact to (cD)²/6 < 2e-17 here, and
-        # −D itself (linear CKA, the σ → ∞ limit) once c underflows
-        return D * (0.5 * c * D - 1.0)
-    return torch.exp(-c * D)
+    # K − 1 = expm1(−cD) instead of K: centring (and U-centring) removes constants, so CKA is unchanged, and the
+    # part that matters keeps its relative accuracy when cD is small (exp would round it against the 1). Once
+    # cD < 1e-100, expm1(−cD)/c = −D + cD²/2 − … is −D to every digit (CKA removes the scale c): linear CKA, the
+    # σ → ∞ limit, without underflow.
+    if c * float(D.max()) < 1e-100:
+        return -D
+    return torch.expm1(-c * D)
 
 
 def cka(
@@ -342,9 +343,8 @@ def cka(
     - ``kernel="rbf"``: K = exp(−d²/(2·sigma²·m)) with m the median of the full n × n matrix of squared distances
       (diagonal included, numpy median), Kornblith's convention; K is always double-centred (HSIC's H), and
       distances are translation invariant, so ``center`` does not change it. Any finite sigma > 0: for very
-      large sigma the kernel is evaluated as its expansion −d² + d⁴/(4σ²m) (constants and scale removed, which
-      CKA cannot see), reaching linear CKA (the σ → ∞ limit); for very small sigma K is the identity on distinct
-      rows.
+      large sigma K − 1 = expm1(·) keeps the digits exp would round away (centring removes the constant), reaching
+      linear CKA (the σ → ∞ limit); for very small sigma K is the identity on distinct rows.
 
     Higher is more similar; symmetric; invariant to translation, isotropic scaling and orthogonal maps, not to
     general invertible linear maps.
