@@ -58,9 +58,13 @@ def _add_compare(sub) -> None:
                    help="bootstrap replicates over texts for 95%% percentile intervals (e.g. 200)")
     p.add_argument("--permutations", type=int, default=0, metavar="P",
                    help="student-row permutations for p-values (e.g. 200)")
+    p.add_argument("--chance-permutations", type=int, default=4, metavar="K",
+                   help="chance level of every cell: the mean over K seeded student-row permutations (the first K of "
+                        "--permutations); 0 disables it (default 4)")
     p.add_argument("--stats-metrics", nargs="+", default=None, metavar="METRIC",
-                   help="metrics that get bootstrap intervals / p-values (default: all compared metrics but the "
-                        "k-fold projection residual, whose bootstrap replicates leak duplicated texts across folds)")
+                   help="metrics that get bootstrap intervals / p-values / chance levels (default: all compared "
+                        "metrics but the k-fold projection residual, whose bootstrap replicates leak duplicated texts "
+                        "across folds and whose permutations cost a full held-out fit each)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")

@@ -16,6 +16,7 @@ so a failure leaves a previous run's files as they were.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -33,9 +34,11 @@ import pandas as pd
 
 from repsim.errors import UserError
 
-COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "ci_low", "ci_high", "p_value"]
+COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low", "ci_high", "p_value"]
 POOLS = ("mean", "cls", "last", "tokens")
 MIN_TEXTS = 2
+#: row permutations of the student whose mean is each cell's chance level (the first ones of --permutations)
+DEFAULT_CHANCE_PERMUTATIONS = 4
 
 Echo = Callable[[str], None]
 
@@ -73,6 +76,72 @@ def in_sample_projection_warning(metric_ids: Sequence[str], n: int, student_widt
     return None
 
 
+#: the small-sample rule: plug-in estimators are read as biased when n < SMALL_N_FACTOR × r, r the largest pair's
+#: rank min(p, q). Two unrelated isotropic layers of width r then already score Procrustes ρ ≈ 0.85·√(r/n) ≥ 0.27
+#: and linear CKA ≈ r/n ≥ 0.1 (the mean singular value of a Gaussian r × r cross product, quarter-circle law)
+SMALL_N_FACTOR = 10
+
+
+def _is_plugin(spec) -> bool:
+    """Whether a metric is a plug-in estimator whose small-sample bias the small-n rule is about."""
+    kw = dict(spec.kwargs or {})
+    if spec.family == "procrustes":
+        return kw.get("estimator", "plugin") == "plugin"
+    if spec.family == "cka":
+        return kw.get("estimator", "biased") == "biased"
+    return spec.family == "gram_frobenius"
+
+
+def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequence[int],
+                         student_widths: Sequence[int], *, bootstrap: int = 0,
+                         stats_metrics: Sequence[str] = ()) -> list[str]:
+    """One line per condition under which the numbers need care at this n, each saying what to do:
+
+    - n < SMALL_N_FACTOR·r (r = min(max p, max q)) for a plug-in estimator (Procrustes, Gram-Frobenius, biased CKA):
+      their bias dominates (unrelated isotropic layers score ρ ≈ 0.85·√(r/n), CKA ≈ r/n);
+    - a k-fold held-out residual whose training rows per fold n_tr = n − ⌈n/k⌉ are fewer than 2(q + 1): the expected
+      held-out error of a least-squares fit grows like n_tr/(n_tr − q − 1) (Gaussian design), more than doubled
+      below 2(q + 1) rows and unbounded at q + 1;
+    - bootstrap intervals of plug-in estimators under the small-n rule: they describe the estimator's spread at this
+      n, not where the value would be on more texts; and of a k-fold residual: duplicated texts fall on both
+      sides of a fold.
+    """
+    out = []
+    specs = [_spec(m) for m in metric_ids]
+    r = min(max(teacher_widths), max(student_widths))
+    q = max(student_widths)
+    plugin = [sp.id for sp in specs if _is_plugin(sp)]
+    small = n < SMALL_N_FACTOR * r
+    if plugin and small:
+        rho = 0.85 * math.sqrt(min(1.0, r / n))
+        out.append(f"n = {n} texts < {SMALL_N_FACTOR} × {r} (the narrower width): {', '.join(plugin)} are dominated "
+                   f"by small-sample bias (two unrelated {r}-wide isotropic layers score Procrustes ρ ≈ {rho:.2f}); "
+                   "read each value against its chance level, use procrustes[distance,mom] or cka[linear,debiased], "
+                   f"or use ≥ {SMALL_N_FACTOR * r} texts")
+    for sp in specs:
+        folds = dict(sp.kwargs or {}).get("folds") if sp.family == "projection_residual" else None
+        if folds and n >= folds:
+            n_tr = n - math.ceil(n / folds)
+            if n_tr < 2 * (q + 1):
+                out.append(f"{sp.id}: {n_tr} training texts per fold < 2 × (student width {q} + 1): the held-out "
+                           "least-squares error grows like n_tr/(n_tr − q − 1), so values near or above 1 are "
+                           f"overfitting, not dissimilarity; use ≥ {math.ceil(2 * (q + 1) * folds / (folds - 1))} "
+                           f"texts or a ridge penalty, e.g. projection_residual[folds={folds},ridge=0.01]")
+    if bootstrap:
+        biased = [m for m in stats_metrics if _is_plugin(_spec(m))]
+        if biased and small:
+            out.append(f"bootstrap intervals of {', '.join(biased)} at n = {n}: they show the estimator's spread over "
+                       "resampled texts at this n (recentred on the estimate), not where the value would lie on more "
+                       "texts (the estimator's bias moves it further than the interval's width); compare cells of one "
+                       "run, and their chance levels, not runs of different n")
+        leaky = [m for m in stats_metrics if _spec(m).family == "projection_residual"
+                 and dict(_spec(m).kwargs or {}).get("folds")]
+        if leaky:
+            out.append(f"bootstrap intervals of {', '.join(leaky)} are optimistic: duplicated texts fall on both "
+                       "sides of a fold; drop it from --stats-metrics for a valid interval")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ Comparison
 
 
@@ -95,12 +164,18 @@ class Comparison:
                     teacher_layer_ids: Sequence[int] | None = None, student_layer_ids: Sequence[int] | None = None,
                     bootstrap: int = 0, permutations: int = 0, seed: int = 0, alpha: float = 0.05,
                     stats_metrics: Sequence[str] | None = None, device: str | None = None,
+                    chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS,
                     meta: dict[str, Any] | None = None, progress: bool = False) -> Comparison:
         """Compare already-extracted layer stacks: sequences of (n, width) arrays (or (L, n, width) arrays).
 
         Rows must be paired (row i of every layer comes from text i). ``bootstrap`` = B resamples of the
         rows for percentile intervals, ``permutations`` = P shuffles of the student's rows for p-values, both
         for the metrics in ``stats_metrics`` (default: all; the others get NaN intervals and p-values).
+
+        ``chance_permutations`` = K: each cell's chance level, the mean of the metric over K seeded row permutations
+        of the student (unpaired texts, each side's geometry kept), and ``chance_sd`` their standard deviation,
+        for the same metrics as the statistics. The permutations are the first K of the permutation test's (one
+        pass serves both: P ≥ K shuffles give the p-values, their first K the chance level). 0 disables it.
         """
         from repsim.layer_pairs import pairwise
 
@@ -119,8 +194,8 @@ class Comparison:
                 raise UserError(f"{len(ids_)} {name} layer ids for {len(layers)} {name} layers")
         t_ids = list(teacher_layer_ids) if teacher_layer_ids is not None else list(range(len(teacher)))
         s_ids = list(student_layer_ids) if student_layer_ids is not None else list(range(len(student)))
-        if bootstrap < 0 or permutations < 0:
-            raise UserError("--bootstrap and --permutations must be ≥ 0")
+        if bootstrap < 0 or permutations < 0 or chance_permutations < 0:
+            raise UserError("bootstrap, permutations and chance_permutations must be ≥ 0")
         stat_ids = check_stats_metrics(stats_metrics, ids)
 
         meta = dict(meta or {})
@@ -131,7 +206,7 @@ class Comparison:
         values = {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v, dtype=np.float64)
                   for k, v in values.items()}
 
-        lows = highs = pvals = None
+        lows = highs = pvals = chance = chance_sd = None
         if bootstrap:
             from repsim import stats
 
@@ -142,14 +217,20 @@ class Comparison:
             lows = {k: v.low for k, v in intervals.items()}
             highs = {k: v.high for k, v in intervals.items()}
             timings["bootstrap"] = time.perf_counter() - t0
-        if permutations:
+        shuffles = max(permutations, chance_permutations)
+        if shuffles:
             from repsim import stats
 
             t0 = time.perf_counter()
-            with _bar(progress, permutations, "permutations") as tick:
-                pvals = stats.permutation_test(teacher, student, stat_ids, permutations, seed=seed + 1, observed=values,
-                                               device=device, progress=tick)
-            timings["permutations"] = time.perf_counter() - t0
+            with _bar(progress, shuffles, "permutations" if permutations else "chance levels") as tick:
+                null = stats.permutation_replicates(teacher, student, stat_ids, shuffles, seed=seed + 1,
+                                                    device=device, progress=tick)
+            if permutations:
+                pvals = {k: stats.permutation_pvalue(values[k], v[:permutations], _spec(k).direction)
+                         for k, v in null.items()}
+            if chance_permutations:
+                chance, chance_sd = stats.chance_level(null, chance_permutations)
+            timings["permutations" if permutations else "chance"] = time.perf_counter() - t0
 
         ti, si = np.meshgrid(np.arange(len(t_ids)), np.arange(len(s_ids)), indexing="ij")
         frames = []
@@ -160,6 +241,8 @@ class Comparison:
                 "student_layer": np.asarray(s_ids)[si.ravel()],
                 "metric": m,
                 "value": values[m].ravel(),
+                "chance": chance[m].ravel() if chance and m in chance else nan,
+                "chance_sd": chance_sd[m].ravel() if chance_sd and m in chance_sd else nan,
                 "ci_low": lows[m].ravel() if lows and m in lows else nan,
                 "ci_high": highs[m].ravel() if highs and m in highs else nan,
                 "p_value": pvals[m].ravel() if pvals and m in pvals else nan,
@@ -170,17 +253,31 @@ class Comparison:
         meta.setdefault("student_width", int(student[0].shape[1]))
         meta["metrics"] = ids
         meta["seed"] = seed
-        meta["stats_metrics"] = stat_ids if (bootstrap or permutations) else []
+        meta["stats_metrics"] = stat_ids if (bootstrap or shuffles) else []
         meta["bootstrap"] = {"replicates": bootstrap, "interval": f"{100 * (1 - alpha):g}% percentile interval of the "
                              "replicates recentred on the estimate, clipped to the metric's range",
                              "seed": seed} if bootstrap else None
         meta["permutations"] = {"replicates": permutations, "side_shuffled": "student",
                                 "seed": seed + 1} if permutations else None
+        meta["chance"] = {"permutations": chance_permutations, "side_shuffled": "student", "seed": seed + 1,
+                          "metrics": stat_ids,
+                          "definition": "chance = mean of the metric over the first K seeded row permutations of the "
+                                        "student (texts unpaired, each side's geometry kept; the same shuffles as "
+                                        "the permutation test's first K), chance_sd = their standard deviation",
+                          } if chance_permutations else None
         warnings = meta.setdefault("warnings", [])
-        w = in_sample_projection_warning(ids, n, [int(y.shape[1]) for y in student])
-        if w and w not in warnings:
-            warnings.append(w)
-        return cls(table=table, meta=meta)
+        widths_t, widths_s = [int(x.shape[1]) for x in teacher], [int(y.shape[1]) for y in student]
+        for w in [in_sample_projection_warning(ids, n, widths_s)] + sample_size_warnings(
+                ids, n, widths_t, widths_s, bootstrap=bootstrap, stats_metrics=stat_ids):
+            if w and w not in warnings:
+                warnings.append(w)
+        comp = cls(table=table, meta=meta)
+        if chance_permutations:
+            meta["chance"]["best_matches"] = {
+                m: [{k: (int(r[k]) if k.endswith("layer") else float(r[k]))
+                     for k in ("teacher_layer", "student_layer", "value", "chance", "chance_sd")}
+                    for _, r in comp.best_matches(m).iterrows()] for m in stat_ids}
+        return comp
 
     @classmethod
     def from_csv(cls, path: str | Path) -> Comparison:
@@ -403,7 +500,12 @@ def _fmt(v: float) -> str:
     return "nan" if not np.isfinite(v) else f"{v:.3f}"
 
 
-def format_summary(comp: Comparison) -> str:
+def _chance_txt(row) -> str:
+    c = row.get("chance", np.nan)
+    return f", chance {_fmt(c)}" if np.isfinite(c) else ""
+
+
+def format_summary(comp: Comparison, warnings: bool = True) -> str:
     """Per teacher layer: best student layer and value under each metric; then the overall best pair per metric."""
     metrics = comp.metrics
     best = {m: comp.best_matches(m).set_index("teacher_layer") for m in metrics}
@@ -414,6 +516,8 @@ def format_summary(comp: Comparison) -> str:
         for m in metrics:
             r = best[m].loc[t]
             cell = f"s{int(r['student_layer'])} {_fmt(r['value'])}"
+            if np.isfinite(r.get("chance", np.nan)):
+                cell += f" ({_fmt(r['chance'])})"
             if np.isfinite(r["ci_low"]):
                 cell += f" [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
             if np.isfinite(r["p_value"]):
@@ -421,7 +525,10 @@ def format_summary(comp: Comparison) -> str:
             cells.append(cell)
         rows.append(cells)
     widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-    lines = ["best student layer per teacher layer (↓ lower / ↑ higher = more similar):",
+    shuffles = (comp.meta.get("chance") or {}).get("permutations")
+    chance_note = (f"; (x) = chance level, the mean over {shuffles} shuffled pairings of the texts" if shuffles and
+                   "chance" in comp.table and comp.table["chance"].notna().any() else "")
+    lines = [f"best student layer per teacher layer (↓ lower / ↑ higher = more similar{chance_note}):",
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -435,8 +542,9 @@ def format_summary(comp: Comparison) -> str:
         sub = comp.table[(comp.table["metric"] == m) & (comp.table["teacher_layer"] == last_t)
                          & (comp.table["student_layer"] == last_s)]
         lines.append(f"  {m}: most similar pair teacher {k} ↔ student {int(b.loc[k, 'student_layer'])} "
-                     f"({_fmt(b.loc[k, 'value'])}); last ↔ last ({last_t} ↔ {last_s}) {_fmt(sub['value'].iloc[0])}")
-    for w in comp.meta.get("warnings", []):
+                     f"({_fmt(b.loc[k, 'value'])}{_chance_txt(b.loc[k])}); last ↔ last ({last_t} ↔ {last_s}) "
+                     f"{_fmt(sub['value'].iloc[0])}{_chance_txt(sub.iloc[0])}")
+    for w in comp.meta.get("warnings", []) if warnings else ():
         lines.append(f"warning: {w}")
     return "\n".join(lines)
 
@@ -571,6 +679,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
             student_layers: Sequence[int] | None = None, text_column: str | None = None,
             label_column: str | None = None, max_samples: int | None = None, batch_size: int = 32,
             max_length: int = 128, device: str = "auto", bootstrap: int = 0, permutations: int = 0,
+            chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS,
             stats_metrics: Sequence[str] | None = None, seed: int = 0, cache: bool = True,
             out: str | Path | None = None, progress: bool = False, echo: Echo | None = None) -> Comparison:
     """Compare a teacher and a student layer by layer on ``data``; see the module docstring.
@@ -584,7 +693,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     from repsim import assets
 
     say: Echo = echo or (lambda _line: None)
-    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out)
+    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations)
     if pool not in POOLS:
         raise UserError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
     if batch_size < 1 or max_length < 1:
@@ -647,21 +756,24 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     comp = Comparison.from_layers([t_act[k] for k in t_act.layers], [s_act[k] for k in s_act.layers], ids,
                                   teacher_layer_ids=list(t_act.layers), student_layer_ids=list(s_act.layers),
                                   bootstrap=bootstrap, permutations=permutations, seed=seed,
-                                  stats_metrics=stats_metrics, device=device, meta=meta, progress=progress)
+                                  chance_permutations=chance_permutations, stats_metrics=stats_metrics,
+                                  device=device, meta=meta, progress=progress)
     if out is not None:
         comp.save(out)
     return comp
 
 
 def _check_options(metrics: Sequence[str] | str | None, stats_metrics: Sequence[str] | None,
-                   max_samples: int | None, bootstrap: int, permutations: int, out: str | Path | None) -> list[str]:
+                   max_samples: int | None, bootstrap: int, permutations: int, out: str | Path | None,
+                   chance_permutations: int = 0) -> list[str]:
     """The options every comparison shares, checked before any work; returns the canonical metric ids."""
     ids = resolve_metrics(metrics)
     check_stats_metrics(stats_metrics, ids)
     if max_samples is not None and max_samples < MIN_TEXTS:
         raise UserError(f"--max-samples must be at least {MIN_TEXTS} (a comparison needs several texts), "
                         f"got {max_samples}")
-    for flag, val in (("--bootstrap", bootstrap), ("--permutations", permutations)):
+    for flag, val in (("--bootstrap", bootstrap), ("--permutations", permutations),
+                      ("--chance-permutations", chance_permutations)):
         if val < 0:
             raise UserError(f"{flag} must be ≥ 0, got {val}")
     if out is not None:
@@ -673,7 +785,8 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
                   layers: Sequence[str] | None = None, max_samples: int | None = None, device: str = "auto",
                   bootstrap: int = 0, permutations: int = 0, stats_metrics: Sequence[str] | None = None,
                   seed: int = 0, out: str | Path | None = None, progress: bool = False,
-                  echo: Echo | None = None) -> Comparison:
+                  echo: Echo | None = None,
+                  chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS) -> Comparison:
     """Compare activations saved as files (``.npy`` / ``.safetensors`` per layer, a folder of them, or a
     (layers, n, width) stack; see :mod:`repsim.saved`): row i of every layer on both sides must come from text i.
 
@@ -685,7 +798,7 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
     from repsim.saved import load_saved_layers
 
     say: Echo = echo or (lambda _line: None)
-    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out)
+    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations)
     device = _resolve_device(device)
     t_req, s_req = parse_layers(layers)
     t0 = time.perf_counter()
@@ -718,7 +831,8 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
         "device": device, "versions": _versions(), "timings": timings, "warnings": []})
     comp = Comparison.from_layers(t_acts.arrays, s_acts.arrays, ids, teacher_layer_ids=t_acts.ids,
                                   student_layer_ids=s_acts.ids, bootstrap=bootstrap, permutations=permutations,
-                                  seed=seed, stats_metrics=stats_metrics, device=device, meta=meta, progress=progress)
+                                  chance_permutations=chance_permutations, seed=seed, stats_metrics=stats_metrics,
+                                  device=device, meta=meta, progress=progress)
     if out is not None:
         comp.save(out)
     return comp
@@ -756,6 +870,7 @@ def run_compare_cli(args: Any) -> int:
             raise UserError(f"{', '.join(given)} does not apply to saved activations: their rows are the texts")
         comp = compare_saved(t_acts, s_acts, metrics=args.metrics, layers=args.layers, max_samples=args.max_samples,
                              device=args.device, bootstrap=args.bootstrap, permutations=args.permutations,
+                             chance_permutations=args.chance_permutations,
                              stats_metrics=getattr(args, "stats_metrics", None), seed=args.seed, out=None,
                              progress=True, echo=echo)
     else:
@@ -763,12 +878,15 @@ def run_compare_cli(args: Any) -> int:
                        pool=args.pool, layers=args.layers, text_column=args.text_column,
                        label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size,
                        max_length=args.max_length, device=args.device, bootstrap=args.bootstrap,
-                       permutations=args.permutations, stats_metrics=getattr(args, "stats_metrics", None),
+                       permutations=args.permutations, chance_permutations=args.chance_permutations,
+                       stats_metrics=getattr(args, "stats_metrics", None),
                        seed=args.seed, cache=not args.no_cache, out=None, progress=True, echo=echo)
     if args.out is not None:
         comp.save(args.out)
     echo("")
-    echo(comp.summary())
+    echo(format_summary(comp, warnings=False))
+    for w in comp.meta.get("warnings", []):
+        print(f"repsim: warning: {w}", file=sys.stderr)
     if args.suggest_map:
         echo("")
         echo(format_map(comp, args.suggest_map))

@@ -88,21 +88,54 @@ def heatmap(table: pd.DataFrame, metric: str, *, teacher_name: str | None = None
     ax.tick_params(which="minor", length=0)
     for side in ax.spines.values():
         side.set_visible(False)
+    chance, spread = _chance_matrices(table, spec.id, mat)
     if annotate:
         lo, hi = np.nanmin(values), np.nanmax(values)
         for (row, col), v in np.ndenumerate(values):
             if np.isfinite(v):  # dark text on the bright end of viridis, light text on the dark end
                 bright = (v - lo) / (hi - lo) if hi > lo else 0.5
                 bright = 1 - bright if spec.direction == "lower" else bright
-                ax.text(col, row, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if bright > 0.6 else "white")
+                text = f"{v:.2f}" if chance is None or not np.isfinite(chance[row, col]) else \
+                    f"{v:.2f}\n({chance[row, col]:.2f})"
+                ax.text(col, row, text, ha="center", va="center", fontsize=7 if chance is None else 6,
+                        color="black" if bright > 0.6 else "white", linespacing=0.9)
+    title = f"{spec.id}{texts_note(n_texts)}: red box = best student layer per teacher layer"
+    if chance is not None:
+        near = within_chance(values, chance, spread)
+        for (row, col), flag in np.ndenumerate(near):
+            if flag:
+                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", edgecolor="grey",
+                                       linewidth=0))
+        title += (f"\n(x) = chance level (shuffled texts); hatched = within {CHANCE_SPREADS:g} sd of chance"
+                  if annotate else f"\nhatched = within {CHANCE_SPREADS:g} sd of the chance level (shuffled texts)")
     best = best_in_rows(values, spec.direction)
     for row, col in enumerate(best):
         ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.0))
     ax.set_xlabel(axis_label("student", student_name))
     ax.set_ylabel(axis_label("teacher", teacher_name))
-    ax.set_title(f"{spec.id}{texts_note(n_texts)}: red box = best student layer per teacher layer", fontsize=9)
+    ax.set_title(title, fontsize=9)
     return fig
+
+
+#: a cell is drawn as "within chance" when |value − chance| ≤ CHANCE_SPREADS × the chance level's standard deviation
+CHANCE_SPREADS = 2.0
+
+
+def within_chance(values: np.ndarray, chance: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """Cells whose value is indistinguishable from its chance level: |value − chance| ≤ CHANCE_SPREADS · sd (sd over
+    the chance permutations). False where the chance level or its spread is unknown (NaN)."""
+    with np.errstate(invalid="ignore"):
+        return np.abs(values - chance) <= CHANCE_SPREADS * spread
+
+
+def _chance_matrices(table: pd.DataFrame, metric: str, like: pd.DataFrame):
+    """(chance, chance_sd) matrices of one metric aligned with ``like``, or (None, None) when not computed."""
+    if "chance" not in table.columns or not table.loc[table["metric"] == metric, "chance"].notna().any():
+        return None, None
+    chance = pivot(table, metric, "chance").reindex_like(like).to_numpy(dtype=float)
+    spread = (pivot(table, metric, "chance_sd").reindex_like(like).to_numpy(dtype=float)
+              if "chance_sd" in table.columns else np.full_like(chance, np.nan))
+    return chance, spread
 
 
 def best_match_curve(table: pd.DataFrame, *, teacher_name: str | None = None, student_name: str | None = None,

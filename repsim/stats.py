@@ -190,7 +190,8 @@ def gram_is_cheaper(n: int, teacher_widths: Sequence[int], student_widths: Seque
 
 def procrustes_fast_path(spec) -> bool:
     """Whether a metric is a centred Procrustes form computed by :func:`_procrustes_values`."""
-    return spec.family == "procrustes" and dict(getattr(spec, "kwargs", {}) or {}).get("center", True)
+    kw = dict(getattr(spec, "kwargs", {}) or {})
+    return spec.family == "procrustes" and kw.get("center", True) and kw.get("estimator", "plugin") == "plugin"
 
 
 def _split(specs, n: int, method: str, teacher, student):
@@ -402,6 +403,25 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
         if progress is not None:
             progress(1)
     return out
+
+
+def chance_level(null: dict[str, np.ndarray], count: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each cell's chance level from permutation replicates {metric id: (P, L_t, L_s)}: the mean and the standard
+    deviation (ddof = 1; NaN for one permutation) of the first ``count`` replicates, {metric id: (L_t, L_s)} each.
+
+    Permutation b of the student's rows pairs every text with another text's student features, so the mean is the
+    metric's expected value for two unrelated representations with these very geometries and this n: the value a
+    cell must beat to say anything about the pairing (for biased estimators at small n it is far from the
+    "unrelated" end of the metric's range)."""
+    if count < 1:
+        raise UserError(f"chance levels need at least 1 permutation, got {count}")
+    head = {k: v[:count] for k, v in null.items()}
+    if any(v.shape[0] < count for v in head.values()):
+        raise UserError(f"chance levels from {count} permutations, but only {min(v.shape[0] for v in null.values())} "
+                        "were computed")
+    mean = {k: v.mean(axis=0) for k, v in head.items()}
+    sd = {k: v.std(axis=0, ddof=1) if count > 1 else np.full(v.shape[1:], np.nan) for k, v in head.items()}
+    return mean, sd
 
 
 def permutation_pvalue(observed: np.ndarray, null: np.ndarray, direction: str) -> np.ndarray:

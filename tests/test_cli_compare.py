@@ -67,7 +67,8 @@ def test_compare_end_to_end_on_tiny_models(tmp_path, pair, texts_file):
     assert "40 texts" in proc.stdout and "best student layer per teacher layer" in proc.stdout
     assert "suggested monotone layer map under procrustes[distance]" in proc.stdout
     table = pd.read_csv(out / "results.csv")
-    assert list(table.columns) == ["teacher_layer", "student_layer", "metric", "value", "ci_low", "ci_high", "p_value"]
+    assert list(table.columns) == ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low",
+                                   "ci_high", "p_value"]
     assert len(table) == 4 * 3 * 4  # 4 teacher layers (3 blocks + embeddings) × 3 student layers × 4 metrics
     assert set(table["metric"]) == set(M.DEFAULT_METRICS)
     with_stats = table["metric"].isin(["procrustes[distance]", "cka[linear,biased]"])
@@ -84,6 +85,12 @@ def test_compare_end_to_end_on_tiny_models(tmp_path, pair, texts_file):
     assert report["pooling"] == "mean" and report["versions"]["repsim"]
     assert report["teacher"]["revision"] and report["student"]["layers"] == [0, 1, 2]
     assert {"load", "extract", "metrics", "bootstrap", "permutations", "plots"} <= set(report["timings"])
+    # every warning is one `repsim: warning:` line on stderr and one entry of report.json
+    assert report["warnings"] and "n = 40 texts < 10 ×" in report["warnings"][0]
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("repsim: warning:")] == [
+        f"repsim: warning: {w}" for w in report["warnings"]]
+    assert table["chance"].notna().sum() == 2 * 4 * 3  # procrustes and cka (the statistics' metrics)
+    assert report["chance"]["permutations"] == 4 and len(report["chance"]["best_matches"]["cka[linear,biased]"]) == 4
     _check_csv_against_features(table, teacher, student, texts_file)
 
     # `repsim plot` redraws every figure from the CSV alone

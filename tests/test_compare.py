@@ -45,7 +45,8 @@ def test_table_is_long_format_and_equals_metric_functions(synthetic):
     teacher, student = synthetic
     comp = Comparison.from_layers(teacher, student, DEFAULTS, teacher_layer_ids=[0, 2, 4])
     t = comp.table
-    assert list(t.columns) == ["teacher_layer", "student_layer", "metric", "value", "ci_low", "ci_high", "p_value"]
+    assert list(t.columns) == ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low",
+                                   "ci_high", "p_value"]
     assert len(t) == 3 * 2 * len(DEFAULTS)
     assert comp.metrics == DEFAULTS
     assert comp.teacher_layers == [0, 2, 4] and comp.student_layers == [0, 1]
@@ -137,6 +138,60 @@ def test_bootstrap_and_permutation_columns(synthetic):
     pd.testing.assert_frame_equal(t, again.table)
 
 
+def test_chance_level_is_the_mean_over_the_first_permutations_of_the_student(synthetic):
+    """chance = mean of the metric over K seeded student-row permutations, computed here independently with
+    pairwise on the permuted rows; the same K shuffles open the permutation test (asking for p-values does not
+    change the chance level); K = 0 leaves the column empty."""
+    from repsim.layer_pairs import pairwise
+    from repsim.stats import permutation_indices
+
+    teacher, student = synthetic
+    ids = ["procrustes", "gram_frobenius", "cka"]
+    comp = Comparison.from_layers(teacher, student, ids, chance_permutations=3, seed=5)
+    perms = permutation_indices(len(teacher[0]), 3, seed=6)
+    reps = [pairwise(teacher, [y[p] for y in student], ids) for p in perms]
+    for m in comp.metrics:
+        expected = np.mean([r[m] for r in reps], axis=0)
+        spread = np.std([r[m] for r in reps], axis=0, ddof=1)
+        np.testing.assert_allclose(comp.matrix(m, "chance"), expected, rtol=1e-6)
+        np.testing.assert_allclose(comp.matrix(m, "chance_sd"), spread, rtol=1e-4, atol=1e-9)
+    with_p = Comparison.from_layers(teacher, student, ids, chance_permutations=3, permutations=19, seed=5)
+    pd.testing.assert_series_equal(with_p.table["chance"], comp.table["chance"])
+    assert with_p.table["p_value"].notna().all()
+    assert comp.meta["chance"]["permutations"] == 3 and comp.meta["chance"]["seed"] == 6
+    off = Comparison.from_layers(teacher, student, ids, chance_permutations=0)
+    assert off.table["chance"].isna().all() and off.meta["chance"] is None
+
+
+def test_chance_level_separates_related_from_unrelated_layers(synthetic):
+    """Student layer 0 is a noisy linear map of teacher layer 0, student layer 1 is independent noise: the related
+    cell beats its chance level by far, the unrelated one sits within a few chance standard deviations of it."""
+    teacher, student = synthetic
+    comp = Comparison.from_layers(teacher, student, ["cka"], chance_permutations=8, seed=0)
+    value, chance, sd = (comp.matrix("cka", c) for c in ("value", "chance", "chance_sd"))
+    assert value[0, 0] > chance[0, 0] + 10 * sd[0, 0]
+    assert abs(value[1, 1] - chance[1, 1]) < 4 * sd[1, 1]
+
+
+def test_warnings_name_the_rule_and_what_to_do():
+    """Small n against the widths (n < 10·r), k-fold training rows < 2(q + 1), and bootstrap intervals of biased
+    estimators at small n each give one line in meta["warnings"]; a large enough n gives none."""
+    rng = np.random.default_rng(0)
+    five = Comparison.from_layers(_layers(rng, 5, [8]), _layers(rng, 5, [6]), ["procrustes", "cka"])
+    assert len(five.meta["warnings"]) == 1 and "n = 5 texts < 10 × 6" in five.meta["warnings"][0]
+    assert "procrustes[distance,mom]" in five.meta["warnings"][0]  # says what to use instead
+    folds = Comparison.from_layers(_layers(rng, 60, [4]), _layers(rng, 60, [30]), ["projection_residual[folds=5]"],
+                                   chance_permutations=0).meta["warnings"]
+    assert len(folds) == 1 and "48 training texts per fold < 2 × (student width 30 + 1)" in folds[0]
+    boot = Comparison.from_layers(_layers(rng, 30, [5]), _layers(rng, 30, [5]), ["cka"], bootstrap=5,
+                                  chance_permutations=0).meta["warnings"]
+    assert len(boot) == 2 and boot[1].startswith("bootstrap intervals of cka[linear,biased] at n = 30")
+    enough = Comparison.from_layers(_layers(rng, 60, [5]), _layers(rng, 60, [5]),
+                                    ["procrustes", "cka", "projection_residual[folds=5]"], bootstrap=5,
+                                    chance_permutations=0)
+    assert enough.meta["warnings"] == []
+
+
 def test_default_statistics_leave_out_the_cross_validated_residual(synthetic):
     """By default the k-fold held-out residual gets no interval (duplicated texts leak across its folds); named
     explicitly it gets one, and alone it is the default."""
@@ -222,4 +277,14 @@ def test_plot_returns_a_figure_with_labelled_colour_bar(synthetic):
     heat_ax, cbar_ax = fig.axes
     assert "lower = more similar" in cbar_ax.get_ylabel() and "procrustes[distance]" in cbar_ax.get_ylabel()
     assert [t.get_text() for t in heat_ax.get_yticklabels()] == ["0", "1", "2"]
-    assert len(heat_ax.patches) == 3  # one best-match box per teacher layer
+    boxes = [p for p in heat_ax.patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0)]
+    assert len(boxes) == 3  # one best-match box per teacher layer
+    # every other patch hatches a cell whose value is within CHANCE_SPREADS chance sd of its chance level
+    from repsim.plot import within_chance
+
+    near = within_chance(*(comp.matrix("procrustes", c) for c in ("value", "chance", "chance_sd")))
+    hatched = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in heat_ax.patches if p.get_hatch()}
+    assert hatched == {tuple(map(int, ij)) for ij in np.argwhere(near)}
+    assert near[:, 1].all() and not near[0, 0]  # student layer 1 is independent noise, layer 0 a map of teacher 0
+    no_chance = Comparison.from_layers(teacher, student, ["procrustes"], chance_permutations=0).plot("procrustes")
+    assert len(no_chance.axes[0].patches) == 3
