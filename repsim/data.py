@@ -128,7 +128,11 @@ def load_texts(spec: str | Path | TextData, *, text_column: str | None = None, l
 
 
 def subsample(data: TextData, max_samples: int | None, *, seed: int = 0) -> TextData:
-    """A seeded random subset of ``max_samples`` texts, kept in their original order (nested across sizes)."""
+    """A seeded random subset of ``max_samples`` texts, kept in their original order (nested across sizes).
+
+    ``extra["supersets"]`` records, for ``data`` and each list ``data`` was itself drawn from, its fingerprint,
+    size and the rows taken, plus the subset's own fingerprint, so :func:`repsim.extract.extract` can serve the
+    subset from a cached extraction of the larger list."""
     if max_samples is not None and max_samples < 1:
         raise UserError(f"max_samples must be at least 1, got {max_samples}")
     if max_samples is None or max_samples >= len(data.texts):
@@ -136,8 +140,13 @@ def subsample(data: TextData, max_samples: int | None, *, seed: int = 0) -> Text
     keep = sample_rows(len(data.texts), max_samples, seed)
     texts = [data.texts[i] for i in keep]
     labels = None if data.labels is None else [data.labels[i] for i in keep]
+    fingerprint = fingerprint_texts(texts)
+    # where these texts sit in the larger lists they come from, so a cached extraction of those serves them
+    supersets = [{"fingerprint": data.fingerprint, "n_texts": len(data.texts), "rows": keep}]
+    supersets += [dict(r, rows=np.asarray(r["rows"])[keep]) for r in data.extra.get("supersets", [])]
+    extra = dict(data.extra, supersets=[dict(r, subset_fingerprint=fingerprint) for r in supersets])
     return TextData(texts, labels, data.name, f"{data.source}; random {max_samples} of {len(data.texts)} (seed {seed})",
-                    data.offline_fallback, "", data.n_dropped, data.split, dict(data.extra))
+                    data.offline_fallback, fingerprint, data.n_dropped, data.split, extra)
 
 
 def sample_rows(n: int, k: int, seed: int = 0) -> np.ndarray:

@@ -690,15 +690,19 @@ def extract(
 
     batches = plan_batches(lengths, batch_size, sort_by_length)
     full = list(range(n_blocks + 1)) if n_blocks is not None else None
-    superset = None
-    if cache and full is not None and chosen != full:
+    sources = superset_rows(data, meta["texts_sha256"])
+    found = None
+    if cache:
         from repsim import store  # noqa: PLC0415
 
-        superset = store.lookup(dict(meta, layers=full), verify)  # an all-layer entry serves any subset
-    if superset is not None:
-        acts = Activations(list(chosen), {k: superset.arrays[k] for k in chosen},
-                           dict(superset.meta, layers=list(chosen), subset_of=superset.meta.get("key")),
-                           superset.offsets, superset.token_ids, superset.path)
+        if sources:  # where these texts sit in the lists they were drawn from, for later subsets
+            meta["drawn_from"] = [{"fingerprint": fp, "n_texts": n, "rows_mask": store.rows_mask(rows, n)}
+                                  for fp, n, rows in sources]
+        if chosen is not None and (chosen != full or sources):
+            # an entry with more layers, or of a larger text list these texts were drawn from, serves them
+            found = store.find_superset(meta, sources, verify)
+    if found is not None:
+        acts = subset_of(found[0], chosen, found[1], meta)
     elif cache:
         from repsim import store  # noqa: PLC0415
 
@@ -711,6 +715,38 @@ def extract(
     acts.meta["timings"]["load_s"] = t_load
     acts.meta["timings"]["total_s"] = time.perf_counter() - t_start
     return acts
+
+
+def superset_rows(data: Any, texts_sha256: str) -> list[tuple[str, int, np.ndarray]]:
+    """(texts_sha256, n_texts, rows) of the larger text lists ``data`` was drawn from (recorded by
+    :func:`repsim.data.subsample` in ``data.extra["supersets"]``): text j of ``data`` is text ``rows[j]`` there.
+    A record counts only when the fingerprint it was made for equals ``texts_sha256``, the hash of the texts now
+    being extracted, so a changed text list never takes rows from a superset."""
+    records = (getattr(data, "extra", None) or {}).get("supersets", [])
+    return [(str(r["fingerprint"]), int(r["n_texts"]), np.asarray(r["rows"], dtype=np.int64)) for r in records
+            if r.get("subset_fingerprint") == texts_sha256]
+
+
+def subset_of(superset: Activations, layers: Sequence[int], rows: np.ndarray | None, meta: dict) -> Activations:
+    """The ``layers`` of a cached ``superset`` entry and, when ``rows`` is given, only the texts at those rows (for
+    pools with several rows per text, their rows through ``superset.offsets``), without a forward pass.
+
+    ``meta`` is this request's own description (texts, counts); the arrays keep the superset's build facts
+    (batch size, final norm). Row subsets are copied into memory; layer subsets stay memory-mapped."""
+    sub_meta = {**superset.meta, **{k: v for k, v in meta.items() if k not in ("batch_size", "sort_by_length")},
+                "layers": list(layers), "cache_hit": True, "subset_of": superset.meta.get("key")}
+    if rows is None:
+        return Activations(list(layers), {k: superset.arrays[k] for k in layers}, sub_meta, superset.offsets,
+                           superset.token_ids, superset.path)
+    offsets = token_ids = None
+    take = rows
+    if superset.offsets is not None:
+        take = _rows_of(rows, np.asarray(superset.offsets))
+        offsets = np.concatenate([[0], np.cumsum(np.diff(superset.offsets)[rows])]).astype(np.int64)
+        token_ids = None if superset.token_ids is None else np.asarray(superset.token_ids[take])
+    sub_meta["rows_of_superset"] = superset.n_texts
+    return Activations(list(layers), {k: np.asarray(superset.arrays[k][take]) for k in layers}, sub_meta, offsets,
+                       token_ids, superset.path)
 
 
 def _transformers_version() -> str:

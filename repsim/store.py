@@ -198,6 +198,70 @@ def _layer_file(k: int) -> str:
     return f"layer_{k:03d}.npy"
 
 
+def find_superset(meta: dict, drawn_from: Sequence[tuple[str, int, np.ndarray]] = (), verify: bool | None = None
+                  ) -> tuple[Any, np.ndarray | None] | None:
+    """A finished, intact entry that serves ``meta`` without a forward pass, and the rows of it to take.
+
+    Every key field must be equal except that the entry's layers include all of ``meta["layers"]`` and its texts
+    hold ``meta``'s texts: they are the same texts (rows None), or one of the larger lists ``drawn_from`` names as
+    (texts_sha256, n_texts, rows) with ``meta``'s text j at row ``rows[j]``, or a list itself drawn from one of
+    those (its manifest's ``meta["drawn_from"]`` marks its rows there, see :func:`rows_mask`) that contains all
+    of ``rows``. Prefers the same texts, then fewer rows, then fewer layers; skips damaged entries. Returns
+    (activations, rows) or None; never builds, waits or removes anything."""
+    root = activations_root()
+    if not root.is_dir() or meta.get("layers") is None:
+        return None
+    fixed = {k: v for k, v in key_fields(meta).items() if k not in ("layers", "texts_sha256", "n_texts")}
+    own = (meta["texts_sha256"], int(meta["n_texts"]))
+    parents = {(str(fp), int(n)): np.asarray(rows, dtype=np.int64) for fp, n, rows in drawn_from}
+    wanted = set(meta["layers"])
+    found = []
+    for path in root.iterdir():
+        if not path.is_dir() or path.name.endswith(".partial") or ".trash-" in path.name:
+            continue
+        try:
+            manifest = _read_json(path / "manifest.json")
+            fields = manifest["key_fields"]
+            texts = (fields["texts_sha256"], int(fields["n_texts"]))
+            layers = set(fields["layers"])
+            marks = [((d["fingerprint"], int(d["n_texts"])), d["rows_mask"]) for d in
+                     manifest["meta"].get("drawn_from") or []]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if not wanted <= layers or any(fields.get(k) != v for k, v in fixed.items()):
+            continue
+        rows: np.ndarray | None = None
+        if texts == own:
+            found.append((0, texts[1], len(layers), path.name, path, None))
+            continue
+        if texts in parents:
+            rows = parents[texts]
+        for parent, mask_hex in marks:
+            if rows is None and parent in parents:
+                mask = _unmask(mask_hex, parent[1])
+                if int(mask.sum()) == texts[1] and mask[parents[parent]].all():
+                    rows = (np.cumsum(mask) - 1)[parents[parent]]
+        if rows is not None:
+            found.append((1, texts[1], len(layers), path.name, path, rows))
+    for *_, path, rows in sorted(found, key=lambda f: f[:4]):
+        try:
+            return open_entry(path, verify), rows
+        except DamagedEntry:
+            continue
+    return None
+
+
+def rows_mask(rows: np.ndarray, n: int) -> str:
+    """Rows of a list of ``n`` texts as a hex bit mask (bit i set = text i kept; ``n / 4`` characters)."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.asarray(rows, dtype=np.int64)] = True
+    return np.packbits(mask).tobytes().hex()
+
+
+def _unmask(mask_hex: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(mask_hex), dtype=np.uint8))[:n].astype(bool)
+
+
 # ---------------------------------------------------------------------------------------------- build
 
 
