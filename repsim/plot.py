@@ -160,7 +160,8 @@ def best_match_curve(table: pd.DataFrame, *, teacher_name: str | None = None, st
         ax_layer.plot(teacher_layers, student_layers[best] + offset, marker="o", color=colour, label=spec.id)
         ax_value.plot(teacher_layers, values[np.arange(len(best)), best], marker="o", markersize=3, color=colour)
         arrow = "↓" if spec.direction == "lower" else "↑"
-        ax_value.set_ylabel(f"{spec.id}\n{arrow} {spec.direction} = more similar", fontsize=7)
+        heading = "value of that best match:\n" if k == 0 else ""
+        ax_value.set_title(f"{heading}{spec.id}  ({arrow} {spec.direction} = more similar)", fontsize=7, loc="left")
         ax_value.tick_params(labelsize=7)
         ax_value.grid(alpha=0.3)
         if k < len(metrics) - 1:
@@ -171,7 +172,6 @@ def best_match_curve(table: pd.DataFrame, *, teacher_name: str | None = None, st
     ax_layer.set_ylabel(f"best {axis_label('student', student_name)}")
     ax_layer.set_title(f"best match per teacher layer{texts_note(n_texts)}", fontsize=9)
     value_axes[-1].set_xlabel(axis_label("teacher", teacher_name))
-    value_axes[0].set_title("value of that best match", fontsize=9)
     ax_layer.legend(fontsize=7)
     return fig
 

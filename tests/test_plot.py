@@ -71,7 +71,8 @@ def test_best_match_panels_show_the_best_values_in_the_metrics_own_units():
         (line,) = ax.get_lines()
         np.testing.assert_array_equal(line.get_xdata(), np.arange(5))
         np.testing.assert_array_equal(line.get_ydata(), best.to_numpy())  # raw values, not rescaled
-        assert ax.get_ylabel().startswith(metric) and f"{spec.direction} = more similar" in ax.get_ylabel()
+        title = ax.get_title(loc="left").splitlines()[-1]
+        assert title.startswith(metric) and f"{spec.direction} = more similar" in title
     assert "n = 20 texts" in layer_ax.get_title()
 
 
