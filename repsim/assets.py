@@ -541,6 +541,20 @@ def _resolve_default(hub_id: str) -> ModelSource:
     return ModelSource(folder, hub_id, meta["sha256"], True, meta.get("origin", ""))
 
 
+def check_config_json(path: Path) -> None:
+    """A model's ``config.json`` must be one UTF-8 JSON object; a damaged one is a UserError naming the file and
+    the place, before any weights are read."""
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte offset {exc.start}); the model folder is damaged") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); the model "
+                        "folder is damaged") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object; the model folder is damaged")
+
+
 def _resolve_local(path: Path) -> ModelSource:
     path = path.resolve()
     if path.is_file():
@@ -550,6 +564,7 @@ def _resolve_local(path: Path) -> ModelSource:
         return ModelSource(folder, str(path), meta["gguf_sha256"], False, f"local GGUF file {path}")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+    check_config_json(path / "config.json")
     return ModelSource(path, str(path), weights_fingerprint(path), False, f"local folder {path}")
 
 

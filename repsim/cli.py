@@ -10,15 +10,70 @@ Each subcommand is one `_add_<name>(subparsers)` function that registers its par
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import sys
 from collections.abc import Sequence
 
 from repsim import __version__
 from repsim.errors import UserError
 
+# ------------------------------------------------------------------------------------ argument types
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: one ``repsim: error: ...`` line and exit status 2 (argparse's own
+    form prints the whole usage first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"repsim: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {low}, got {text}")
+        return value
+    return parse
+
+
+def _finite(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+            open_high: bool = False):
+    """A finite float in [low, high] (either end open when asked)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad = not math.isfinite(value)
+        bad |= low is not None and (value <= low if open_low else value < low)
+        bad |= high is not None and (value >= high if open_high else value > high)
+        if bad:
+            lo = "(-inf" if low is None else f"{'(' if open_low else '['}{low:g}"
+            hi = "inf)" if high is None else f"{high:g}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {lo}, {hi}, got {text}")
+        return value
+    return parse
+
+
+_POSITIVE = _at_least(1)
+_COUNT = _at_least(0)
+_EPS = _finite(0.0, 1.0, open_high=True)
+_FRACTION = _finite(0.0, 1.0)
+_NONNEGATIVE = _finite(0.0)
+_POSITIVE_REAL = _finite(0.0, open_low=True)
+
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, metavar="N",
+    p.add_argument("--threads", type=_POSITIVE, default=None, metavar="N",
                    help="CPU threads for torch and BLAS (default: torch's choice); on a CPU shared with other jobs "
                    "1 is often fastest")
 
@@ -50,15 +105,15 @@ def _add_compare(sub) -> None:
     p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
                    help="layer indices for both models (0 = embeddings, -1 = last, ranges 0-6); "
                    "prefix t: or s: for one side, e.g. t:0-12 s:0-6")
-    p.add_argument("--max-samples", type=int, default=None, metavar="N", help="use at most N texts")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B")
-    p.add_argument("--max-length", type=int, default=128, metavar="T", help="truncate texts to T tokens")
+    p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N", help="use at most N texts")
+    p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")
+    p.add_argument("--max-length", type=_POSITIVE, default=128, metavar="T", help="truncate texts to T tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="B",
+    p.add_argument("--bootstrap", type=_COUNT, default=0, metavar="B",
                    help="bootstrap replicates over texts for 95%% percentile intervals (e.g. 200)")
-    p.add_argument("--permutations", type=int, default=0, metavar="P",
+    p.add_argument("--permutations", type=_COUNT, default=0, metavar="P",
                    help="student-row permutations for p-values (e.g. 200)")
-    p.add_argument("--chance-permutations", type=int, default=4, metavar="K",
+    p.add_argument("--chance-permutations", type=_COUNT, default=4, metavar="K",
                    help="chance level of every cell: the mean over K seeded student-row permutations (the first K of "
                         "--permutations); 0 disables it (default 4)")
     p.add_argument("--stats-metrics", nargs="+", default=None, metavar="METRIC",
@@ -68,7 +123,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
-    p.add_argument("--seed", type=int, default=0, help="seed for data sampling, bootstrap and permutations")
+    p.add_argument("--seed", type=_COUNT, default=0, help="seed for data sampling, bootstrap and permutations")
     p.add_argument("--suggest-map", default=None, metavar="METRIC",
                    help="print the monotone teacher->student layer map maximising total similarity under METRIC")
     _add_threads(p)
@@ -112,13 +167,13 @@ def _add_extract(sub) -> None:
                    help="sst2 | PATH (.txt/.csv/.tsv/.jsonl/.parquet) | hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--text-column", default=None, help="column holding the texts (files / hf data sets)")
     p.add_argument("--label-column", default=None, help="column holding the labels (optional)")
-    p.add_argument("--max-samples", type=int, default=None, metavar="N", help="use at most N texts")
-    p.add_argument("--seed", type=int, default=0, help="seed for --max-samples sampling")
+    p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N", help="use at most N texts")
+    p.add_argument("--seed", type=_COUNT, default=0, help="seed for --max-samples sampling")
     p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens"], help="pooling per text")
     p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
                    help="layer indices (0 = embeddings, -1 = last, ranges 2-4; default all)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B")
-    p.add_argument("--max-length", type=int, default=128, metavar="T", help="truncate texts to T tokens")
+    p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")
+    p.add_argument("--max-length", type=_POSITIVE, default=128, metavar="T", help="truncate texts to T tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the model (features are stored as float32)")
@@ -153,7 +208,7 @@ def _add_cache(sub) -> None:
     rm.add_argument("keys", nargs="*", help="entry keys or unique prefixes")
     rm.add_argument("--all", action="store_true", help="remove every entry")
     prune = actions.add_parser("prune", help="remove entries by age and/or total size (least recently used first)")
-    prune.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="not used for DAYS days")
+    prune.add_argument("--older-than", type=_NONNEGATIVE, default=None, metavar="DAYS", help="not used for DAYS days")
     prune.add_argument("--max-size", default=None, metavar="SIZE", help="keep the cache under SIZE (e.g. 5GB)")
     prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.set_defaults(func=_run_cache, cache_action=None)
@@ -176,17 +231,15 @@ def _add_counterexample(sub) -> None:
         "write theory_*.csv and theory_*.png.")
     p.add_argument("which", nargs="?", default="all", choices=["theorem1", "projection", "synthetic", "all"])
     p.add_argument("--out", default=None, metavar="DIR", help="write tables (CSV) and figures (PNG) here")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="synthetic: seeds")
-    p.add_argument("--steps", type=int, default=300, metavar="N", help="synthetic: Adam steps per run")
-    p.add_argument("--eps", type=float, default=0.1, help="synthetic: |cos| <= eps counts as eps-orthogonal")
+    p.add_argument("--seeds", nargs="+", type=_COUNT, default=[0, 1, 2], metavar="S", help="synthetic: seeds")
+    p.add_argument("--steps", type=_POSITIVE, default=300, metavar="N", help="synthetic: Adam steps per run")
+    p.add_argument("--eps", type=_EPS, default=0.1, help="synthetic: |cos| <= eps counts as eps-orthogonal")
     p.set_defaults(func=_run_counterexample)
 
 
 def _run_counterexample(args: argparse.Namespace) -> int:
     from repsim.theory import run_counterexamples
 
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
     print(run_counterexamples(args.which, out=args.out, seeds=args.seeds, steps=args.steps, eps=args.eps))
     return 0
 
@@ -206,20 +259,20 @@ def _add_check(sub) -> None:
     p.add_argument("--map", dest="layer_map", default="uniform", metavar="MAP",
                    help="teacher:student layer pairs, e.g. '12:6,6:3', or 'uniform' (student block j <-> teacher "
                    "block round(j*Lt/Ls)); 0 = embeddings")
-    p.add_argument("--eps", type=float, default=0.1, help="|cos| <= eps counts as eps-orthogonal (centred rows)")
-    p.add_argument("--max-samples", type=int, default=500, metavar="N",
+    p.add_argument("--eps", type=_EPS, default=0.1, help="|cos| <= eps counts as eps-orthogonal (centred rows)")
+    p.add_argument("--max-samples", type=_POSITIVE, default=500, metavar="N",
                    help="use at most N texts (pairwise angles cost O(N^2) memory)")
     p.add_argument("--pool", default="mean", choices=["mean", "cls", "last"], help="pooling per text")
-    p.add_argument("--batch-size", type=int, default=32, metavar="B")
-    p.add_argument("--max-length", type=int, default=128, metavar="T")
+    p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")
+    p.add_argument("--max-length", type=_POSITIVE, default=128, metavar="T")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--cka-threshold", type=float, default=0.9, help="CKA at or above this counts as 'similar'")
-    p.add_argument("--procrustes-threshold", type=float, default=0.5,
+    p.add_argument("--cka-threshold", type=_FRACTION, default=0.9, help="CKA at or above this counts as 'similar'")
+    p.add_argument("--procrustes-threshold", type=_NONNEGATIVE, default=0.5,
                    help="Procrustes distance above this counts as 'geometry differs'")
-    p.add_argument("--preservation-threshold", type=float, default=0.5,
+    p.add_argument("--preservation-threshold", type=_FRACTION, default=0.5,
                    help="eps-orthogonal preservation below this counts as 'geometry differs'")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
-    p.add_argument("--seed", type=int, default=0, help="seed for data sampling")
+    p.add_argument("--seed", type=_COUNT, default=0, help="seed for data sampling")
     p.add_argument("--out", default=None, metavar="DIR", help="write check.csv and check.json here")
     _add_threads(p)
     p.set_defaults(func=_run_check)
@@ -246,15 +299,16 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sst2", help="training data: sst2 (train split), a local file, or hf:NAME")
     p.add_argument("--val-data", default=None,
                    help="validation data (default: sst2's validation split, else a fixed random 10%% of --data)")
-    p.add_argument("--max-train", type=int, default=None, help="use the first N training texts")
-    p.add_argument("--max-val", type=int, default=None, help="use the first N validation texts")
+    p.add_argument("--max-train", type=_POSITIVE, default=None, help="use the first N training texts")
+    p.add_argument("--max-val", type=_POSITIVE, default=None, help="use the first N validation texts")
     p.add_argument("--task", choices=["sequence-classification", "causal-lm"], default="sequence-classification")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, linear warm-up and decay)")
-    p.add_argument("--max-length", type=int, default=64, help="truncate texts to this many tokens")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints "
+    p.add_argument("--epochs", type=_POSITIVE, default=3)
+    p.add_argument("--batch-size", type=_POSITIVE, default=32)
+    p.add_argument("--lr", type=_POSITIVE_REAL, default=1e-4,
+                   help="peak learning rate (AdamW, linear warm-up and decay)")
+    p.add_argument("--max-length", type=_at_least(2), default=64, help="truncate texts to this many tokens")
+    p.add_argument("--seed", type=_COUNT, default=0)
+    p.add_argument("--checkpoint-every", type=_COUNT, default=0, help="optimizer steps between checkpoints "
                    "(0: end of each epoch); an interrupted run resumes from --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -271,10 +325,10 @@ def _add_distill(sub) -> None:
                    "narrow:HIDDEN:LAYERS (random init from the teacher's config)")
     p.add_argument("--loss", nargs="+", default=["none"],
                    help="feature loss(es): none projection cka procrustes gram_frobenius, or all")
-    p.add_argument("--seeds", type=int, default=1, help="run seeds seed..seed+N-1 for every loss")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the KD term")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the summed feature loss")
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--seeds", type=_POSITIVE, default=1, help="run seeds seed..seed+N-1 for every loss")
+    p.add_argument("--alpha", type=_NONNEGATIVE, default=1.0, help="weight of the KD term")
+    p.add_argument("--beta", type=_NONNEGATIVE, default=1.0, help="weight of the summed feature loss")
+    p.add_argument("--temperature", type=_POSITIVE_REAL, default=2.0)
     p.add_argument("--layer-map", default="uniform",
                    help="uniform, teacher:student pairs like 2:1,4:2,6:3, or a file: CSV with teacher_layer and "
                    "student_layer, JSON pairs, or the line compare --suggest-map prints")
@@ -282,8 +336,8 @@ def _add_distill(sub) -> None:
                    help="feature loss on mean-pooled texts or on tokens (tokens need identical tokenizers)")
     p.add_argument("--finetune-teacher", action="store_true",
                    help="fine-tune the teacher's head on --data first when it has none")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="epochs for --finetune-teacher")
-    p.add_argument("--teacher-lr", type=float, default=None, help="learning rate for --finetune-teacher")
+    p.add_argument("--teacher-epochs", type=_POSITIVE, default=None, help="epochs for --finetune-teacher")
+    p.add_argument("--teacher-lr", type=_POSITIVE_REAL, default=None, help="learning rate for --finetune-teacher")
     p.add_argument("--out", default="distill-out", help="output folder (runs, summary.md, paired_tests.csv, figure)")
     p.add_argument("--keep-students", action="store_true",
                    help="keep each trained student (OUT/runs/LOSS/seedK/student) instead of deleting its weights")
@@ -333,7 +387,7 @@ _SUBCOMMANDS: list[str] = ["compare", "plot", "extract", "cache", "counterexampl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="repsim",
         description="Representational similarity for language models (Procrustes, Gram-Frobenius, CKA, "
         "projection residual), layer by layer, and geometry-aware distillation.",
@@ -346,6 +400,36 @@ def build_parser() -> argparse.ArgumentParser:
             adder(sub)
     return parser
 
+
+
+# Operating-system errors a user causes (and fixes) with a folder, a disk, a limit or a path: one line, exit 2.
+USER_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                         errno.EFBIG, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EEXIST,
+                         errno.ENOTEMPTY, errno.EMFILE, errno.ENFILE, errno.EXDEV})
+_HINTS = {errno.ENOSPC: "free some space or choose another folder",
+          errno.EDQUOT: "free some space or choose another folder",
+          errno.EFBIG: "the file size limit (ulimit -f) is below this file's size: raise it or choose another folder",
+          errno.EROFS: "choose a writable folder", errno.EACCES: "choose a folder you may write to",
+          errno.EPERM: "choose a folder you may write to"}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error: the path(s), the cause, and what to do about it.
+
+    Paths inside repsim's cache add that ``$REPSIM_CACHE`` moves it (and ``--no-cache`` avoids it)."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    cause = exc.strerror or str(exc)
+    line = f"{where}: {cause}" if where else cause
+    if exc.errno == errno.ENOENT:
+        return f"file not found: {where}" if where else line
+    hint = _HINTS.get(exc.errno)
+    if exc.filename is not None and exc.errno in _HINTS:
+        from repsim.assets import cache_dir  # noqa: PLC0415 - only on this error path
+
+        root = str(cache_dir())
+        if str(exc.filename) == root or str(exc.filename).startswith(root.rstrip("/") + "/"):
+            hint = f"{hint}; this is the repsim cache {root}: REPSIM_CACHE moves it, --no-cache bypasses it"
+    return f"{line} ({hint})" if hint else line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,8 +447,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"repsim: error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"repsim: error: file not found: {exc.filename or exc}", file=sys.stderr)
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            raise  # anything else is a bug: keep the traceback
+        print(f"repsim: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:
+        detail = f" ({exc})" if str(exc) else ""
+        print(f"repsim: error: out of memory{detail}; use fewer texts (--max-samples), layers or replicates",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("repsim: interrupted", file=sys.stderr)

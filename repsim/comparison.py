@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from repsim.errors import UserError
+from repsim.errors import UserError, naming_path
 
 COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low", "ci_high", "p_value"]
 POOLS = ("mean", "cls", "last", "tokens")
@@ -194,8 +194,7 @@ class Comparison:
                 raise UserError(f"{len(ids_)} {name} layer ids for {len(layers)} {name} layers")
         t_ids = list(teacher_layer_ids) if teacher_layer_ids is not None else list(range(len(teacher)))
         s_ids = list(student_layer_ids) if student_layer_ids is not None else list(range(len(student)))
-        if bootstrap < 0 or permutations < 0 or chance_permutations < 0:
-            raise UserError("bootstrap, permutations and chance_permutations must be ≥ 0")
+        check_replicates(bootstrap, permutations, chance_permutations)
         stat_ids = check_stats_metrics(stats_metrics, ids)
 
         meta = dict(meta or {})
@@ -390,6 +389,45 @@ class Comparison:
         return out
 
 
+MAX_REPLICATES = 100_000
+
+
+def min_rows(metric: str) -> int:
+    """The fewest paired rows ``metric`` is defined on: k-fold residuals need every fold non-empty and at least
+    2 training rows (n ≥ k and n − ⌈n/k⌉ ≥ 2), debiased CKA needs 4 (Song et al.'s U-statistic), the rest 2."""
+    import math
+
+    sp = _spec(metric)
+    kwargs = dict(sp.kwargs)
+    if sp.family == "projection_residual" and kwargs.get("folds") is not None:
+        folds = int(kwargs["folds"])
+        n = max(folds, 2)
+        while n - math.ceil(n / folds) < 2:
+            n += 1
+        return n
+    if sp.family == "cka" and kwargs.get("estimator") == "debiased":
+        return 4
+    return MIN_TEXTS
+
+
+def check_rows(ids: Sequence[str], n: int, *, defaults: bool = False) -> None:
+    """Refuse, before any model runs, metrics that ``n`` texts cannot support (one line naming the metric, the
+    count it needs and the ways out)."""
+    for metric in ids:
+        need = min_rows(metric)
+        if n < need:
+            origin = " (a default metric)" if defaults else ""
+            raise UserError(f"{metric}{origin} needs at least {need} texts, the data has {n}: give more texts, or "
+                            f"choose metrics with --metrics (e.g. --metrics procrustes cka)")
+
+
+def check_replicates(bootstrap: int, permutations: int, chance_permutations: int = 0) -> None:
+    for flag, val in (("--bootstrap", bootstrap), ("--permutations", permutations),
+                      ("--chance-permutations", chance_permutations)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or not 0 <= val <= MAX_REPLICATES:
+            raise UserError(f"{flag} must be an integer in 0..{MAX_REPLICATES}, got {val}")
+
+
 def check_stats_metrics(stats_metrics: Sequence[str] | None, ids: Sequence[str]) -> list[str]:
     """Canonical ids of the metrics that get intervals/p-values; each must be among the computed ``ids``.
 
@@ -432,17 +470,24 @@ def monotone_map(sim: np.ndarray) -> list[int]:
 
 
 def check_out_dir(out: str | Path) -> Path:
-    """An output folder path that is usable: not an existing file, parent creatable."""
+    """An output folder path that is usable, checked before any work: not an existing file, and the folder (or
+    its nearest existing parent) really takes a new file (a probe file is created and removed: permission bits
+    alone say nothing on a read-only mount or to root)."""
     out = Path(out)
+    if not str(out).strip():
+        raise UserError("empty output folder name")
     if out.exists() and not out.is_dir():
         raise UserError(f"output folder {out} exists and is not a folder")
-    parent = out.parent
+    parent = out if out.exists() else out.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"cannot create output folder {out}: {parent} is not a folder")
-    if not os.access(parent if not out.exists() else out, os.W_OK):
-        raise UserError(f"output folder {out} is not writable")
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".repsim-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write output folder {out}: {exc.strerror or exc} in {parent}") from None
     return out
 
 
@@ -569,6 +614,8 @@ def parse_layers(tokens: Sequence[str] | None) -> tuple[list[int] | None, list[i
         return None, None
     sides: dict[str, list[int]] = {"t": [], "s": []}
     for raw in tokens:
+        if not str(raw).strip(" ,"):
+            raise UserError(f"empty layer spec {raw!r}: use integers, ranges like 0-6, or t:/s: prefixes")
         for tok in str(raw).split(","):
             tok = tok.strip()
             if not tok:
@@ -693,7 +740,8 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     from repsim import assets
 
     say: Echo = echo or (lambda _line: None)
-    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations)
+    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations,
+                         seed)
     if pool not in POOLS:
         raise UserError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
     if batch_size < 1 or max_length < 1:
@@ -710,9 +758,11 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     from repsim.data import TextData, load_texts
 
     texts = data if isinstance(data, TextData) else load_texts(
-        data, text_column=text_column, label_column=label_column, max_samples=max_samples, seed=seed)
+        data, text_column=text_column, label_column=label_column, max_samples=max_samples, seed=seed, labels=False)
     if len(texts.texts) < MIN_TEXTS:
         raise UserError(f"data {texts.name!r} has {len(texts.texts)} text(s); a comparison needs at least {MIN_TEXTS}")
+    if pool != "tokens":  # one row per text (token rows are only known after tokenising)
+        check_rows(ids, len(texts.texts), defaults=metrics is None)
     t_info, s_info = _model_shape(teacher), _model_shape(student)
     t_ids = resolve_layer_ids(t_req, t_info["n_layers"], "teacher") if t_info["n_layers"] else t_req
     s_ids = resolve_layer_ids(s_req, s_info["n_layers"], "student") if s_info["n_layers"] else s_req
@@ -765,17 +815,17 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
 
 def _check_options(metrics: Sequence[str] | str | None, stats_metrics: Sequence[str] | None,
                    max_samples: int | None, bootstrap: int, permutations: int, out: str | Path | None,
-                   chance_permutations: int = 0) -> list[str]:
+                   chance_permutations: int = 0, seed: int = 0) -> list[str]:
     """The options every comparison shares, checked before any work; returns the canonical metric ids."""
+    from repsim.data import check_seed
+
     ids = resolve_metrics(metrics)
     check_stats_metrics(stats_metrics, ids)
     if max_samples is not None and max_samples < MIN_TEXTS:
         raise UserError(f"--max-samples must be at least {MIN_TEXTS} (a comparison needs several texts), "
                         f"got {max_samples}")
-    for flag, val in (("--bootstrap", bootstrap), ("--permutations", permutations),
-                      ("--chance-permutations", chance_permutations)):
-        if val < 0:
-            raise UserError(f"{flag} must be ≥ 0, got {val}")
+    check_replicates(bootstrap, permutations, chance_permutations)
+    check_seed(seed)
     if out is not None:
         check_out_dir(out)
     return ids
@@ -798,7 +848,8 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
     from repsim.saved import load_saved_layers
 
     say: Echo = echo or (lambda _line: None)
-    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations)
+    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations,
+                         seed)
     device = _resolve_device(device)
     t_req, s_req = parse_layers(layers)
     t0 = time.perf_counter()
@@ -834,7 +885,8 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
                                   chance_permutations=chance_permutations, seed=seed, stats_metrics=stats_metrics,
                                   device=device, meta=meta, progress=progress)
     if out is not None:
-        comp.save(out)
+        with naming_path(out):
+            comp.save(out)
     return comp
 
 
@@ -882,7 +934,8 @@ def run_compare_cli(args: Any) -> int:
                        stats_metrics=getattr(args, "stats_metrics", None),
                        seed=args.seed, cache=not args.no_cache, out=None, progress=True, echo=echo)
     if args.out is not None:
-        comp.save(args.out)
+        with naming_path(args.out):
+            comp.save(args.out)
     echo("")
     echo(format_summary(comp, warnings=False))
     for w in comp.meta.get("warnings", []):
@@ -911,7 +964,8 @@ def run_plot_cli(args: Any) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
     try:
-        files = save_figures(comp.table, tmp, **comp.figure_labels())
+        with naming_path(out):
+            files = save_figures(comp.table, tmp, **comp.figure_labels())
         for f in files:
             os.replace(f, out / f.name)
     finally:

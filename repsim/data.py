@@ -24,8 +24,10 @@ seed are nested (k₁ < k₂ ⇒ subset₁ ⊂ subset₂).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -97,15 +99,21 @@ def fingerprint_texts(texts: Sequence[str]) -> str:
 
 
 def load_texts(spec: str | Path | TextData, *, text_column: str | None = None, label_column: str | None = None,
-               max_samples: int | None = None, seed: int = 0, split: str | None = None) -> TextData:
+               max_samples: int | None = None, seed: int = 0, split: str | None = None,
+               labels: bool = True) -> TextData:
     """Resolve a data spec (see the module docstring) to :class:`TextData`.
 
+    ``labels=False`` (callers that never use labels, e.g. comparisons): labels are neither read nor checked
+    (``TextData.labels`` is None); a ``label_column`` that is named must still exist.
+
     Raises :class:`UserError` (one line naming the problem) for a missing file, an unknown format, a missing
-    column (the message lists those available), non-UTF-8 text (line and byte named), non-integer labels,
-    or no texts at all.
+    column (the message lists those available), non-UTF-8 text (line and byte named), a text that is not a
+    string (a number, ``null``, a list: named with its row), a ``.jsonl`` line that is not a JSON object,
+    non-integer labels, or no texts at all.
     """
-    if max_samples is not None and max_samples < 1:
+    if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 1):
         raise UserError(f"max_samples must be at least 1, got {max_samples}")
+    check_seed(seed)
     if isinstance(spec, TextData):
         data = spec
     else:
@@ -117,14 +125,24 @@ def load_texts(spec: str | Path | TextData, *, text_column: str | None = None, l
                 raise UserError("--text-column/--label-column do not apply to the sst2 data set")
             data = _load_sst2(split or "validation")
         elif text.lower().startswith("hf:"):
-            data = _load_hf(text, text_column=text_column, label_column=label_column, split=split)
+            data = _load_hf(text, text_column=text_column, label_column=label_column, split=split, labels=labels)
         else:
             if split is not None:
                 raise UserError(f"split={split!r} does not apply to a local file ({text})")
-            data = _load_file(Path(text).expanduser(), text_column=text_column, label_column=label_column)
+            data = _load_file(Path(text).expanduser(), text_column=text_column, label_column=label_column,
+                              labels=labels)
+        if not labels and data.labels is not None:
+            data = dataclasses.replace(data, labels=None)
     if not data.texts:
         raise UserError(f"no texts in {data.name} ({data.n_dropped} empty dropped)")
     return subsample(data, max_samples, seed=seed)
+
+
+def check_seed(seed: Any) -> int:
+    """A seed is an integer in 0 .. 2**32 − 1 (what numpy's and torch's generators all accept)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise UserError(f"seed must be an integer in 0..{2**32 - 1}, got {seed!r}")
+    return int(seed)
 
 
 def subsample(data: TextData, max_samples: int | None, *, seed: int = 0) -> TextData:
@@ -135,6 +153,7 @@ def subsample(data: TextData, max_samples: int | None, *, seed: int = 0) -> Text
     subset from a cached extraction of the larger list."""
     if max_samples is not None and max_samples < 1:
         raise UserError(f"max_samples must be at least 1, got {max_samples}")
+    check_seed(seed)
     if max_samples is None or max_samples >= len(data.texts):
         return data
     keep = sample_rows(len(data.texts), max_samples, seed)
@@ -249,7 +268,8 @@ def _hf_load(name: str, config: str | None, split: str | None, *, offline: bool)
 _HF_SPEC = re.compile(r"^hf:(?P<name>[^:@]+)(:(?P<config>[^@]+))?(@(?P<split>.+))?$", re.IGNORECASE)
 
 
-def _load_hf(spec: str, *, text_column: str | None, label_column: str | None, split: str | None) -> TextData:
+def _load_hf(spec: str, *, text_column: str | None, label_column: str | None, split: str | None,
+             labels: bool = True) -> TextData:
     from repsim.assets import hub_reachable
 
     match = _HF_SPEC.match(spec.strip())
@@ -275,17 +295,17 @@ def _load_hf(spec: str, *, text_column: str | None, label_column: str | None, sp
     columns = list(loaded.column_names)
     text_col = _pick_text_column(columns, text_column, spec)
     label_col = _pick_label_column(columns, label_column, spec)
-    texts, labels, n_dropped = _clean(list(loaded[text_col]), None if label_col is None else list(loaded[label_col]),
-                                      where=spec, label_name=label_col)
+    raw_labels = list(loaded[label_col]) if label_col is not None and labels else None
+    texts, kept_labels, n_dropped = _clean(list(loaded[text_col]), raw_labels, where=spec, label_name=label_col)
     display = f"hf:{name}" + (f":{config}" if config else "") + f"@{split}"
-    return TextData(texts, labels, display, f"{display} through datasets, column {text_col!r}", False, "", n_dropped,
-                    split)
+    return TextData(texts, kept_labels, display, f"{display} through datasets, column {text_col!r}", False, "",
+                    n_dropped, split)
 
 
 # ------------------------------------------------------------------------------------ local files
 
 
-def _load_file(path: Path, *, text_column: str | None, label_column: str | None) -> TextData:
+def _load_file(path: Path, *, text_column: str | None, label_column: str | None, labels: bool = True) -> TextData:
     if not path.exists():
         raise UserError(f"data file not found: {path}")
     if path.is_dir():
@@ -300,31 +320,77 @@ def _load_file(path: Path, *, text_column: str | None, label_column: str | None)
         lines = _decode(path.read_bytes(), path).splitlines()
         texts, _, n_dropped = _clean(lines, None, where=str(path))
         return TextData(texts, None, path.name, f"text file {path} (one text per line)", False, "", n_dropped)
-    frame = _read_table(path, suffix)
-    columns = [str(c) for c in frame.columns]
-    frame.columns = columns
+    table, row_names = _read_table(path, suffix)
+    columns = list(table)
+    if not columns:
+        raise UserError(f"no texts in {path}: the file holds no rows")
     text_col = _pick_text_column(columns, text_column, str(path))
     label_col = _pick_label_column(columns, label_column, str(path))
-    texts, labels, n_dropped = _clean(frame[text_col].tolist(),
-                                      None if label_col is None else frame[label_col].tolist(),
-                                      where=str(path), label_name=label_col)
-    return TextData(texts, labels, path.name, f"{suffix[1:]} file {path}, column {text_col!r}", False, "", n_dropped)
+    texts, kept_labels, n_dropped = _clean(table[text_col], table[label_col] if label_col and labels else None,
+                                           where=str(path), label_name=label_col, text_name=text_col,
+                                           row_names=row_names)
+    return TextData(texts, kept_labels, path.name, f"{suffix[1:]} file {path}, column {text_col!r}", False, "",
+                    n_dropped)
 
 
-def _read_table(path: Path, suffix: str) -> Any:
+_MISSING = object()  # a .jsonl object without the column
+
+
+def _read_table(path: Path, suffix: str) -> tuple[dict[str, list[Any]], list[str] | None]:
+    """{column name: values in row order} and, for ``.jsonl``, each row's name ("line K") for messages."""
     import pandas as pd
 
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
     try:
         if suffix == ".parquet":
-            return pd.read_parquet(path)
-        content = io.StringIO(_decode(path.read_bytes(), path))
-        if suffix == ".jsonl":
-            return pd.read_json(content, lines=True, dtype=False)
-        return pd.read_csv(content, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
+            frame = pd.read_parquet(path)
+        else:
+            content = io.StringIO(_decode(path.read_bytes(), path))
+            frame = pd.read_csv(content, sep="\t" if suffix == ".tsv" else ",", dtype=str, keep_default_na=False)
     except UserError:
         raise
+    except pd.errors.EmptyDataError:
+        raise UserError(f"no texts in {path}: the file is empty") from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the operating system's error (permissions, ...) names the file itself
         raise UserError(f"cannot read {path} as {suffix[1:]}: {_first_line(exc)}") from exc
+    return {str(c): frame[c].tolist() for c in frame.columns}, None
+
+
+def _read_jsonl(path: Path) -> tuple[dict[str, list[Any]], list[str]]:
+    """One JSON object per line (blank lines skipped); anything else is refused with its line number."""
+    rows: list[dict[str, Any]] = []
+    names: list[str] = []
+    for number, line in enumerate(_decode(path.read_bytes(), path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {number} is a JSON {_json_kind(obj)}, not an object; each line must be "
+                            'an object such as {"text": "...", "label": 1}')
+        rows.append(obj)
+        names.append(f"line {number}")
+    if not rows:
+        raise UserError(f"no texts in {path}: the file holds no JSON lines")
+    columns = list(dict.fromkeys(str(k) for row in rows for k in row))
+    return {c: [row.get(c, _MISSING) for row in rows] for c in columns}, names
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return "number"
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -358,24 +424,35 @@ def _pick_label_column(columns: list[str], wanted: str | None, where: str) -> st
     return next((guess for guess in _LABEL_COLUMN_GUESSES if guess in columns), None)
 
 
-def _clean(texts: list[Any], labels: list[Any] | None, *, where: str = "",
-           label_name: str | None = None) -> tuple[list[str], list[int] | None, int]:
-    """Strip texts, drop the empty ones (with their labels), and check that labels are integers."""
+def _clean(texts: list[Any], labels: list[Any] | None, *, where: str = "", label_name: str | None = None,
+           text_name: str | None = None, row_names: Sequence[str] | None = None
+           ) -> tuple[list[str], list[int] | None, int]:
+    """Strip texts, drop the empty ones (with their labels), and check that labels are integers.
+
+    A text must be a string: a number, ``null``, a boolean or a list in the text column is refused with its row
+    (converting it would compare models on "5" or "None", dropping it would shift the rows silently)."""
     kept_texts: list[str] = []
     kept_labels: list[int] | None = None if labels is None else []
     n_dropped = 0
     for row, value in enumerate(texts):
-        text = "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+        if not isinstance(value, str):
+            name = row_names[row] if row_names else f"row {row + 1}"
+            shown = "no value" if value is _MISSING else f"{_json_kind(value)} {value!r}" if value is None or \
+                isinstance(value, (bool, int, float, list)) else f"{type(value).__name__} {value!r}"
+            column = f"text column {text_name!r}" if text_name else "the text column"
+            raise UserError(f"{column} in {where} must hold strings; {name} has {shown}"[:300])
+        text = value.strip()
         if not text:
             n_dropped += 1
             continue
         kept_texts.append(text)
         if kept_labels is not None and labels is not None:
-            kept_labels.append(_as_label(labels[row], row, where, label_name))
+            kept_labels.append(_as_label(labels[row], row, where, label_name, row_names))
     return kept_texts, kept_labels, n_dropped
 
 
-def _as_label(value: Any, row: int, where: str, label_name: str | None) -> int:
+def _as_label(value: Any, row: int, where: str, label_name: str | None,
+              row_names: Sequence[str] | None = None) -> int:
     try:
         if isinstance(value, str):
             value = value.strip()
@@ -388,8 +465,9 @@ def _as_label(value: Any, row: int, where: str, label_name: str | None) -> int:
             if number != as_float:
                 raise ValueError
     except (TypeError, ValueError, OverflowError):
-        raise UserError(f"label column {label_name!r} in {where} must hold integers; row {row + 1} has "
-                        f"{value!r}") from None
+        name = row_names[row] if row_names else f"row {row + 1}"
+        shown = "no value" if value is _MISSING else repr(value)
+        raise UserError(f"label column {label_name!r} in {where} must hold integers; {name} has {shown}") from None
     return number
 
 

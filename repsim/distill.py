@@ -101,8 +101,19 @@ class DistillConfig:
             raise UserError(f"unknown feature mode {self.features!r}; choose 'mean' or 'tokens'")
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
             raise UserError("epochs and batch size must be ≥ 1 and max length ≥ 2")
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{name} must be a finite number ≥ 0, got {value}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"checkpoint_every must be ≥ 0, got {self.checkpoint_every}")
+        from repsim.data import check_seed  # noqa: PLC0415
+
+        check_seed(self.seed)
 
 
 @dataclass
@@ -1040,8 +1051,12 @@ def _loss_list(losses: Sequence[str]) -> list[str]:
 def finetune_command(model: str, *, data: str = "sst2", val_data: str | None = None, max_train: int | None = None,
                      max_val: int | None = None, out: str | Path = "finetune-out", **options: Any) -> str:
     """``repsim finetune``: fine-tune ``model`` on ``data``; saves ``out/model``; returns a one-paragraph report."""
-    train, validation = load_train_validation(data, val_data, max_train=max_train, max_val=max_val)
+    from repsim.comparison import check_out_dir  # noqa: PLC0415
+
     config = DistillConfig(**options)
+    config.validate()
+    check_out_dir(out)
+    train, validation = load_train_validation(data, val_data, max_train=max_train, max_val=max_val)
     result = finetune(model, train, validation, config=config, out=out)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k != "train_seconds")
     return (f"fine-tuned {model} on {getattr(train, 'source', data)} ({len(train.texts)} texts): {shown} on "
@@ -1054,10 +1069,19 @@ def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data:
                     teacher_lr: float | None = None, out: str | Path = "distill-out", keep_students: bool = False,
                     **options: Any) -> str:
     """``repsim distill``: every loss × seeds (seed, seed+1, ...) into ``out``; returns the summary (markdown)."""
+    from repsim.comparison import check_out_dir  # noqa: PLC0415
+
+    config = DistillConfig(**options)
+    if not _loss_list(losses):
+        raise UserError(f"no feature loss given; choose from {', '.join(FEATURE_LOSSES)} or all")
+    for loss in _loss_list(losses):
+        dataclasses.replace(config, loss=loss).validate()
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise UserError(f"seeds must be an integer ≥ 1, got {seeds!r}")
+    check_out_dir(out)
     train, validation = load_train_validation(data, val_data, max_train=max_train, max_val=max_val)
     if options.get("task", "sequence-classification") == "sequence-classification" and train.labels is None:
         raise UserError(f"the data {data!r} has no labels; classification needs a label column")
-    config = DistillConfig(**options)
     teacher_config = dataclasses.replace(config, loss="none", epochs=teacher_epochs or config.epochs,
                                          lr=teacher_lr or config.lr)
     first = config.seed

@@ -25,6 +25,7 @@ Life of an entry:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from repsim.errors import UserError
+from repsim.errors import UserError, naming_path
 
 FORMAT_VERSION = 1
 KEY_FIELDS = ("model", "revision", "tokenizer", "texts_sha256", "n_texts", "pool", "max_length", "layers",
@@ -70,7 +71,14 @@ def cache_root() -> Path:
 
 
 def activations_root() -> Path:
-    return cache_root() / "activations"
+    """``cache_root()/activations``; a UserError when the cache root (or this folder) exists as a file."""
+    root = cache_root()
+    for path in (root, root / "activations"):
+        if path.exists() and not path.is_dir():
+            source = "$REPSIM_CACHE" if os.environ.get("REPSIM_CACHE") else "the default cache location"
+            raise UserError(f"the repsim cache {path} ({source}) is a file, not a folder; point REPSIM_CACHE to "
+                            "a folder")
+    return root / "activations"
 
 
 def _slug(name: str) -> str:
@@ -106,11 +114,30 @@ def _sha256_file(path: Path) -> str:
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
+    with naming_path(tmp), open(tmp, "w") as fh:
         json.dump(obj, fh, indent=1, sort_keys=True, default=str)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def _new_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A new ``.npy`` file opened as a writable memory map, with its blocks allocated on disk first.
+
+    ``open_memmap`` alone makes a sparse file; writing through the map into a full disk then kills the
+    process with SIGBUS. Allocating up front turns a full disk or a file size limit into an ``OSError``
+    (ENOSPC / EFBIG) naming the file, before any work is spent on it."""
+    with naming_path(path):
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        try:
+            with open(path, "r+b") as fh:
+                os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                del arr
+                path.unlink(missing_ok=True)  # a partial allocation would keep the disk full
+                raise
+    return arr
 
 
 def _read_json(path: Path) -> Any:
@@ -321,12 +348,16 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
                                                  desc=desc, on_batch=on_batch, done=done_texts):
         j = todo[pos]
         if not arrays:
-            for k, v in feats.items():
-                arrays[k] = np.lib.format.open_memmap(shard / _layer_file(k), mode="w+", dtype=np.float32,
-                                                      shape=(total_rows, v.shape[1]))
-            if tokens:
-                token_ids = np.lib.format.open_memmap(shard / "token_ids.npy", mode="w+", dtype=np.int64,
-                                                      shape=(total_rows,))
+            try:
+                for k, v in feats.items():
+                    arrays[k] = _new_memmap(shard / _layer_file(k), np.float32, (total_rows, v.shape[1]))
+                if tokens:
+                    token_ids = _new_memmap(shard / "token_ids.npy", np.int64, (total_rows,))
+            except OSError:  # nothing is done yet: give the space back
+                arrays.clear()
+                for f in shard.glob("*.npy"):
+                    f.unlink(missing_ok=True)
+                raise
             prog["widths"] = {str(k): int(v.shape[1]) for k, v in feats.items()}
         rows = next(iter(feats.values())).shape[0]
         for k, v in feats.items():
@@ -353,8 +384,6 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
 def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarray,
               batches: Sequence[np.ndarray], tokens: bool) -> None:
     """Assemble the shards into per-layer arrays in input order, hash them, write the manifest."""
-    from repsim.extract import _rows_of  # noqa: PLC0415
-
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) if tokens else None
     n_rows = int(offsets[-1]) if tokens else len(lengths)
     widths: dict[int, int] | None = None
@@ -370,24 +399,15 @@ def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarr
         widths = w
     assert widths is not None
     names = [_layer_file(k) for k in sorted(widths)] + (["token_ids.npy"] if tokens else [])
-    for name in names:
-        if name == "token_ids.npy":
-            final = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.int64, shape=(n_rows,))
-        else:
-            final = np.lib.format.open_memmap(partial / name, mode="w+", dtype=np.float32,
-                                              shape=(n_rows, widths[int(name[6:9])]))
-        for r, mine in shards:
-            src = np.load(partial / f"shard-{r:03d}" / name, mmap_mode="r", allow_pickle=False)
-            cursor = 0
-            for idx in mine:
-                dest = _rows_of(idx, offsets)
-                final[dest] = src[cursor:cursor + len(dest)]
-                cursor += len(dest)
-            del src
-        final.flush()
-        del final
+    try:
+        _assemble(partial, names, shards, widths, n_rows, offsets)
+    except OSError:  # the shards stay (a rerun assembles again); the half-made layer files would hold the space
+        for name in names:
+            (partial / name).unlink(missing_ok=True)
+        raise
     if tokens:
-        np.save(partial / "offsets.npy", offsets, allow_pickle=False)
+        with naming_path(partial / "offsets.npy"):
+            np.save(partial / "offsets.npy", offsets, allow_pickle=False)
         names.append("offsets.npy")
     arrays = {}
     for name in names:
@@ -403,6 +423,28 @@ def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarr
                 "widths": {str(k): v for k, v in sorted(widths.items())}, "arrays": arrays,
                 "meta": dict(meta, layers=sorted(widths), world_size=world)}
     _write_json_atomic(partial / "manifest.json", manifest)
+
+
+def _assemble(partial: Path, names: Sequence[str], shards: Sequence[tuple[int, list[np.ndarray]]],
+              widths: dict[int, int], n_rows: int, offsets: np.ndarray | None) -> None:
+    """Write each layer's array (and token ids) in input order from the ranks' shard files."""
+    from repsim.extract import _rows_of  # noqa: PLC0415
+
+    for name in names:
+        if name == "token_ids.npy":
+            final = _new_memmap(partial / name, np.int64, (n_rows,))
+        else:
+            final = _new_memmap(partial / name, np.float32, (n_rows, widths[int(name[6:9])]))
+        for r, mine in shards:
+            src = np.load(partial / f"shard-{r:03d}" / name, mmap_mode="r", allow_pickle=False)
+            cursor = 0
+            for idx in mine:
+                dest = _rows_of(idx, offsets)
+                final[dest] = src[cursor:cursor + len(dest)]
+                cursor += len(dest)
+            del src
+        final.flush()
+        del final
 
 
 def _plan_record(meta: dict, world: int, chunk_size: int) -> dict:
@@ -591,6 +633,8 @@ class Store:
 
     def find(self, key: str) -> Path:
         """Entry folder for a key or a unique key prefix."""
+        if not key.strip():
+            raise UserError("empty cache key; give a key or a unique prefix from `repsim cache list`")
         if not self.root.is_dir():
             raise UserError(f"the activation cache {self.root} is empty")
         matches = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(key) and ".trash-" not in
@@ -625,6 +669,10 @@ class Store:
               dry_run: bool = False) -> list[EntryInfo]:
         """Remove entries not used for ``older_than_days`` days, then least recently used entries until the
         store is at most ``max_size`` bytes; abandoned unfinished builds (not locked) count as entries too."""
+        if older_than_days is not None and not older_than_days >= 0:
+            raise UserError(f"--older-than must be a number of days ≥ 0, got {older_than_days}")
+        if max_size is not None and max_size < 0:
+            raise UserError(f"--max-size must be ≥ 0, got {max_size}")
         entries = sorted(self.entries(include_partial=True), key=lambda e: e.last_used)
         removed: list[EntryInfo] = []
         now = time.time()
@@ -718,7 +766,7 @@ def extract_command(args: Any) -> int:
     from repsim.data import load_texts  # noqa: PLC0415
 
     data = load_texts(args.data, text_column=args.text_column, label_column=args.label_column,
-                      max_samples=args.max_samples, seed=args.seed)
+                      max_samples=args.max_samples, seed=args.seed, labels=False)
     from repsim.extract import extract  # noqa: PLC0415
 
     if getattr(data, "offline_fallback", False):

@@ -23,6 +23,7 @@ language-model states share a large mean direction that makes every raw cosine l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -38,7 +39,9 @@ import pandas as pd
 import torch
 
 from repsim.arrays import ArrayLike, as_matrix, as_pair, prepare
-from repsim.errors import UserError
+from repsim.comparison import check_out_dir
+from repsim.data import check_seed
+from repsim.errors import UserError, naming_path
 
 METRIC_IDS = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]")
 SYNTHETIC_LOSSES = ("cka", "projection", "procrustes", "gram_frobenius")
@@ -424,7 +427,7 @@ def check(teacher_feats: ArrayLike, student_feats: ArrayLike, *, eps: float = 0.
     """
     if not 0 <= eps < 1:
         raise UserError(f"eps must be in [0, 1), got {eps}")
-    T, S = as_pair(teacher_feats, student_feats, min_rows=max(4, (projection_folds or 0) + 1))
+    T, S = as_pair(teacher_feats, student_feats, min_rows=check_min_rows(projection_folds))
     m = _metrics()
     values = _three_metrics(T.numpy(), S.numpy())
     if projection_folds:
@@ -464,24 +467,38 @@ def check(teacher_feats: ArrayLike, student_feats: ArrayLike, *, eps: float = 0.
                                                       "preservation": preservation_threshold})
 
 
+def check_min_rows(projection_folds: int | None) -> int:
+    """The fewest rows :func:`check` accepts: 4, and one more than the residual's folds."""
+    return max(4, (projection_folds or 0) + 1)
+
+
+def parse_layer_map_syntax(spec: str) -> list[tuple[int, int]] | None:
+    """``"uniform"`` → None; ``"12:6,6:3"`` → [(12, 6), (6, 3)]; anything else is a UserError."""
+    if spec.strip() == "uniform":
+        return None
+    pairs = []
+    for part in spec.split(","):
+        mt = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+        if not mt:
+            raise UserError(f"bad layer map {spec!r}: expected 'T:S,T:S,...' (e.g. '12:6,6:3') or 'uniform'")
+        pairs.append((int(mt.group(1)), int(mt.group(2))))
+    return pairs
+
+
 def parse_layer_map(spec: str, teacher_layers: Sequence[int], student_layers: Sequence[int]) -> list[tuple[int, int]]:
     """Parse "12:6,6:3" (teacher:student) or "uniform" (student block j ↔ teacher block round(j·Lt/Ls), j ≥ 1).
 
     Layer 0 is the embedding output, layer k the k-th block (repsim.extract's numbering).
     """
     tl, sl = sorted(set(int(x) for x in teacher_layers)), sorted(set(int(x) for x in student_layers))
-    if spec.strip() == "uniform":
+    parsed = parse_layer_map_syntax(spec)
+    if parsed is None:
         lt, ls = max(tl), max(sl)
         if ls < 1 or lt < 1:
             raise UserError("uniform layer map needs at least one block on each side")
         pairs = [(round(j * lt / ls), j) for j in range(1, ls + 1)]
     else:
-        pairs = []
-        for part in spec.split(","):
-            mt = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
-            if not mt:
-                raise UserError(f"bad layer map {spec!r}: expected 'T:S,T:S,...' (e.g. '12:6,6:3') or 'uniform'")
-            pairs.append((int(mt.group(1)), int(mt.group(2))))
+        pairs = parsed
     for t, s in pairs:
         if t not in tl:
             raise UserError(f"layer map: teacher has no layer {t} (layers {tl[0]}..{tl[-1]})")
@@ -550,7 +567,24 @@ def check_models(teacher: str, student: str, data: Any = "sst2", layer_map: str 
     from repsim.data import load_texts
     from repsim.extract import extract
 
-    texts = load_texts(data, max_samples=max_samples, seed=seed) if isinstance(data, str) else data
+    eps = check_options.get("eps", 0.1)
+    if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
+        raise UserError(f"eps must be in [0, 1), got {eps}")
+    for name in ("cka_threshold", "procrustes_threshold", "preservation_threshold"):
+        value = check_options.get(name, 0.0)
+        if not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(layer_map, str):
+        parse_layer_map_syntax(layer_map)
+    if out is not None:
+        check_out_dir(out)
+    texts = load_texts(data, max_samples=max_samples, seed=seed, labels=False) if isinstance(data, str) else data
+    folds = check_options.get("projection_folds", 5)
+    need = check_min_rows(folds)
+    if len(texts) < need:
+        why = f"the {folds}-fold projection residual and the angle statistics" if folds else "the angle statistics"
+        raise UserError(f"the geometry check needs at least {need} texts ({why}), {getattr(texts, 'name', 'the data')} "
+                        f"gives {len(texts)}: raise --max-samples or give more texts")
     kw = dict(pool=pool, batch_size=batch_size, max_length=max_length, device=device, cache=cache, progress=progress)
     t_acts = extract(teacher, texts, **kw)
     s_acts = extract(student, texts, **kw)
@@ -714,11 +748,39 @@ def _synthetic_distill(teacher: np.ndarray, d_s: int, loss: str, *, steps: int, 
 DEFAULT_SIZES: tuple[tuple[int, int, int], ...] = ((100, 16, 16), (100, 64, 16), (200, 128, 32))
 
 
+def projection_table(pc: Any, lm: Any, tc: Any) -> pd.DataFrame:
+    """The projection-loss constructions as one long table (construction, quantity, value)."""
+    rows = [("projection_counterexample", "projection_loss", pc.loss),
+            ("projection_counterexample", "teacher_cos_12", pc.teacher_cos_12),
+            ("projection_counterexample", "student_cos_12", pc.student_cos_12),
+            *(("projection_counterexample", k, v) for k, v in pc.metrics.items()),
+            ("linear_map", "condition_number", lm.condition), ("linear_map", "projection_loss", lm.projection_loss),
+            ("linear_map", "max_angle_change_deg", lm.max_angle_change_deg),
+            *(("linear_map", k, v) for k, v in lm.metrics.items()),
+            ("teacher_side_collapse", "zero_map_loss", tc.zero_loss),
+            ("teacher_side_collapse", "rank_one_residual", tc.rank_one_residual),
+            ("teacher_side_collapse", "rank_one_abs_cos_min", tc.rank_one_abs_cos_min),
+            *(("teacher_side_collapse", k, v) for k, v in tc.metrics_rank_one.items())]
+    return pd.DataFrame(rows, columns=["construction", "quantity", "value"])
+
+
+def _check_synthetic_options(seeds: Sequence[int], steps: int, eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
+        raise UserError(f"eps must be in [0, 1) (|cos| <= eps counts as eps-orthogonal), got {eps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps must be an integer ≥ 1, got {steps!r}")
+    if not len(seeds):
+        raise UserError("give at least one seed")
+    for seed in seeds:
+        check_seed(seed)
+
+
 def synthetic_experiment(sizes: Sequence[tuple[int, int, int]] = DEFAULT_SIZES, seeds: Sequence[int] = (0, 1, 2),
                          losses: Sequence[str] = SYNTHETIC_LOSSES, steps: int = 300, lr: float = 0.01,
                          eps: float = 0.1, teacher_kind: str = "random", log_every: int = 1) -> pd.DataFrame:
     """All (size, seed, loss) runs; sizes are (k, d_t, d_s). The teacher depends on (size, seed), the student init
     on the seed. Returns the long history with columns k, d_t, d_s, seed, loss_name plus the logged values."""
+    _check_synthetic_options(seeds, steps, eps)
     frames = []
     for k, d_t, d_s in sizes:
         for seed in seeds:
@@ -760,16 +822,27 @@ def _publish(tmp: str, path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    _publish(tmp, path)
+    try:
+        with naming_path(path), os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        _publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a full disk leaves no hidden half-written file behind
+        raise
 
 
 def _save_figure(fig: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    _publish(tmp, path)
+    try:
+        with naming_path(path):
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        _publish(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def plot_theorem1(sweep: pd.DataFrame, near: pd.DataFrame, path: Path) -> None:
@@ -845,7 +918,9 @@ def run_counterexamples(which: str = "all", out: str | Path | None = None, seeds
     (theory_*.csv, theory_*.png) there."""
     if which not in ("theorem1", "projection", "synthetic", "all"):
         raise UserError(f"unknown counterexample {which!r}: choose theorem1, projection, synthetic or all")
-    outdir = Path(out) if out is not None else None
+    if which in ("synthetic", "all"):
+        _check_synthetic_options(seeds, steps, eps)
+    outdir = check_out_dir(out) if out is not None else None
     if outdir is not None:
         outdir.mkdir(parents=True, exist_ok=True)
     parts: list[str] = []
@@ -886,6 +961,8 @@ def run_counterexamples(which: str = "all", out: str | Path | None = None, seeds
                   f"rank-one student S = T.w.u^T: normalised residual {tc.rank_one_residual:.2e}, smallest |cos| "
                   f"between student rows {tc.rank_one_abs_cos_min:.6f}; vs teacher: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in tc.metrics_rank_one.items()), ""]
+        if outdir is not None:
+            _atomic_write_text(outdir / "theory_projection.csv", projection_table(pc, lm, tc).to_csv(index=False))
     if which in ("synthetic", "all"):
         history = synthetic_experiment(sizes=sizes, seeds=seeds, steps=steps, eps=eps)
         final = synthetic_final_table(history)
