@@ -187,6 +187,8 @@ def _run_extract(args: argparse.Namespace) -> int:
     from repsim.store import extract_command
 
     if args.layers is not None:
+        if any(not tok.strip(" ,") for tok in args.layers):
+            raise UserError("empty layer spec: use integers, ranges like 2-4, or -1 for the last layer")
         args.layers = ",".join(args.layers)
     return extract_command(args)
 

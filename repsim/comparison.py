@@ -473,9 +473,9 @@ def check_out_dir(out: str | Path) -> Path:
     """An output folder path that is usable, checked before any work: not an existing file, and the folder (or
     its nearest existing parent) really takes a new file (a probe file is created and removed: permission bits
     alone say nothing on a read-only mount or to root)."""
-    out = Path(out)
     if not str(out).strip():
         raise UserError("empty output folder name")
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output folder {out} exists and is not a folder")
     parent = out if out.exists() else out.parent
