@@ -209,8 +209,8 @@ def test_compare_ignores_labels_it_never_uses(world, tmp_path, capsys):
     """A label column of strings (pos/neg) does not stop a comparison; commands that train still refuse it."""
     rng = random.Random(1)
     path = tmp_path / "in" / "words.csv"
-    path.write_text("text,label\n" + "".join(f"{' '.join(rng.choice(WORDS) for _ in range(6))},{rng.choice(['pos', 'neg'])}\n"
-                                           for _ in range(12)))
+    rows = [(" ".join(rng.choice(WORDS) for _ in range(6)), rng.choice(["pos", "neg"])) for _ in range(12)]
+    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
     status = main(["compare", world["t"], world["s"], "--data", str(path), "--metrics", "procrustes",
                    "--no-cache"])
     assert status == 0, capsys.readouterr().err
