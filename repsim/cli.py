@@ -436,7 +436,10 @@ def os_error_line(exc: OSError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a one-line argument error (2): a status, not an exit
+        return int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
