@@ -114,6 +114,9 @@ class DistillConfig:
         from repsim.data import check_seed  # noqa: PLC0415
 
         check_seed(self.seed)
+        resolve_device(self.device)
+        if isinstance(self.layer_map, str):
+            layer_map_pairs(self.layer_map)
 
 
 @dataclass
@@ -132,9 +135,13 @@ class DistillResult:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; anything else is checked by :func:`repsim.extract.resolve_device`
+    (an unknown or unavailable device is a UserError)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from repsim.extract import resolve_device as checked_device  # noqa: PLC0415
+
+    return checked_device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -188,6 +195,18 @@ def uniform_layer_map(teacher_layers: int, student_layers: int) -> list[tuple[in
     return [(int(round(s * teacher_layers / student_layers)), s) for s in range(1, student_layers + 1)]
 
 
+def layer_map_pairs(spec: str) -> list[tuple[int, int]] | None:
+    """The pairs a layer-map string or file names (None for ``"uniform"``), before any model is known: malformed
+    text and unreadable files are UserErrors here, layer ranges are checked by :func:`parse_layer_map`."""
+    text = spec.strip()
+    if text == "uniform":
+        return None
+    path = Path(text)
+    if path.suffix.lower() in (".csv", ".json", ".txt") or path.exists():
+        return _read_layer_map_file(path)
+    return _parse_pairs_text(text)
+
+
 def parse_layer_map(spec: str | Sequence[tuple[int, int]], teacher_layers: int,
                     student_layers: int) -> list[tuple[int, int]]:
     """Parse a layer map into (teacher layer, student layer) pairs, layers indexed as hidden_states (0 = embeddings).
@@ -197,17 +216,9 @@ def parse_layer_map(spec: str | Sequence[tuple[int, int]], teacher_layers: int,
     [teacher, student] pairs or an object with a ``pairs`` / ``layer_map`` entry), or text ``t:s,t:s``.
     Raises UserError for malformed specs and layers out of range (0..Lt, 0..Ls).
     """
-    if isinstance(spec, str):
-        text = spec.strip()
-        if text == "uniform":
-            return uniform_layer_map(teacher_layers, student_layers)
-        path = Path(text)
-        if path.suffix.lower() in (".csv", ".json", ".txt") or path.exists():
-            pairs = _read_layer_map_file(path)
-        else:
-            pairs = _parse_pairs_text(text)
-    else:
-        pairs = [(int(t), int(s)) for t, s in spec]
+    pairs = layer_map_pairs(spec) if isinstance(spec, str) else [(int(t), int(s)) for t, s in spec]
+    if pairs is None:
+        return uniform_layer_map(teacher_layers, student_layers)
     if not pairs:
         raise UserError("the layer map is empty")
     for t, s in pairs:
