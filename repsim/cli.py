@@ -415,11 +415,16 @@ _HINTS = {errno.ENOSPC: "free some space or choose another folder",
           errno.EPERM: "choose a folder you may write to"}
 
 
+def _clip(path: str, keep: int = 80) -> str:
+    """A path short enough for one line: its first and last ``keep`` characters around an ellipsis."""
+    return path if len(path) <= 2 * keep + 1 else f"{path[:keep]}…{path[-keep:]}"
+
+
 def os_error_line(exc: OSError) -> str:
     """One line for an operating-system error: the path(s), the cause, and what to do about it.
 
     Paths inside repsim's cache add that ``$REPSIM_CACHE`` moves it (and ``--no-cache`` avoids it)."""
-    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    where = " -> ".join(_clip(str(f)) for f in (exc.filename, exc.filename2) if f is not None)
     cause = exc.strerror or str(exc)
     line = f"{where}: {cause}" if where else cause
     if exc.errno == errno.ENOENT:
