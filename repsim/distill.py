@@ -29,6 +29,7 @@ equals an uninterrupted one exactly (on the same machine and library versions).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim.errors import UserError
+from repsim.errors import UserError, naming_path
 
 TASKS = ("sequence-classification", "causal-lm")
 FEATURE_LOSSES = ("none", "projection", "cka", "procrustes", "gram_frobenius")
@@ -156,22 +157,56 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+@contextlib.contextmanager
+def _writing(path: Path, tmp: str | Path | None = None):
+    """Writes to ``path`` (through ``tmp``): an OSError names ``path``; a writer whose own error hides the operating
+    system's (torch.save's RuntimeError raised while closing after the OSError, or Rust's "(os error N)" text from
+    safetensors) becomes that OSError; the temporary file or folder is removed on any failure, so a full disk
+    leaves nothing half-written behind."""
+    try:
+        with naming_path(path):
+            try:
+                yield
+            except OSError:
+                raise
+            except Exception as exc:
+                cause: BaseException | None = exc  # torch.save's writer fails again while closing: look behind it
+                while cause is not None and not (isinstance(cause, OSError) and cause.errno):
+                    cause = cause.__cause__ or cause.__context__
+                if isinstance(cause, OSError):
+                    raise OSError(cause.errno, cause.strerror, str(path)) from exc
+                code = re.search(r"\(os error (\d+)\)", str(exc))
+                if code is None:
+                    raise
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
+    except BaseException:
+        if tmp is not None:
+            if Path(tmp).is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+        raise
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; give the file the usual permissions
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.chmod(tmp, _umask_mode())
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        with os.fdopen(fd, "wb") as fh:  # through a Python file, a full disk is an OSError (ENOSPC)
+            torch.save(obj, fh)
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
 
 
 def num_layers(model: nn.Module) -> int:
@@ -516,8 +551,9 @@ def teacher_outputs(teacher: nn.Module, encoded: Encoded, teacher_layers: Sequen
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
-        save_file({k: v.contiguous() for k, v in result.items()}, tmp)
-        os.replace(tmp, path)
+        with _writing(path, tmp):
+            save_file({k: v.contiguous() for k, v in result.items()}, tmp)
+            os.replace(tmp, path)
     return result
 
 
@@ -943,8 +979,9 @@ def _save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
     """save_pretrained into a temporary folder, then rename (no half-written model folders)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with _writing(path, tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

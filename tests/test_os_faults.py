@@ -176,3 +176,21 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, tmpfs, tiny_model, 
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("repsim: error: cannot write output folder"), captured.err
     assert "Read-only file system" in lines[0] and captured.out == ""
+
+
+def test_full_disk_under_finetune_out_is_one_line_and_leaves_no_partial_files(tmp_path, tmpfs, tiny_model, capsys):
+    """Checkpoints (torch.save) and model folders (safetensors) on a full disk: an OSError naming the file,
+    not a RuntimeError / SafetensorError traceback, and no hidden temporary file or folder left behind."""
+    disk = tmpfs("64k")
+    rng = random.Random(0)
+    data = tmp_path / "labelled.csv"
+    data.write_text("text,label\n" + "".join(f"{' '.join(rng.choice(WORDS) for _ in range(5))},{i % 2}\n"
+                                             for i in range(24)))
+    status = main(["finetune", str(tiny_model("bert", seed=0)), "--data", str(data), "--epochs", "1",
+                   "--no-progress", "--out", str(disk / "run")])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    line = _one_error_line(err)
+    assert "No space left on device" in line and str(disk / "run") in line
+    leftovers = [str(p.relative_to(disk)) for p in disk.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
