@@ -46,13 +46,13 @@ def test_check_matches_slow_pairwise_formulas():
     orth, kept, dist = _slow_angle_stats(T, S, 0.2)
     assert (res.teacher_orthogonal_pairs, res.preserved_pairs) == (orth, kept)
     assert res.preserved_fraction == pytest.approx(kept / orth, abs=0)
-    assert res.angle_distortion_deg["q50"] == pytest.approx(np.quantile(dist, 0.5), abs=1e-9)
-    assert res.angle_distortion_deg["q90"] == pytest.approx(np.quantile(dist, 0.9), abs=1e-9)
-    assert res.angle_distortion_deg["max"] == pytest.approx(dist.max(), abs=1e-9)
-    assert res.metrics["procrustes[distance]"] == pytest.approx(metrics.procrustes(T, S), abs=1e-12)
-    assert res.metrics["cka[linear,biased]"] == pytest.approx(metrics.cka(T, S), abs=1e-12)
+    assert res.angle_distortion_deg["q50"] == pytest.approx(np.quantile(dist, 0.5), rel=1e-9, abs=1e-9)
+    assert res.angle_distortion_deg["q90"] == pytest.approx(np.quantile(dist, 0.9), rel=1e-9, abs=1e-9)
+    assert res.angle_distortion_deg["max"] == pytest.approx(dist.max(), rel=1e-9, abs=1e-9)
+    assert res.metrics["procrustes[distance]"] == pytest.approx(metrics.procrustes(T, S), rel=1e-12, abs=1e-12)
+    assert res.metrics["cka[linear,biased]"] == pytest.approx(metrics.cka(T, S), rel=1e-12, abs=1e-12)
     assert res.metrics["projection_residual[folds=5]"] == pytest.approx(
-        metrics.projection_residual(T, S, folds=5), abs=1e-12)
+        metrics.projection_residual(T, S, folds=5), rel=1e-12, abs=1e-12)
     assert res.max_inner_product_error <= res.metrics["gram_frobenius"] + 1e-12
 
 
@@ -64,7 +64,7 @@ def test_check_flags_theorem1_near_orthogonal_student():
     assert res.metrics["cka[linear,biased]"] > 0.99
     assert res.teacher_orthogonal_pairs == 4 and res.preserved_pairs == 0 and res.preserved_fraction == 0.0
     assert res.flagged and res.verdict.startswith("CKA says similar")
-    assert res.angle_distortion_deg["max"] == pytest.approx(math.degrees(math.acos(0.1)), abs=1e-9)
+    assert res.angle_distortion_deg["max"] == pytest.approx(math.degrees(math.acos(0.1)), rel=1e-9, abs=1e-9)
 
 
 def test_check_flags_on_procrustes_alone():

@@ -101,7 +101,7 @@ def test_values_equal_slow_formulas(n, p, q, seed, loss_name):
     Y = np.random.default_rng(seed + 1).standard_normal((n, q)) + 0.5 * X[:, :1]
     loss = make_feature_loss(loss_name, p, q)
     got = loss(torch.from_numpy(X), torch.from_numpy(Y)).item()
-    assert got == pytest.approx(slow_value(loss_name, X, Y), abs=1e-8)
+    assert got == pytest.approx(slow_value(loss_name, X, Y), rel=1e-8, abs=1e-8)
 
 
 @pytest.mark.parametrize("method", ["svd", "gram"])
@@ -123,8 +123,9 @@ def test_near_identical_inputs_absolute_accuracy(method):
 def test_gram_frobenius_both_forms_agree(n, p, q):
     """The n×n form (small n) and the p×q form (large n) are chosen by shape and give the same number."""
     X, Y = _rand(0, n, p), _rand(1, n, q)
-    assert GramFrobeniusLoss()(X, Y).item() == pytest.approx(slow_gram_frobenius(X.numpy(), Y.numpy()), abs=1e-10)
-    assert 1 - CKALoss()(X, Y).item() == pytest.approx(slow_linear_cka(X.numpy(), Y.numpy()), abs=1e-10)
+    assert GramFrobeniusLoss()(X, Y).item() == pytest.approx(
+        slow_gram_frobenius(X.numpy(), Y.numpy()), rel=1e-10, abs=1e-10)
+    assert 1 - CKALoss()(X, Y).item() == pytest.approx(slow_linear_cka(X.numpy(), Y.numpy()), rel=1e-10, abs=1e-10)
 
 
 METRIC_CALLS = {
@@ -146,7 +147,7 @@ def test_values_equal_repsim_metrics(loss_name, n, p, q):
     X, Y = _rand(2, n, p), _rand(3, n, q) + _rand(2, n, p)[:, :1]
     func, kwargs, to_loss = METRIC_CALLS[loss_name]
     expected = to_loss(float(getattr(metrics, func)(X.numpy(), Y.numpy(), **kwargs)))
-    assert make_feature_loss(loss_name, p, q)(X, Y).item() == pytest.approx(expected, abs=1e-9)
+    assert make_feature_loss(loss_name, p, q)(X, Y).item() == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +207,8 @@ def test_gram_and_svd_nuclear_norms_agree(output, case):
         results.append((value.item(), y.grad))
     at_zero_distance = output == "distance" and case in ("identical", "rotated_copy")
     # at distance 0, √ turns a rounding difference of 1e-16 in 2 − 2ρ into 1e-8
-    assert results[1][0] == pytest.approx(results[0][0], abs=1e-7 if at_zero_distance else 1e-12)
+    tol = 1e-7 if at_zero_distance else 1e-12
+    assert results[1][0] == pytest.approx(results[0][0], rel=tol, abs=tol)
     if not at_zero_distance:  # (there both gradients are ~0: test_gradient_zero_at_rotated_scaled_shifted_copy)
         torch.testing.assert_close(results[1][1], results[0][1], atol=1e-9, rtol=1e-7)
         assert _gradcheck(ProcrustesLoss(output, method="gram"), X, Y, eps=1e-5)
@@ -359,7 +361,7 @@ def test_padding_never_affects_value_or_gradient(name):
     assert (g1[pad] == 0).all() and (g2[pad] == 0).all()
     # and the masked loss is the loss on the real rows, stacked by hand
     keep = mask.bool()
-    assert loss(teacher[keep], student[keep]).item() == pytest.approx(v1.item(), abs=1e-12)
+    assert loss(teacher[keep], student[keep]).item() == pytest.approx(v1.item(), rel=1e-12, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", ["cka", "procrustes", "gram_frobenius", "projection"])
@@ -368,7 +370,7 @@ def test_pooled_input_with_row_mask(name):
     X, Y = _rand(90, 12, 5), _rand(91, 12, 3)
     mask = torch.tensor([1] * 9 + [0] * 3)
     loss = make_feature_loss(name, 5, 3).double()
-    assert loss(X, Y, attention_mask=mask).item() == pytest.approx(loss(X[:9], Y[:9]).item(), abs=1e-12)
+    assert loss(X, Y, attention_mask=mask).item() == pytest.approx(loss(X[:9], Y[:9]).item(), rel=1e-12, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", ["cka", "procrustes", "gram_frobenius"])
@@ -379,7 +381,7 @@ def test_bf16_inputs_compute_in_float64_and_return_float32(name):
     value = loss(teacher, student)
     assert value.dtype == torch.float32
     reference = loss(teacher.double(), student.detach().double())
-    assert value.item() == pytest.approx(reference.item(), abs=1e-6)
+    assert value.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-6)
     value.backward()
     assert student.grad.dtype == torch.bfloat16 and torch.isfinite(student.grad.float()).all()
 
@@ -403,7 +405,7 @@ def test_float32_compute_close_to_float64(name):
     v64 = cls()(X, Y).item()
     v32 = cls(compute_dtype=torch.float32)(X.float(), Y.float())
     assert v32.dtype == torch.float32
-    assert v32.item() == pytest.approx(v64, abs=1e-5)
+    assert v32.item() == pytest.approx(v64, rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -491,7 +493,7 @@ def test_cuda_matches_cpu_also_under_autocast(name):
 
     v_cpu, g_cpu = value_and_grad("cpu")
     v_gpu, g_gpu = value_and_grad("cuda")
-    assert v_gpu == pytest.approx(v_cpu, abs=1e-10)
+    assert v_gpu == pytest.approx(v_cpu, rel=1e-10, abs=1e-10)
     torch.testing.assert_close(g_gpu, g_cpu, atol=1e-10, rtol=1e-8)
     Q = _centered_orthonormal(182, 40, 8).cuda()
     for teacher, student in [(Q[:, :4], Q[:, :4] @ _orthogonal(183, 4).cuda()), (Q[:, :4], Q[:, 4:])]:

@@ -77,15 +77,15 @@ def test_stream_matches_slow_formulas_and_metrics(n, p, q):
     m = stream(X, Y, cuts=[1, 2, 17, n // 2])
     slow = slow_values(X, Y)
     for mid, v in slow.items():
-        assert m.value(mid) == pytest.approx(v, abs=1e-8), mid
+        assert m.value(mid) == pytest.approx(v, rel=1e-8, abs=1e-8), mid
     for mid in LINEAR_IDS:
-        assert m.value(mid) == pytest.approx(float(metrics.get_metric(mid)(X, Y)), abs=1e-8), mid
+        assert m.value(mid) == pytest.approx(float(metrics.get_metric(mid)(X, Y)), rel=1e-8, abs=1e-8), mid
 
 
 def test_procrustes_from_moments_equals_explicit_orthogonal_minimisation():
     X, Y = pair(80, 6, 11, seed=3)
     m = stream(X, Y, cuts=[13, 50])
-    assert m.procrustes("squared") == pytest.approx(slow_procrustes_squared(X, Y), abs=1e-10)
+    assert m.procrustes("squared") == pytest.approx(slow_procrustes_squared(X, Y), rel=1e-10, abs=1e-10)
 
 
 def test_projection_residual_is_zero_once_student_spans_the_rows():
@@ -100,7 +100,8 @@ def test_projection_residual_ridge_matches_metrics():
     X, Y = pair(50, 9, 6, seed=8)
     m = stream(X, Y, cuts=[10, 11, 40])
     for ridge in (1e-3, 0.1, 2.0):
-        assert m.projection_residual(ridge) == pytest.approx(metrics.projection_residual(X, Y, ridge=ridge), abs=1e-10)
+        assert m.projection_residual(ridge) == pytest.approx(
+            metrics.projection_residual(X, Y, ridge=ridge), rel=1e-10, abs=1e-10)
 
 
 @settings(max_examples=25, deadline=None)
@@ -121,7 +122,7 @@ def test_merge_in_any_order_and_batching_equals_one_pass(n, p, q, seed, data):
         np.testing.assert_allclose(merged.state_dict()[key].numpy(), value.numpy(), rtol=1e-9, atol=1e-9,
                                    err_msg=key)
     for mid in ("procrustes[squared]", "gram_frobenius[squared]", "cka[linear,biased]", "cka[linear,debiased]"):
-        assert merged.value(mid) == pytest.approx(float(metrics.get_metric(mid)(X, Y)), abs=1e-8), mid
+        assert merged.value(mid) == pytest.approx(float(metrics.get_metric(mid)(X, Y)), rel=1e-8, abs=1e-8), mid
 
 
 def test_large_mean_offset_with_small_variance():
@@ -131,12 +132,12 @@ def test_large_mean_offset_with_small_variance():
     Xs, Ys = X - 1e6, Y - 1e6  # exact (Sterbenz): the same data without the offset
     for mid in ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "cka[linear,debiased]",
                 "projection_residual[in_sample]"):
-        assert m.value(mid) == pytest.approx(float(metrics.get_metric(mid)(Xs, Ys)), abs=1e-10), mid
+        assert m.value(mid) == pytest.approx(float(metrics.get_metric(mid)(Xs, Ys)), rel=1e-10, abs=1e-10), mid
     scale = 2.0 ** m.exp_t[0]  # the statistics are kept for rows / 2^exp_t (exact)
     np.testing.assert_allclose((m.mean_t * scale - 1e6 + m.mean_lo_t * scale).numpy(), Xs.mean(axis=0), rtol=1e-12)
     # and the offset alone changes nothing: translation invariance through the accumulator
     m0 = stream(Xs, Ys, cuts=[100])
-    assert m.cka("debiased") == pytest.approx(m0.cka("debiased"), abs=1e-10)
+    assert m.cka("debiased") == pytest.approx(m0.cka("debiased"), rel=1e-10, abs=1e-10)
 
 
 def test_torch_and_float32_batches_are_accumulated_in_float64():
@@ -146,7 +147,7 @@ def test_torch_and_float32_batches_are_accumulated_in_float64():
     m.update(X[30:].astype(np.float32), Y[30:].astype(np.float32))
     assert m.cross.dtype == torch.float64
     X32, Y32 = X.astype(np.float32).astype(np.float64), Y.astype(np.float32).astype(np.float64)
-    assert m.cka() == pytest.approx(metrics.cka(X32, Y32), abs=1e-10)
+    assert m.cka() == pytest.approx(metrics.cka(X32, Y32), rel=1e-10, abs=1e-10)
 
 
 def test_state_dict_is_tensors_only_and_round_trips(tmp_path):
@@ -189,7 +190,7 @@ def test_layer_moments_stacked_input_and_merge():
     for mid in ("cka[linear,debiased]", "procrustes[angular]", "projection_residual[in_sample]"):
         np.testing.assert_allclose(b.matrix(mid), whole.matrix(mid), atol=1e-10)
     single = CrossMoments(5, 8).update(T[2], S[1])
-    assert whole.matrix("cka")[2, 1] == pytest.approx(single.cka(), abs=1e-12)
+    assert whole.matrix("cka")[2, 1] == pytest.approx(single.cka(), rel=1e-12, abs=1e-12)
 
 
 # ------------------------------------------------------------------ bad input

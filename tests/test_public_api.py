@@ -35,7 +35,7 @@ def test_design_names_and_return_types():
         assert isinstance(fn(X, Y), float)
         out = fn(torch.from_numpy(X), torch.from_numpy(Y))
         assert isinstance(out, torch.Tensor) and out.ndim == 0
-        assert float(out) == pytest.approx(fn(X, Y), abs=1e-12)
+        assert float(out) == pytest.approx(fn(X, Y), rel=1e-12, abs=1e-12)
     assert set(repsim.pairwise([X], [Y])) == set(repsim.DEFAULT_METRICS)
     assert callable(repsim.compare) and isinstance(repsim.Comparison, type)
     for loss in ("ProcrustesLoss", "GramFrobeniusLoss", "CKALoss", "ProjectionLoss"):

@@ -48,14 +48,15 @@ def test_replicate_is_the_metric_on_resampled_rows():
     idx = stats.resample_indices(30, 3, seed=11)
     for b in range(3):
         Xb, Yb = X[0][idx[b]], Y[0][idx[b]]
-        assert reps["procrustes[distance]"][b, 0, 0] == pytest.approx(M.procrustes(Xb, Yb), abs=1e-9)
-        assert reps["gram_frobenius"][b, 0, 0] == pytest.approx(M.gram_frobenius(Xb, Yb), abs=1e-9)
-        assert reps["cka[linear,biased]"][b, 0, 0] == pytest.approx(M.cka(Xb, Yb), abs=1e-9)
+        assert reps["procrustes[distance]"][b, 0, 0] == pytest.approx(M.procrustes(Xb, Yb), rel=1e-9, abs=1e-9)
+        assert reps["gram_frobenius"][b, 0, 0] == pytest.approx(M.gram_frobenius(Xb, Yb), rel=1e-9, abs=1e-9)
+        assert reps["cka[linear,biased]"][b, 0, 0] == pytest.approx(M.cka(Xb, Yb), rel=1e-9, abs=1e-9)
     perms = stats.permutation_indices(30, 2, seed=5)
     null = stats.permutation_replicates(X, Y, ["procrustes[distance]", "cka"], 2, seed=5)
     for b in range(2):
-        assert null["procrustes[distance]"][b, 0, 0] == pytest.approx(M.procrustes(X[0], Y[0][perms[b]]), abs=1e-9)
-        assert null["cka[linear,biased]"][b, 0, 0] == pytest.approx(M.cka(X[0], Y[0][perms[b]]), abs=1e-9)
+        assert null["procrustes[distance]"][b, 0, 0] == pytest.approx(
+            M.procrustes(X[0], Y[0][perms[b]]), rel=1e-9, abs=1e-9)
+        assert null["cka[linear,biased]"][b, 0, 0] == pytest.approx(M.cka(X[0], Y[0][perms[b]]), rel=1e-9, abs=1e-9)
 
 
 def test_replicates_of_ill_conditioned_features_are_within_the_replicate_tolerance():
@@ -78,10 +79,10 @@ def test_replicates_of_ill_conditioned_features_are_within_the_replicate_toleran
         for i in range(2):
             for j in range(2):
                 Xb, Yb = X[i][idx[b]], Y[j][idx[b]]
-                assert reps["procrustes[distance]"][b, i, j] == pytest.approx(M.procrustes(Xb, Yb),
-                                                                              abs=stats.REPLICATE_TOL)
+                assert reps["procrustes[distance]"][b, i, j] == pytest.approx(
+                    M.procrustes(Xb, Yb), rel=stats.REPLICATE_TOL, abs=stats.REPLICATE_TOL)
                 assert reps["projection_residual[folds=3]"][b, i, j] == pytest.approx(
-                    M.projection_residual(Xb, Yb, folds=3), abs=stats.REPLICATE_TOL)
+                    M.projection_residual(Xb, Yb, folds=3), rel=stats.REPLICATE_TOL, abs=stats.REPLICATE_TOL)
 
 
 def test_seeded_and_reproducible():

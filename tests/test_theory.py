@@ -30,7 +30,7 @@ def test_theorem1_reference_values(n, m, eps, d_t, d_s, ref_cka, ref_proc, ref_g
     cf, meas = th.closed_form, th.measured()
     for key, ref in [("cka[linear,biased]", ref_cka), ("procrustes[distance]", ref_proc), ("gram_frobenius", ref_gram)]:
         assert abs(cf[key] - meas[key]) < TOL, key
-        assert round(cf[key], 6) == pytest.approx(ref, abs=1e-12), key
+        assert round(cf[key], 6) == pytest.approx(ref, rel=1e-12, abs=1e-12), key
 
 
 @settings(max_examples=40, deadline=None)
@@ -172,7 +172,7 @@ def test_gram_frobenius_cka_identity(n, p, seed):
     L = Yc @ Yc.T / np.sum(Yc**2)
     nk, nl = np.linalg.norm(K), np.linalg.norm(L)
     gf2 = metrics.gram_frobenius(X, Y, squared=True)
-    assert gf2 == pytest.approx(nk**2 + nl**2 - 2 * metrics.cka(X, Y) * nk * nl, abs=1e-12)
+    assert gf2 == pytest.approx(nk**2 + nl**2 - 2 * metrics.cka(X, Y) * nk * nl, rel=1e-12, abs=1e-12)
 
 
 def _adversarial_pairs():
