@@ -632,6 +632,7 @@ class DistillTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.step = 0
         self.history: list[dict[str, float]] = []
+        self.train_seconds = 0.0  # seconds of training steps over every call that made this run (with resumes)
 
     # -- data order
     def epoch_order(self, epoch: int) -> list[int]:
@@ -729,6 +730,7 @@ class DistillTrainer:
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": json.dumps(self.history),
             "config": json.dumps(dataclasses.asdict(self.config)),
+            "train_seconds": torch.tensor(self._bank_seconds(), dtype=torch.float64),
         }
         _atomic_torch_save(state, path)
         self.write_log()
@@ -754,6 +756,7 @@ class DistillTrainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
         self.step = int(state["step"])
         self.history = json.loads(state["history"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         return True
 
     def write_log(self) -> None:
@@ -774,7 +777,7 @@ class DistillTrainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress,
                    desc=f"distill {cfg.loss}" if self.teacher is not None else "fine-tune", leave=False)
         running: dict[str, float] = {}
-        start = time.perf_counter()
+        self._call_start = time.perf_counter()
         while self.step < self.total_steps:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             order = self.epoch_order(epoch)
@@ -801,13 +804,22 @@ class DistillTrainer:
             if stopping:
                 break
         bar.close()
-        self.train_seconds = time.perf_counter() - start
+        self._bank_seconds()
+        self._call_start = None
         self.write_log()
         return pd.DataFrame(self.history)
 
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
+
+    def _bank_seconds(self) -> float:
+        """Add the time since the last call (or the start of fit) to ``train_seconds``; return the total."""
+        start, now = getattr(self, "_call_start", None), time.perf_counter()
+        if start is not None:
+            self.train_seconds += now - start
+            self._call_start = now
+        return self.train_seconds
 
 
 def _kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -755,8 +755,9 @@ def cache_command(args: Any) -> int:
                               dry_run=args.dry_run)
         for e in removed:
             print(("would remove " if args.dry_run else "removed ") + e.key)
-        print(f"{len(removed)} entries {'would be ' if args.dry_run else ''}removed; "
-              f"{_human(store.total_size())} left in {store.root}")
+        left = store.total_size() - (sum(e.size_bytes for e in removed) if args.dry_run else 0)
+        would = "would be " if args.dry_run else ""
+        print(f"{len(removed)} entries {would}removed; {_human(left)} {would}left in {store.root}")
         return 0
     raise UserError(f"unknown cache action {action!r}")
 

@@ -48,11 +48,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# The unpacked model/data assets (sha256-pinned and verified) of the tests' own: $REPSIM_TEST_ASSETS, else
+# .pytest-assets/ in the repository (ignored by git), shared by every test session of this checkout so real-model
+# tests fetch and unpack them once, and never the user's own assets cache.
+TEST_ASSETS = Path(os.environ.get("REPSIM_TEST_ASSETS") or Path(__file__).resolve().parents[1] / ".pytest-assets")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Each test gets its own activation cache; the unpacked model/data assets (sha256-pinned and verified)
-    are shared with the user's normal assets cache, so real-model tests fetch and unpack them once."""
-    from repsim.assets import assets_dir
-
-    monkeypatch.setenv("REPSIM_ASSETS_CACHE", str(assets_dir()))
+    """Each test gets its own activation cache; the assets live in TEST_ASSETS."""
+    monkeypatch.setenv("REPSIM_ASSETS_CACHE", str(TEST_ASSETS.expanduser()))
     monkeypatch.setenv("REPSIM_CACHE", str(tmp_path / "repsim-cache"))

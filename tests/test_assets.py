@@ -49,6 +49,21 @@ def test_cache_dir_follows_the_ecosystem(monkeypatch, tmp_path):
     assert assets.assets_dir() == tmp_path / "shared"
 
 
+def test_the_tests_keep_their_assets_out_of_the_users_cache():
+    """The suite unpacks models into its own folder (REPSIM_TEST_ASSETS, else .pytest-assets/ in the repository),
+    not into ~/.cache/repsim/assets or $XDG_CACHE_HOME/repsim/assets."""
+    from conftest import TEST_ASSETS
+
+    assert assets.assets_dir() == TEST_ASSETS.expanduser()
+    home = Path(os.path.expanduser("~")).resolve()
+    users = {home / ".cache" / "repsim" / "assets"}
+    if os.environ.get("XDG_CACHE_HOME"):
+        users.add(Path(os.environ["XDG_CACHE_HOME"]).resolve() / "repsim" / "assets")
+    if not os.environ.get("REPSIM_TEST_ASSETS"):
+        assert TEST_ASSETS == Path(__file__).resolve().parents[1] / ".pytest-assets"
+        assert TEST_ASSETS.resolve() not in users
+
+
 # ------------------------------------------------------------------------------------ pinned files
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -159,6 +160,25 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(teacher_dir, tmp_path):
     assert resumed.metrics["accuracy"] == full.metrics["accuracy"]
     log = (tmp_path / "cut" / "train_log.csv").read_text().splitlines()
     assert len(log) == steps + 1
+
+
+def test_rerun_of_a_finished_run_keeps_its_training_time(tiny_model, tmp_path):
+    """metrics.json's train_seconds is the time the run trained (summed over resumes), also after a rerun that
+    finds the run finished and trains nothing."""
+    base = tiny_model("bert")
+
+    def pair():
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+        return model, AutoTokenizer.from_pretrained(base)
+
+    cut = D.finetune(pair(), TRAIN, VALID, config=dataclasses.replace(FAST, stop_after=4), out=tmp_path / "ft")
+    assert not cut.metrics
+    first = D.finetune(pair(), TRAIN, VALID, config=FAST, out=tmp_path / "ft")
+    saved = json.loads((tmp_path / "ft" / "metrics.json").read_text())["train_seconds"]
+    assert saved == first.metrics["train_seconds"] > 0
+    D.finetune(pair(), TRAIN, VALID, config=FAST, out=tmp_path / "ft")
+    again = json.loads((tmp_path / "ft" / "metrics.json").read_text())["train_seconds"]
+    assert 0.9 * saved <= again <= saved + 0.5, (saved, again)
 
 
 def test_resume_with_other_settings_is_refused(teacher_dir, tmp_path):

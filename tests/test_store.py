@@ -311,6 +311,28 @@ def test_cli_extract_and_cache(tiny_model, tmp_path):
     assert res.returncode == 0 and Store().entries() == []
 
 
+def test_cli_prune_dry_run_reports_what_would_be_left(tiny_model, capsys):
+    from repsim.cli import main
+
+    folder = str(tiny_model("bert"))
+    for seed in range(3):
+        extract(folder, _texts(5 + seed, seed=seed), progress=False)
+    entries = Store().entries()
+    total = sum(e.size_bytes for e in entries)
+    smallest = min(e.size_bytes for e in entries)
+    assert main(["cache", "prune", "--max-size", str(smallest), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    would = [e for e in entries if e.key in {line.split()[-1] for line in out.splitlines()
+                                             if line.startswith("would remove")}]
+    assert would and len(Store().entries()) == 3  # nothing removed
+    left = total - sum(e.size_bytes for e in would)
+    assert left <= smallest
+    assert f"{len(would)} entries would be removed; {store._human(left)} would be left in" in out
+    assert main(["cache", "prune", "--max-size", str(smallest)]) == 0
+    assert f"{store._human(Store().total_size())} left in" in capsys.readouterr().out
+    assert Store().total_size() == left
+
+
 def test_cli_no_cache_writes_nothing(tiny_model, tmp_path, capsys):
     from repsim.cli import main
 
