@@ -371,12 +371,17 @@ class LayerMoments:
         (1) the row counts, and the pooled mean as a reference mean (the first rank with data, broadcast) plus the
         all-reduced Σ n_r·(mean_r − reference)/N; (2) after each rank moves its state to the pooled mean (exact
         shift), the sum of every statistic. Every rank ends with the pooled statistics. Returns self.
+
+        Without an initialised process group (a plain ``python script.py``) there is one process, a world of one:
+        the statistics are already the pooled ones and nothing changes. Naming a ``group`` then is an error.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise UserError("all_reduce needs an initialised torch.distributed process group "
-                            "(torch.distributed.init_process_group)")
+            if group is not None:
+                raise UserError("all_reduce got a process group, but torch.distributed is not initialised "
+                                "(torch.distributed.init_process_group)")
+            return self
         world = dist.get_world_size(group)
         exps = torch.tensor(self.exp_t + self.exp_s, dtype=torch.float64, device=self.device)
         dist.all_reduce(exps, op=dist.ReduceOp.MAX, group=group)  # one scale for all ranks (module docstring)

@@ -165,6 +165,22 @@ def test_state_dict_is_tensors_only_and_round_trips(tmp_path):
     assert m2.n == 55
 
 
+def test_all_reduce_without_a_process_group_is_a_world_of_one():
+    """Outside torchrun (no process group) all_reduce pools over one process: a no-op, so the README's
+    single-process snippet runs unchanged."""
+    import torch.distributed as dist
+
+    assert not (dist.is_available() and dist.is_initialized())
+    X, Y = pair(40, 5, 3, seed=6)
+    m = stream(X, Y, cuts=[10])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert m.all_reduce() is m
+    for key, value in m.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    lm = LayerMoments([5], [3]).update([X], [Y])
+    assert lm.all_reduce() is lm and lm.matrix("cka")[0, 0] == pytest.approx(m.cka(), rel=1e-12, abs=1e-12)
+
+
 # ------------------------------------------------------------------ LayerMoments
 def test_layer_moments_matrix_equals_per_pair_metrics():
     rng = np.random.default_rng(7)
@@ -222,8 +238,8 @@ def test_bad_input_raises_user_errors():
         m.projection_residual(ridge=-1.0)
     with pytest.raises(UserError, match="output"):
         m.procrustes("nope")
-    with pytest.raises(UserError, match="initialised"):
-        m.all_reduce()
+    with pytest.raises(UserError, match="not initialised"):
+        m.all_reduce(group=object())
     z = CrossMoments(2, 2).update(np.ones((5, 2)), rng.standard_normal((5, 2)))
     with pytest.raises(UserError, match="zero variance"):
         z.procrustes()
