@@ -301,8 +301,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="sst2", help="training data: sst2 (train split), a local file, or hf:NAME")
     p.add_argument("--val-data", default=None,
                    help="validation data (default: sst2's validation split, else a fixed random 10%% of --data)")
-    p.add_argument("--max-train", type=_POSITIVE, default=None, help="use the first N training texts")
-    p.add_argument("--max-val", type=_POSITIVE, default=None, help="use the first N validation texts")
+    p.add_argument("--max-train", type=_POSITIVE, default=None, metavar="N",
+                   help="use a fixed random N of the training texts (seed 0, the same for every --seed; "
+                   "in their original order)")
+    p.add_argument("--max-val", type=_POSITIVE, default=None, metavar="N",
+                   help="use a fixed random N of the validation texts (seed 0)")
     p.add_argument("--task", choices=["sequence-classification", "causal-lm"], default="sequence-classification")
     p.add_argument("--epochs", type=_POSITIVE, default=3)
     p.add_argument("--batch-size", type=_POSITIVE, default=32)

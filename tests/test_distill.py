@@ -447,3 +447,16 @@ def test_holdout_split_is_fixed_disjoint_and_random(tmp_path):
     assert 0 < sum(valid.labels) < len(valid.labels)  # not a periodic pick of one class
     small, _ = D.load_train_validation(str(path), max_train=50)
     assert len(small.texts) == 50 and set(small.texts) <= set(train.texts)
+    assert small.texts != train.texts[:50]  # a seeded random subset, not the first N, as the help says
+    order = {t: i for i, t in enumerate(train.texts)}
+    assert [order[t] for t in small.texts] == sorted(order[t] for t in small.texts)
+
+
+def test_max_train_and_max_val_help_says_what_the_code_does():
+    from repsim.cli import build_parser
+
+    for command in ("distill", "finetune"):
+        sub = build_parser()._subparsers._group_actions[0].choices[command]
+        helps = {a.dest: a.help for a in sub._actions}
+        for dest in ("max_train", "max_val"):
+            assert "random" in helps[dest] and "first" not in helps[dest], (command, dest, helps[dest])
