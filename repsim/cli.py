@@ -260,7 +260,8 @@ def _add_check(sub) -> None:
     p.add_argument("--data", default="sst2", help="sst2 | PATH (.txt/.csv/.jsonl) | hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--map", dest="layer_map", default="uniform", metavar="MAP",
                    help="teacher:student layer pairs, e.g. '12:6,6:3', or 'uniform' (student block j <-> teacher "
-                   "block round(j*Lt/Ls)); 0 = embeddings")
+                   "block round(j*Lt/Ls)), or a file as for distill --layer-map (CSV with teacher_layer and "
+                   "student_layer, JSON pairs, or the line compare --suggest-map prints); 0 = embeddings")
     p.add_argument("--eps", type=_EPS, default=0.1, help="|cos| <= eps counts as eps-orthogonal (centred rows)")
     p.add_argument("--max-samples", type=_POSITIVE, default=500, metavar="N",
                    help="use at most N texts (pairwise angles cost O(N^2) memory)")

@@ -227,19 +227,25 @@ def hidden_width(model: nn.Module) -> int:
 
 def uniform_layer_map(teacher_layers: int, student_layers: int) -> list[tuple[int, int]]:
     """Student block s (1..Ls) ↔ teacher block round(s·Lt/Ls): the last blocks always meet, blocks spread evenly."""
+    if teacher_layers < 1 or student_layers < 1:
+        raise UserError("a uniform layer map needs at least one block on each side")
     return [(int(round(s * teacher_layers / student_layers)), s) for s in range(1, student_layers + 1)]
 
 
 def layer_map_pairs(spec: str) -> list[tuple[int, int]] | None:
     """The pairs a layer-map string or file names (None for ``"uniform"``), before any model is known: malformed
     text and unreadable files are UserErrors here, layer ranges are checked by :func:`parse_layer_map`."""
-    text = spec.strip()
+    text = str(spec).strip()
+    if not text:
+        raise UserError("the layer map is empty: give 'uniform', teacher:student pairs like 2:1,4:2, or a file")
     if text == "uniform":
         return None
     path = Path(text)
-    if path.suffix.lower() in (".csv", ".json", ".txt") or path.exists():
-        return _read_layer_map_file(path)
-    return _parse_pairs_text(text)
+    pairs = (_read_layer_map_file(path) if path.suffix.lower() in (".csv", ".json", ".txt") or path.exists()
+             else _parse_pairs_text(text))
+    if not pairs:
+        raise UserError(f"the layer map {text[:60]!r} names no pairs")
+    return pairs
 
 
 def parse_layer_map(spec: str | Sequence[tuple[int, int]], teacher_layers: int,
@@ -249,7 +255,8 @@ def parse_layer_map(spec: str | Sequence[tuple[int, int]], teacher_layers: int,
     ``spec``: ``"uniform"``; ``"t:s,t:s"`` (e.g. ``"2:1,4:2,6:3"``); a list of pairs; or a path to a file from
     ``repsim compare --suggest-map`` — CSV with ``teacher_layer`` and ``student_layer`` columns, JSON (a list of
     [teacher, student] pairs or an object with a ``pairs`` / ``layer_map`` entry), or text ``t:s,t:s``.
-    Raises UserError for malformed specs and layers out of range (0..Lt, 0..Ls).
+    Raises UserError for malformed specs and layers out of range (0..Lt, 0..Ls). This is the one layer-map
+    grammar: ``repsim distill --layer-map`` and ``repsim check --map`` both use it.
     """
     pairs = layer_map_pairs(spec) if isinstance(spec, str) else [(int(t), int(s)) for t, s in spec]
     if pairs is None:
@@ -278,14 +285,28 @@ def _parse_pairs_text(text: str) -> list[tuple[int, int]]:
 def _read_layer_map_file(path: Path) -> list[tuple[int, int]]:
     if not path.exists():
         raise FileNotFoundError(2, "layer map file not found", str(path))
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a layer map file")
     if path.suffix.lower() == ".csv":
-        table = pd.read_csv(path)
+        try:
+            table = pd.read_csv(path)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise UserError(f"{path}: not a readable CSV layer map ({str(exc).splitlines()[0]})") from exc
         if not {"teacher_layer", "student_layer"} <= set(table.columns):
             raise UserError(f"{path}: a layer map CSV needs teacher_layer and student_layer columns")
-        return [(int(t), int(s)) for t, s in zip(table["teacher_layer"], table["student_layer"], strict=True)]
-    text = path.read_text()
+        try:
+            return [(int(t), int(s)) for t, s in zip(table["teacher_layer"], table["student_layer"], strict=True)]
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{path}: teacher_layer and student_layer must hold integers") from exc
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: a layer map file must be UTF-8 text") from exc
     if path.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
         if isinstance(data, dict):
             data = data.get("pairs", data.get("layer_map"))
         if not isinstance(data, list):

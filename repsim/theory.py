@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,8 @@ import torch
 from repsim.arrays import ArrayLike, as_matrix, as_pair, prepare
 from repsim.comparison import check_out_dir
 from repsim.data import check_seed
+from repsim.distill import layer_map_pairs
+from repsim.distill import parse_layer_map as parse_layer_pairs
 from repsim.errors import UserError, naming_path
 
 METRIC_IDS = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]")
@@ -473,32 +474,20 @@ def check_min_rows(projection_folds: int | None) -> int:
 
 
 def parse_layer_map_syntax(spec: str) -> list[tuple[int, int]] | None:
-    """``"uniform"`` → None; ``"12:6,6:3"`` → [(12, 6), (6, 3)]; anything else is a UserError."""
-    if spec.strip() == "uniform":
-        return None
-    pairs = []
-    for part in spec.split(","):
-        mt = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
-        if not mt:
-            raise UserError(f"bad layer map {spec!r}: expected 'T:S,T:S,...' (e.g. '12:6,6:3') or 'uniform'")
-        pairs.append((int(mt.group(1)), int(mt.group(2))))
-    return pairs
+    """``"uniform"`` → None; pairs (``"12:6,6:3"``, arrows, or a file) → their list, read before any model is
+    loaded (:func:`repsim.distill.layer_map_pairs`); anything else is a UserError."""
+    return layer_map_pairs(spec)
 
 
 def parse_layer_map(spec: str, teacher_layers: Sequence[int], student_layers: Sequence[int]) -> list[tuple[int, int]]:
-    """Parse "12:6,6:3" (teacher:student) or "uniform" (student block j ↔ teacher block round(j·Lt/Ls), j ≥ 1).
+    """Parse a layer map with the grammar of :func:`repsim.distill.parse_layer_map` ("12:6,6:3", "uniform" =
+    student block j ↔ teacher block round(j·Lt/Ls), or a file: CSV, JSON or the line ``--suggest-map`` prints),
+    then check each pair against the layers available here.
 
     Layer 0 is the embedding output, layer k the k-th block (repsim.extract's numbering).
     """
     tl, sl = sorted(set(int(x) for x in teacher_layers)), sorted(set(int(x) for x in student_layers))
-    parsed = parse_layer_map_syntax(spec)
-    if parsed is None:
-        lt, ls = max(tl), max(sl)
-        if ls < 1 or lt < 1:
-            raise UserError("uniform layer map needs at least one block on each side")
-        pairs = [(round(j * lt / ls), j) for j in range(1, ls + 1)]
-    else:
-        pairs = parsed
+    pairs = parse_layer_pairs(spec, max(tl), max(sl))
     for t, s in pairs:
         if t not in tl:
             raise UserError(f"layer map: teacher has no layer {t} (layers {tl[0]}..{tl[-1]})")

@@ -109,6 +109,28 @@ def test_parse_layer_map():
             theory.parse_layer_map(bad, range(13), range(7))
 
 
+def test_check_takes_every_layer_map_form_that_distill_takes(tmp_path):
+    """One grammar for both commands: the line `compare --suggest-map` prints, CSV and JSON files, arrows."""
+    from repsim.distill import parse_layer_map as distill_map
+
+    printed = tmp_path / "map.txt"
+    printed.write_text("suggested monotone layer map under procrustes[distance] (teacher→student): 0→0, 6→3, 12→6\n")
+    csv = tmp_path / "map.csv"
+    csv.write_text("teacher_layer,student_layer\n6,3\n12,6\n")
+    js = tmp_path / "map.json"
+    js.write_text("[[6, 3], [12, 6]]")
+    for spec, expected in [(str(printed), [(0, 0), (6, 3), (12, 6)]), (str(csv), [(6, 3), (12, 6)]),
+                           (str(js), [(6, 3), (12, 6)]), ("6->3 12->6", [(6, 3), (12, 6)])]:
+        assert theory.parse_layer_map(spec, range(13), range(7)) == expected == distill_map(spec, 12, 6), spec
+    broken = tmp_path / "broken.json"
+    broken.write_text("[[6, 3],")
+    for bad in (str(broken), str(tmp_path), "   "):
+        with pytest.raises(UserError):
+            theory.parse_layer_map(bad, range(13), range(7))
+    with pytest.raises(FileNotFoundError):
+        theory.parse_layer_map(str(tmp_path / "missing.txt"), range(13), range(7))
+
+
 def test_check_layers_on_mapping():
     rng = np.random.default_rng(3)
     t = {k: rng.standard_normal((30, 8)) for k in range(5)}
