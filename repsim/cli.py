@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
+import signal
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from repsim import __version__
 from repsim.errors import UserError
@@ -201,12 +205,16 @@ def _add_cache(sub) -> None:
                        description="Manage the activation cache ($REPSIM_CACHE, else $XDG_CACHE_HOME/repsim, else "
                        "~/.cache/repsim).")
     actions = p.add_subparsers(dest="cache_action", metavar="ACTION")
-    actions.add_parser("list", help="one line per entry (key, model, pooling, texts, layers, size, last use)")
-    info = actions.add_parser("info", help="manifest and provenance of one entry")
+    listing = actions.add_parser("list", aliases=["ls"],
+                                 help="one line per entry (key, model, pooling, texts, layers, size, last use)")
+    listing.set_defaults(cache_action="list")
+    info = actions.add_parser("info", aliases=["show"], help="manifest and provenance of one entry")
+    info.set_defaults(cache_action="info")
     info.add_argument("key", help="entry key or unique prefix (from `repsim cache list`)")
     info.add_argument("--verify", action="store_true", help="check every array against its sha256 (exit 1 if damaged)")
     info.add_argument("--json", action="store_true", help="print the full manifest as JSON")
-    rm = actions.add_parser("rm", help="remove entries")
+    rm = actions.add_parser("rm", aliases=["remove", "delete"], help="remove entries")
+    rm.set_defaults(cache_action="rm")
     rm.add_argument("keys", nargs="*", help="entry keys or unique prefixes")
     rm.add_argument("--all", action="store_true", help="remove every entry")
     prune = actions.add_parser("prune", help="remove entries by age and/or total size (least recently used first)")
@@ -443,7 +451,27 @@ def os_error_line(exc: OSError) -> str:
     return f"{line} ({hint})" if hint else line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _warning_printer(fallback):  # noqa: ANN001, ANN202
+    """A ``warnings.showwarning``: warnings raised by repsim itself print as one ``repsim: warning: ...`` line on
+    stderr; others go to ``fallback`` (Python's usual format)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        try:
+            ours = Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+        except (OSError, ValueError):
+            ours = False
+        if ours:
+            print(f"repsim: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -453,11 +481,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if getattr(args, "threads", None) is not None:
-            from repsim.threads import set_threads
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            if getattr(args, "threads", None) is not None:
+                from repsim.threads import set_threads
 
-            set_threads(args.threads)
-        result = args.func(args)
+                set_threads(args.threads)
+            result = args.func(args)
     except UserError as exc:
         print(f"repsim: error: {exc}", file=sys.stderr)
         return 2
@@ -475,6 +505,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("repsim: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # inside the try: a reader that went away shows up here at the latest
+    except BrokenPipeError:
+        # The reader of our output went away (`repsim cache info KEY --json | head`): stop quietly, like other
+        # command-line tools killed by SIGPIPE. stdout goes to /dev/null so the interpreter's final flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -333,6 +333,58 @@ def test_cli_prune_dry_run_reports_what_would_be_left(tiny_model, capsys):
     assert Store().total_size() == left
 
 
+def test_cache_actions_answer_to_their_usual_aliases(tiny_model, capsys):
+    from repsim.cli import main
+
+    extract(str(tiny_model("bert")), _texts(5), progress=False)
+    key = Store().entries()[0].key
+    assert main(["cache", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert main(["cache", "ls"]) == 0
+    assert capsys.readouterr().out == listed and key in listed
+    assert main(["cache", "show", key[:10]]) == 0
+    assert key in capsys.readouterr().out
+    assert main(["cache", "remove", key]) == 0
+    assert Store().entries() == []
+
+
+def test_output_to_a_closed_pipe_stops_quietly(tiny_model, tmp_path):
+    """`repsim ... | head`: the reader goes away before repsim writes; no BrokenPipeError traceback, status 141
+    (128 + SIGPIPE) as for other command-line tools."""
+    folder = str(tiny_model("bert"))
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(_texts(6)) + "\n")
+    assert subprocess.run([sys.executable, "-m", "repsim", "extract", folder, "--data", str(data), "--quiet"],
+                          capture_output=True, env=dict(os.environ)).returncode == 0
+    key = Store().entries()[0].key
+    for args in (["cache", "info", key, "--json"], ["cache", "list"], ["compare", "--help"]):
+        proc = subprocess.Popen([sys.executable, "-m", "repsim", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=dict(os.environ))
+        proc.stdout.close()  # the reader is gone before repsim prints anything
+        err = proc.stderr.read().decode()
+        # (argparse's --help swallows the failed write itself and exits 0)
+        assert proc.wait(timeout=120) == (0 if "--help" in args else 141), (args, err)
+        assert err == "", (args, err)
+
+
+def test_cache_damage_warning_is_one_repsim_line(tiny_model, tmp_path):
+    folder = str(tiny_model("bert"))
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(_texts(6)) + "\n")
+    run = lambda: subprocess.run([sys.executable, "-m", "repsim", "extract", folder, "--data", str(data),  # noqa: E731
+                                  "--quiet"], capture_output=True, text=True, env=dict(os.environ))
+    assert run().returncode == 0
+    target = Path(Store().entries()[0].path) / "layer_001.npy"
+    raw = bytearray(target.read_bytes())
+    raw[-3] ^= 0x01
+    target.write_bytes(bytes(raw))
+    res = run()
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert any(ln.startswith("repsim: warning: activation cache entry") and "damaged" in ln for ln in lines), lines
+    assert "UserWarning" not in res.stderr and "warnings.warn" not in res.stderr and ".py:" not in res.stderr
+
+
 def test_cli_no_cache_writes_nothing(tiny_model, tmp_path, capsys):
     from repsim.cli import main
 
