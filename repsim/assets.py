@@ -41,6 +41,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -507,9 +508,15 @@ def resolve_model(spec: str | Path, *, trust_remote_code: bool = False) -> Model
     if not text:
         raise UserError("empty model spec; name a local model folder, a hub id, or one of " + DEFAULTS_HELP)
     default = default_model_id(text)
-    if default is not None:
-        return _resolve_default(default)
     path = Path(text).expanduser()
+    if default is not None:
+        if not _is_local_model(path):
+            return _resolve_default(default)
+        # a model folder (or .gguf) of that name is here: the path wins, as it does for transformers, and we say so
+        others = [a for a in _DEFAULT_ALIASES[default] if not Path(a).expanduser().exists()]
+        hint = f"name it {others[-1]!r} for the embedded default" if others else "run from another folder for it"
+        warnings.warn(f"{text!r} is a local model here ({path.resolve()}); using it, not the embedded default "
+                      f"{default} ({hint})", UserWarning, stacklevel=2)
     if path.exists():
         return _resolve_local(path)
     if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith(".gguf"):
@@ -517,6 +524,11 @@ def resolve_model(spec: str | Path, *, trust_remote_code: bool = False) -> Model
     if not _HUB_ID.match(text):
         raise UserError(f"unknown model {text!r}: not a local folder, a hub id (org/name) or one of {DEFAULTS_HELP}")
     return _resolve_hub(text, trust_remote_code=trust_remote_code)
+
+
+def _is_local_model(path: Path) -> bool:
+    """A folder with config.json or a .gguf file: what a local path must be to win over a default's short name."""
+    return (path / "config.json").is_file() or (path.is_file() and path.suffix == ".gguf")
 
 
 def _resolve_default(hub_id: str) -> ModelSource:

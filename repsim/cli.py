@@ -350,8 +350,13 @@ def _add_distill(sub) -> None:
                    help="feature loss on mean-pooled texts or on tokens (tokens need identical tokenizers)")
     p.add_argument("--finetune-teacher", action="store_true",
                    help="fine-tune the teacher's head on --data first when it has none")
-    p.add_argument("--teacher-epochs", type=_POSITIVE, default=None, help="epochs for --finetune-teacher")
-    p.add_argument("--teacher-lr", type=_POSITIVE_REAL, default=None, help="learning rate for --finetune-teacher")
+    p.add_argument("--teacher-epochs", type=_POSITIVE, default=None,
+                   help="epochs for --finetune-teacher (default 3; the teacher's own, not --epochs)")
+    p.add_argument("--teacher-lr", type=_POSITIVE_REAL, default=None,
+                   help="peak learning rate for --finetune-teacher (default 1e-4; the teacher's own, not --lr)")
+    p.add_argument("--teacher-batch-size", type=_POSITIVE, default=None,
+                   help="batch size for --finetune-teacher (default 32; the teacher's own, not --batch-size); "
+                   "the teacher is fine-tuned with seed 0 whatever --seed says")
     p.add_argument("--out", default="distill-out", help="output folder (runs, summary.md, paired_tests.csv, figure)")
     p.add_argument("--keep-students", action="store_true",
                    help="keep each trained student (OUT/runs/LOSS/seedK/student) instead of deleting its weights")
@@ -366,6 +371,7 @@ def _run_distill(args: argparse.Namespace) -> int:
                           seeds=args.seeds, alpha=args.alpha, beta=args.beta, temperature=args.temperature,
                           layer_map=args.layer_map, features=args.features, finetune_teacher=args.finetune_teacher,
                           teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
+                          teacher_batch_size=args.teacher_batch_size,
                           keep_students=args.keep_students))
     return 0
 

@@ -120,6 +120,22 @@ class DistillConfig:
             layer_map_pairs(self.layer_map)
 
 
+# what the teacher's fine-tuning shares with the student's run: the task, the data as tokenised, the machine
+_SHARED_WITH_TEACHER = ("task", "max_length", "device", "progress", "checkpoint_every", "eval_batch_size")
+
+
+def teacher_finetune_config(config: DistillConfig, *, epochs: int | None = None, lr: float | None = None,
+                            batch_size: int | None = None, seed: int = 0) -> DistillConfig:
+    """The settings of ``--finetune-teacher``: the teacher's own (DistillConfig's defaults, 3 epochs, lr 1e-4,
+    batch 32, seed 0, unless given), not the student's ``--epochs``/``--lr``/``--batch-size``/``--seed``, so the
+    student's settings can change between runs without refitting the teacher. Task, max length, device,
+    progress and checkpointing are shared with ``config``."""
+    base = DistillConfig()
+    return DistillConfig(**{k: getattr(config, k) for k in _SHARED_WITH_TEACHER}, loss="none",
+                         epochs=base.epochs if epochs is None else epochs, lr=base.lr if lr is None else lr,
+                         batch_size=base.batch_size if batch_size is None else batch_size, seed=seed)
+
+
 @dataclass
 class DistillResult:
     """What a run produced: validation metrics, the training curve, and where things were written."""
@@ -825,7 +841,8 @@ class DistillTrainer:
             if stopping:
                 break
         bar.close()
-        self._bank_seconds()
+        if done_this_call and getattr(self, "_banked_at_step", None) != self.step:
+            self._bank_seconds()  # (a run that ends on a checkpoint was banked there: metrics equal the checkpoint)
         self._call_start = None
         self.write_log()
         return pd.DataFrame(self.history)
@@ -840,6 +857,7 @@ class DistillTrainer:
         if start is not None:
             self.train_seconds += now - start
             self._call_start = now
+        self._banked_at_step = self.step
         return self.train_seconds
 
 
@@ -961,7 +979,7 @@ def distill(teacher: str | tuple[nn.Module, Any], student: str | tuple[nn.Module
         if not finetune_teacher:
             raise UserError(f"the teacher {teacher if isinstance(teacher, str) else type(t_model).__name__} has no "
                             "trained head for this task; fine-tune it first (repsim finetune, or --finetune-teacher)")
-        tcfg = teacher_config or dataclasses.replace(config, loss="none")
+        tcfg = teacher_config or teacher_finetune_config(config)
         res = finetune((t_model, t_tok), (texts, labels), validation, config=tcfg,
                        out=None if out is None else Path(out) / "teacher")
         t_model = res.student
@@ -1049,7 +1067,7 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
         if not finetune_teacher:
             raise UserError("the teacher has no trained head for this task; fine-tune it first "
                             "(repsim finetune, or --finetune-teacher)")
-        tcfg = teacher_config or dataclasses.replace(config, loss="none")
+        tcfg = teacher_config or teacher_finetune_config(config)
         t_model = finetune((t_model, t_tok), (texts, labels), validation, config=tcfg, out=out / "teacher").student
     if validation is not None and config.task == "sequence-classification":
         v_texts, v_labels = _texts_labels(validation)
@@ -1147,8 +1165,8 @@ def finetune_command(model: str, *, data: str = "sst2", val_data: str | None = N
 def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data: str | None = None,
                     max_train: int | None = None, max_val: int | None = None, losses: Sequence[str] = ("none",),
                     seeds: int = 1, finetune_teacher: bool = False, teacher_epochs: int | None = None,
-                    teacher_lr: float | None = None, out: str | Path = "distill-out", keep_students: bool = False,
-                    **options: Any) -> str:
+                    teacher_lr: float | None = None, teacher_batch_size: int | None = None,
+                    out: str | Path = "distill-out", keep_students: bool = False, **options: Any) -> str:
     """``repsim distill``: every loss × seeds (seed, seed+1, ...) into ``out``; returns the summary (markdown)."""
     from repsim.comparison import check_out_dir  # noqa: PLC0415
 
@@ -1163,8 +1181,8 @@ def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data:
     train, validation = load_train_validation(data, val_data, max_train=max_train, max_val=max_val)
     if options.get("task", "sequence-classification") == "sequence-classification" and train.labels is None:
         raise UserError(f"the data {data!r} has no labels; classification needs a label column")
-    teacher_config = dataclasses.replace(config, loss="none", epochs=teacher_epochs or config.epochs,
-                                         lr=teacher_lr or config.lr)
+    teacher_config = teacher_finetune_config(config, epochs=teacher_epochs, lr=teacher_lr,
+                                             batch_size=teacher_batch_size)
     first = config.seed
     runs = run_grid(teacher, student, train, validation, losses=_loss_list(losses),
                     seeds=list(range(first, first + seeds)), config=config, out=out,

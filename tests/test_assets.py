@@ -206,6 +206,27 @@ def test_local_folder_resolves_to_itself_with_weights_sha256(tiny_model):
     assert resolve_model(tiny_model("bert", seed=1)).revision != source.revision  # other weights, other revision
 
 
+def test_a_local_model_named_like_a_default_wins_with_a_notice(tiny_model, tmp_path, monkeypatch):
+    """A model folder ./student is what `student` means here (as for transformers), said in a warning that names
+    the default's other spelling; ./student is always the path; a non-model folder of that name does not shadow."""
+    import shutil
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(assets, "_resolve_default", lambda hub_id: ("embedded", hub_id))
+    shutil.copytree(tiny_model("bert"), tmp_path / "student")
+    (tmp_path / "teacher").mkdir()  # e.g. an output folder: not a model
+    with pytest.warns(UserWarning, match=r"'student' is a local model here .*not the embedded default "
+                                         r"sentence-transformers/all-MiniLM-L6-v2 .*'sentence-transformers/all-MiniLM"):
+        source = resolve_model("student")
+    assert source.path == (tmp_path / "student").resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_model("./student").path == (tmp_path / "student").resolve()
+        assert resolve_model("teacher") == ("embedded", assets.DEFAULT_TEACHER)
+        assert resolve_model("decoder") == ("embedded", assets.DEFAULT_DECODER)
+
+
 def test_sharded_weights_fingerprint_depends_on_every_shard(tmp_path):
     for name, payload in [("model-00001-of-00002.safetensors", b"aa"), ("model-00002-of-00002.safetensors", b"bb")]:
         (tmp_path / name).write_bytes(payload)

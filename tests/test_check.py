@@ -165,7 +165,7 @@ def test_cli_check_bad_map_is_one_line(tiny_model, tmp_path, capsys):
     assert cli.main(["check", str(teacher), str(teacher), "--data", str(data), "--map", "9:1"]) == 2
     err = capsys.readouterr().err  # (model-loading progress bars may precede it)
     lines = [line for line in err.splitlines() if line.startswith("repsim: error:")]
-    assert len(lines) == 1 and "teacher has no layer 9" in lines[0] and "Traceback" not in err
+    assert len(lines) == 1 and "teacher layer 9 out of range 0..3" in lines[0] and "Traceback" not in err
 
 
 def test_geometry_before_after_on_tiny_models(tiny_model, tmp_path):
