@@ -82,6 +82,8 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
                    "1 is often fastest")
 
 
+_MAX_SAMPLES_HELP = "use a seeded random N of the texts (--seed), kept in their original order"
+
 # ------------------------------------------------------------------------------------ compare
 
 
@@ -93,7 +95,7 @@ def _add_compare(sub) -> None:
     p.add_argument("teacher", nargs="?", default=None, help="teacher model: HF id, short name or local folder")
     p.add_argument("student", nargs="?", default=None, help="student model: HF id, short name or local folder")
     p.add_argument("--data", default=None,
-                   help="sst2 (default) | PATH (.txt/.csv/.jsonl) | hf:NAME[:CONFIG][@SPLIT]")
+                   help="sst2 (default) | PATH (.txt/.csv/.tsv/.jsonl/.parquet) | hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--text-column", default=None, help="column holding the texts (files / hf data sets)")
     p.add_argument("--label-column", default=None, help="column holding the labels (optional)")
     p.add_argument("--teacher-acts", default=None, metavar="PATH",
@@ -109,7 +111,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
                    help="layer indices for both models (0 = embeddings, -1 = last, ranges 0-6); "
                    "prefix t: or s: for one side, e.g. t:0-12 s:0-6")
-    p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N", help="use at most N texts")
+    p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N", help=_MAX_SAMPLES_HELP)
     p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")
     p.add_argument("--max-length", type=_POSITIVE, default=128, metavar="T", help="truncate texts to T tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -171,7 +173,7 @@ def _add_extract(sub) -> None:
                    help="sst2 | PATH (.txt/.csv/.tsv/.jsonl/.parquet) | hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--text-column", default=None, help="column holding the texts (files / hf data sets)")
     p.add_argument("--label-column", default=None, help="column holding the labels (optional)")
-    p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N", help="use at most N texts")
+    p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N", help=_MAX_SAMPLES_HELP)
     p.add_argument("--seed", type=_COUNT, default=0, help="seed for --max-samples sampling")
     p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens"], help="pooling per text")
     p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
@@ -265,17 +267,18 @@ def _add_check(sub) -> None:
         "inner-product error, and a verdict that flags 'CKA says similar, geometry differs'.")
     p.add_argument("teacher", help="teacher model: HF id, short name or local folder")
     p.add_argument("student", help="student model: HF id, short name or local folder (e.g. a distilled student)")
-    p.add_argument("--data", default="sst2", help="sst2 | PATH (.txt/.csv/.jsonl) | hf:NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--data", default="sst2",
+                   help="sst2 | PATH (.txt/.csv/.tsv/.jsonl/.parquet) | hf:NAME[:CONFIG][@SPLIT]")
     p.add_argument("--map", dest="layer_map", default="uniform", metavar="MAP",
                    help="teacher:student layer pairs, e.g. '12:6,6:3', or 'uniform' (student block j <-> teacher "
                    "block round(j*Lt/Ls)), or a file as for distill --layer-map (CSV with teacher_layer and "
                    "student_layer, JSON pairs, or the line compare --suggest-map prints); 0 = embeddings")
     p.add_argument("--eps", type=_EPS, default=0.1, help="|cos| <= eps counts as eps-orthogonal (centred rows)")
     p.add_argument("--max-samples", type=_POSITIVE, default=500, metavar="N",
-                   help="use at most N texts (pairwise angles cost O(N^2) memory)")
+                   help=_MAX_SAMPLES_HELP + "; pairwise angles cost O(N^2) memory")
     p.add_argument("--pool", default="mean", choices=["mean", "cls", "last"], help="pooling per text")
     p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")
-    p.add_argument("--max-length", type=_POSITIVE, default=128, metavar="T")
+    p.add_argument("--max-length", type=_POSITIVE, default=128, metavar="T", help="truncate texts to T tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--cka-threshold", type=_FRACTION, default=0.9, help="CKA at or above this counts as 'similar'")
     p.add_argument("--procrustes-threshold", type=_NONNEGATIVE, default=0.5,

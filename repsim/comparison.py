@@ -946,10 +946,19 @@ def run_compare_cli(args: Any) -> int:
     if args.out is not None:
         t = comp.meta["timings"]
         echo("")
-        echo(f"wrote {Path(args.out) / 'results.csv'}, heatmaps and report.json  "
-             f"(load {t.get('load', 0):.1f}s, extract {t.get('extract', 0):.1f}s, metrics {t.get('metrics', 0):.1f}s,"
-             f" plots {t.get('plots', 0):.1f}s)")
+        echo(f"wrote {Path(args.out) / 'results.csv'}, heatmaps and report.json  ({format_timings(t)})")
     return 0
+
+
+TIMING_STAGES = ("load", "extract", "metrics", "bootstrap", "permutations", "plots")
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """Every timed stage of a run, in run order (``load 1.2s, extract 3.4s, ...``): the known stages first, then
+    any other timed stage; a stage that did not run (no bootstrap asked) is left out."""
+    order = [k for k in TIMING_STAGES if k in timings] + sorted(k for k in timings if k not in TIMING_STAGES)
+    return ", ".join(f"{k} {float(timings[k]):.1f}s" for k in order
+                     if isinstance(timings[k], (int, float)) and not isinstance(timings[k], bool))
 
 
 def run_plot_cli(args: Any) -> int:

@@ -91,6 +91,10 @@ def test_compare_end_to_end_on_tiny_models(tmp_path, pair, texts_file):
         f"repsim: warning: {w}" for w in report["warnings"]]
     assert table["chance"].notna().sum() == 2 * 4 * 3  # procrustes and cka (the statistics' metrics)
     assert report["chance"]["permutations"] == 4 and len(report["chance"]["best_matches"]["cka[linear,biased]"]) == 4
+    last = proc.stdout.strip().splitlines()[-1]  # the closing line names every stage's time, as report.json does
+    assert last.startswith("wrote ")
+    for stage in ("load", "extract", "metrics", "bootstrap", "permutations", "plots"):
+        assert f"{stage} {report['timings'][stage]:.1f}s" in last, (stage, last)
     _check_csv_against_features(table, teacher, student, texts_file)
 
     # `repsim plot` redraws every figure from the CSV alone

@@ -40,3 +40,21 @@ def test_design_names_and_return_types():
     assert callable(repsim.compare) and isinstance(repsim.Comparison, type)
     for loss in ("ProcrustesLoss", "GramFrobeniusLoss", "CKALoss", "ProjectionLoss"):
         assert issubclass(getattr(repsim.losses, loss), torch.nn.Module)
+
+
+def _subcommand_helps(command: str) -> dict[str, str]:
+    from repsim.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    return {a.dest: a.help or "" for a in sub._actions}
+
+
+@pytest.mark.parametrize("command", ["compare", "extract", "check"])
+def test_help_says_what_the_data_options_do(command):
+    """--max-samples keeps a seeded random subset (repsim.data.subsample), and --data takes every file format
+    repsim.data reads."""
+    from repsim.data import FILE_FORMATS
+
+    helps = _subcommand_helps(command)
+    assert "random" in helps["max_samples"] and "--seed" in helps["max_samples"]
+    assert all(fmt in helps["data"] for fmt in FILE_FORMATS), helps["data"]
