@@ -58,3 +58,24 @@ def test_help_says_what_the_data_options_do(command):
     helps = _subcommand_helps(command)
     assert "random" in helps["max_samples"] and "--seed" in helps["max_samples"]
     assert all(fmt in helps["data"] for fmt in FILE_FORMATS), helps["data"]
+
+
+def test_ci_runs_the_readme_test_command_and_it_is_repeatable():
+    """.ci/run runs the README's test line verbatim (no profile or flag of its own), and the suite's default
+    hypothesis profile is derandomised: every run draws the same examples, no example database is involved."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from hypothesis import settings
+
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "README.md").read_text().splitlines()
+    readme_command = lines[lines.index("# 2. the tests (CI runs exactly this line, read from this file by .ci/run, "
+                                       "then `ruff check .`)") + 1]
+    printed = subprocess.run(["bash", str(root / ".ci" / "run"), "--print-command"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert printed == readme_command and readme_command.endswith("python -m pytest -q")
+    assert "HYPOTHESIS_PROFILE" not in (root / ".ci" / "run").read_text()
+    if "HYPOTHESIS_PROFILE" not in os.environ:
+        assert settings.default.derandomize and settings.default.database is None
