@@ -473,12 +473,6 @@ def check_min_rows(projection_folds: int | None) -> int:
     return max(4, (projection_folds or 0) + 1)
 
 
-def parse_layer_map_syntax(spec: str) -> list[tuple[int, int]] | None:
-    """``"uniform"`` → None; pairs (``"12:6,6:3"``, arrows, or a file) → their list, read before any model is
-    loaded (:func:`repsim.distill.layer_map_pairs`); anything else is a UserError."""
-    return layer_map_pairs(spec)
-
-
 def parse_layer_map(spec: str, teacher_layers: Sequence[int], student_layers: Sequence[int]) -> list[tuple[int, int]]:
     """Parse a layer map with the grammar of :func:`repsim.distill.parse_layer_map` ("12:6,6:3", "uniform" =
     student block j ↔ teacher block round(j·Lt/Ls), or a file: CSV, JSON or the line ``--suggest-map`` prints),
@@ -564,7 +558,7 @@ def check_models(teacher: str, student: str, data: Any = "sst2", layer_map: str 
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
             raise UserError(f"{name} must be a finite number, got {value!r}")
     if isinstance(layer_map, str):
-        parse_layer_map_syntax(layer_map)
+        layer_map_pairs(layer_map)
     if out is not None:
         check_out_dir(out)
     texts = load_texts(data, max_samples=max_samples, seed=seed, labels=False) if isinstance(data, str) else data
