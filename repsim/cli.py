@@ -119,6 +119,13 @@ def _add_compare(sub) -> None:
                    help="bootstrap replicates over texts for 95%% percentile intervals (e.g. 200)")
     p.add_argument("--permutations", type=_COUNT, default=0, metavar="P",
                    help="student-row permutations for p-values (e.g. 200)")
+    p.add_argument("--curve", action="store_true",
+                   help="also recompute every metric of the best-matching pairs on seeded subsamples of growing size "
+                        "(convergence with n; curve.csv and curve.png/.svg under --out)")
+    p.add_argument("--curve-sizes", type=_POSITIVE, nargs="+", default=None, metavar="N",
+                   help="numbers of texts for --curve (default: n/16, n/8, n/4, n/2, n)")
+    p.add_argument("--curve-subsamples", type=_POSITIVE, default=5, metavar="S",
+                   help="seeded subsamples per size for --curve (default 5)")
     p.add_argument("--chance-permutations", type=_COUNT, default=4, metavar="K",
                    help="chance level of every cell: the mean over K seeded student-row permutations (the first K of "
                         "--permutations); 0 disables it (default 4)")
@@ -274,15 +281,21 @@ def _add_check(sub) -> None:
                    "block round(j*Lt/Ls)), or a file as for distill --layer-map (CSV with teacher_layer and "
                    "student_layer, JSON pairs, or the line compare --suggest-map prints); 0 = embeddings")
     p.add_argument("--eps", type=_EPS, default=0.1, help="|cos| <= eps counts as eps-orthogonal (centred rows)")
-    p.add_argument("--max-samples", type=_POSITIVE, default=500, metavar="N",
-                   help=_MAX_SAMPLES_HELP + "; pairwise angles cost O(N^2) memory")
+    p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N",
+                   help=_MAX_SAMPLES_HELP + " (default: all, the texts compare uses); pairwise angles cost O(N^2) "
+                        "memory")
     p.add_argument("--pool", default="mean", choices=["mean", "cls", "last"], help="pooling per text")
     p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")
     p.add_argument("--max-length", type=_POSITIVE, default=128, metavar="T", help="truncate texts to T tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--cka-threshold", type=_FRACTION, default=0.9, help="CKA at or above this counts as 'similar'")
+    p.add_argument("--cka-threshold", type=_FRACTION, default=0.9,
+                   help="CKA at least this fraction of the way from its chance level to 1 counts as 'similar'")
     p.add_argument("--procrustes-threshold", type=_NONNEGATIVE, default=0.5,
-                   help="Procrustes distance above this counts as 'geometry differs'")
+                   help="Procrustes distance more than this fraction of the way from 0 to its chance level counts "
+                        "as 'geometry differs'")
+    p.add_argument("--chance-permutations", type=_COUNT, default=4, metavar="K",
+                   help="student-row permutations whose mean is each chance level (default 4; 0: the ends of the "
+                        "ranges, sqrt(2) and 0)")
     p.add_argument("--preservation-threshold", type=_FRACTION, default=0.5,
                    help="eps-orthogonal preservation below this counts as 'geometry differs'")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
@@ -299,7 +312,8 @@ def _run_check(args: argparse.Namespace) -> int:
         args.teacher, args.student, args.data, args.layer_map, max_samples=args.max_samples, pool=args.pool,
         batch_size=args.batch_size, max_length=args.max_length, device=args.device, seed=args.seed,
         cache=not args.no_cache, out=args.out, eps=args.eps, cka_threshold=args.cka_threshold,
-        procrustes_threshold=args.procrustes_threshold, preservation_threshold=args.preservation_threshold)
+        procrustes_threshold=args.procrustes_threshold, preservation_threshold=args.preservation_threshold,
+        chance_permutations=args.chance_permutations)
     print(result.summary())
     if args.out:
         print(f"wrote {args.out}/check.csv and check.json")

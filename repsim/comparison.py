@@ -156,6 +156,8 @@ class Comparison:
 
     table: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
+    #: the convergence curve (:func:`repsim.curve.convergence`) when asked for, else None
+    curve: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -164,7 +166,8 @@ class Comparison:
                     teacher_layer_ids: Sequence[int] | None = None, student_layer_ids: Sequence[int] | None = None,
                     bootstrap: int = 0, permutations: int = 0, seed: int = 0, alpha: float = 0.05,
                     stats_metrics: Sequence[str] | None = None, device: str | None = None,
-                    chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS,
+                    chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS, curve: bool = False,
+                    curve_sizes: Sequence[int] | None = None, curve_subsamples: int = 5,
                     meta: dict[str, Any] | None = None, progress: bool = False) -> Comparison:
         """Compare already-extracted layer stacks: sequences of (n, width) arrays (or (L, n, width) arrays).
 
@@ -176,6 +179,9 @@ class Comparison:
         of the student (unpaired texts, each side's geometry kept), and ``chance_sd`` their standard deviation,
         for the same metrics as the statistics. The permutations are the first K of the permutation test's (one
         pass serves both: P ≥ K shuffles give the p-values, their first K the chance level). 0 disables it.
+
+        ``curve``: also compute :attr:`curve`, every metric of the best-matching pairs (:meth:`curve_pairs`) on
+        ``curve_subsamples`` seeded subsamples at each of ``curve_sizes`` texts (:func:`repsim.curve.convergence`).
         """
         from repsim.layer_pairs import pairwise
 
@@ -271,6 +277,16 @@ class Comparison:
             if w and w not in warnings:
                 warnings.append(w)
         comp = cls(table=table, meta=meta)
+        if curve:
+            from repsim.curve import convergence
+
+            t0 = time.perf_counter()
+            comp.curve = convergence(teacher, student, ids, comp.curve_pairs(), teacher_layer_ids=t_ids,
+                                     student_layer_ids=s_ids, sizes=curve_sizes, subsamples=curve_subsamples,
+                                     seed=seed, device=device)
+            timings["curve"] = time.perf_counter() - t0
+            meta["curve"] = {"pairs": comp.curve_pairs(), "sizes": sorted(set(comp.curve["n"])),
+                             "subsamples": curve_subsamples, "seed": seed}
         if chance_permutations:
             meta["chance"]["best_matches"] = {
                 m: [{k: (int(r[k]) if k.endswith("layer") else float(r[k]))
@@ -326,6 +342,17 @@ class Comparison:
         pick = key.idxmin() if spec.direction == "lower" else key.idxmax()
         return sub.loc[pick.to_numpy()].reset_index(drop=True)
 
+    def curve_pairs(self) -> list[tuple[int, int]]:
+        """The layer pairs a convergence curve follows: the overall most similar pair under each metric, then the
+        last teacher layer with the last student layer (duplicates dropped, in that order)."""
+        pairs = []
+        for m in self.metrics:
+            b = self.best_matches(m)
+            k = b["value"].idxmin() if _spec(m).direction == "lower" else b["value"].idxmax()
+            pairs.append((int(b.loc[k, "teacher_layer"]), int(b.loc[k, "student_layer"])))
+        pairs.append((self.teacher_layers[-1], self.student_layers[-1]))
+        return list(dict.fromkeys(pairs))
+
     def suggest_map(self, metric: str) -> list[tuple[int, int]]:
         """The monotone teacher → student layer map maximising total similarity under ``metric``.
 
@@ -364,6 +391,22 @@ class Comparison:
         """The terminal report: per teacher layer, the best student layer and value under each metric."""
         return format_summary(self)
 
+    def save_curve(self, folder: str | Path) -> list[Path]:
+        """Write curve.csv and curve.png/.svg of :attr:`curve` into ``folder``; return the paths."""
+        import matplotlib
+
+        from repsim.curve import curve_figure
+
+        folder = Path(folder)
+        self.curve.to_csv(folder / "curve.csv", index=False, float_format="%.10g")
+        fig = curve_figure(self.curve, title=_curve_title(self.meta))
+        paths = [folder / "curve.csv"]
+        with matplotlib.rc_context({"svg.fonttype": "none"}):
+            for fmt in ("png", "svg"):
+                fig.savefig(folder / f"curve.{fmt}", format=fmt)
+                paths.append(folder / f"curve.{fmt}")
+        return paths
+
     def save(self, out: str | Path) -> Path:
         """Write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg and report.json into ``out``.
 
@@ -379,6 +422,8 @@ class Comparison:
             t0 = time.perf_counter()
             self.table.to_csv(tmp / "results.csv", index=False, float_format="%.10g")
             save_figures(self.table, tmp, **self.figure_labels())
+            if self.curve is not None:
+                self.save_curve(tmp)
             self.meta.setdefault("timings", {})["plots"] = time.perf_counter() - t0
             (tmp / "report.json").write_text(json.dumps(_jsonable(self.meta), indent=2) + "\n")
             out.mkdir(exist_ok=True)
@@ -426,6 +471,11 @@ def check_replicates(bootstrap: int, permutations: int, chance_permutations: int
                       ("--chance-permutations", chance_permutations)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or not 0 <= val <= MAX_REPLICATES:
             raise UserError(f"{flag} must be an integer in 0..{MAX_REPLICATES}, got {val}")
+
+
+def _curve_title(meta: dict[str, Any]) -> str:
+    names = [_short(meta.get(side, {}).get("name", side)) for side in ("teacher", "student")]
+    return f"{names[0]} vs {names[1]}: each measure against the number of texts"
 
 
 def check_stats_metrics(stats_metrics: Sequence[str] | None, ids: Sequence[str]) -> list[str]:
@@ -726,7 +776,8 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
             student_layers: Sequence[int] | None = None, text_column: str | None = None,
             label_column: str | None = None, max_samples: int | None = None, batch_size: int = 32,
             max_length: int = 128, device: str = "auto", bootstrap: int = 0, permutations: int = 0,
-            chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS,
+            chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS, curve: bool = False,
+            curve_sizes: Sequence[int] | None = None, curve_subsamples: int = 5,
             stats_metrics: Sequence[str] | None = None, seed: int = 0, cache: bool = True,
             out: str | Path | None = None, progress: bool = False, echo: Echo | None = None) -> Comparison:
     """Compare a teacher and a student layer by layer on ``data``; see the module docstring.
@@ -742,6 +793,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     say: Echo = echo or (lambda _line: None)
     ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations,
                          seed)
+    _check_curve(curve_sizes, curve_subsamples)
     if pool not in POOLS:
         raise UserError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
     if batch_size < 1 or max_length < 1:
@@ -807,6 +859,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
                                   teacher_layer_ids=list(t_act.layers), student_layer_ids=list(s_act.layers),
                                   bootstrap=bootstrap, permutations=permutations, seed=seed,
                                   chance_permutations=chance_permutations, stats_metrics=stats_metrics,
+                                  curve=curve, curve_sizes=curve_sizes, curve_subsamples=curve_subsamples,
                                   device=device, meta=meta, progress=progress)
     if out is not None:
         comp.save(out)
@@ -831,12 +884,21 @@ def _check_options(metrics: Sequence[str] | str | None, stats_metrics: Sequence[
     return ids
 
 
+def _check_curve(sizes: Sequence[int] | None, subsamples: int) -> None:
+    """--curve-sizes and --curve-subsamples, checked before any work (sizes against n once it is known)."""
+    if subsamples < 1:
+        raise UserError(f"--curve-subsamples must be ≥ 1, got {subsamples}")
+    if sizes is not None and (not sizes or min(sizes) < 4):
+        raise UserError(f"--curve-sizes must be numbers of texts ≥ 4, got {list(sizes)}")
+
+
 def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence[str] | str | None = None,
                   layers: Sequence[str] | None = None, max_samples: int | None = None, device: str = "auto",
                   bootstrap: int = 0, permutations: int = 0, stats_metrics: Sequence[str] | None = None,
                   seed: int = 0, out: str | Path | None = None, progress: bool = False,
-                  echo: Echo | None = None,
-                  chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS) -> Comparison:
+                  echo: Echo | None = None, chance_permutations: int = DEFAULT_CHANCE_PERMUTATIONS,
+                  curve: bool = False, curve_sizes: Sequence[int] | None = None,
+                  curve_subsamples: int = 5) -> Comparison:
     """Compare activations saved as files (``.npy`` / ``.safetensors`` per layer, a folder of them, or a
     (layers, n, width) stack; see :mod:`repsim.saved`): row i of every layer on both sides must come from text i.
 
@@ -850,6 +912,7 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
     say: Echo = echo or (lambda _line: None)
     ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations,
                          seed)
+    _check_curve(curve_sizes, curve_subsamples)
     device = _resolve_device(device)
     t_req, s_req = parse_layers(layers)
     t0 = time.perf_counter()
@@ -883,6 +946,7 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
     comp = Comparison.from_layers(t_acts.arrays, s_acts.arrays, ids, teacher_layer_ids=t_acts.ids,
                                   student_layer_ids=s_acts.ids, bootstrap=bootstrap, permutations=permutations,
                                   chance_permutations=chance_permutations, seed=seed, stats_metrics=stats_metrics,
+                                  curve=curve, curve_sizes=curve_sizes, curve_subsamples=curve_subsamples,
                                   device=device, meta=meta, progress=progress)
     if out is not None:
         with naming_path(out):
@@ -910,6 +974,8 @@ def run_compare_cli(args: Any) -> int:
         check_out_dir(args.out)
     if args.suggest_map and _spec(args.suggest_map).id not in resolve_metrics(args.metrics):
         raise UserError(f"--suggest-map {args.suggest_map}: that metric is not among --metrics")
+    curve_options = dict(curve=bool(getattr(args, "curve", False)), curve_sizes=getattr(args, "curve_sizes", None),
+                         curve_subsamples=getattr(args, "curve_subsamples", 5))
     t_acts, s_acts = getattr(args, "teacher_acts", None), getattr(args, "student_acts", None)
     if t_acts is not None or s_acts is not None:
         if t_acts is None or s_acts is None:
@@ -924,7 +990,7 @@ def run_compare_cli(args: Any) -> int:
                              device=args.device, bootstrap=args.bootstrap, permutations=args.permutations,
                              chance_permutations=args.chance_permutations,
                              stats_metrics=getattr(args, "stats_metrics", None), seed=args.seed, out=None,
-                             progress=True, echo=echo)
+                             progress=True, echo=echo, **curve_options)
     else:
         comp = compare(args.teacher, args.student, "sst2" if args.data is None else args.data, metrics=args.metrics,
                        pool=args.pool, layers=args.layers, text_column=args.text_column,
@@ -932,12 +998,17 @@ def run_compare_cli(args: Any) -> int:
                        max_length=args.max_length, device=args.device, bootstrap=args.bootstrap,
                        permutations=args.permutations, chance_permutations=args.chance_permutations,
                        stats_metrics=getattr(args, "stats_metrics", None),
-                       seed=args.seed, cache=not args.no_cache, out=None, progress=True, echo=echo)
+                       seed=args.seed, cache=not args.no_cache, out=None, progress=True, echo=echo, **curve_options)
     if args.out is not None:
         with naming_path(args.out):
             comp.save(args.out)
     echo("")
     echo(format_summary(comp, warnings=False))
+    if comp.curve is not None:
+        from repsim.curve import format_curve
+
+        echo("")
+        echo(format_curve(comp.curve))
     for w in comp.meta.get("warnings", []):
         print(f"repsim: warning: {w}", file=sys.stderr)
     if args.suggest_map:

@@ -374,8 +374,10 @@ class GeometryCheck:
       |cos| ≤ eps (cosines of centred rows unless ``center=False``).
     * angle distortion: |∠(xᵢ,xⱼ) − ∠(yᵢ,yⱼ)| in degrees over all pairs, as quantiles.
     * ``max_inner_product_error``: max |⟨x̃ᵢ,x̃ⱼ⟩ − ⟨ỹᵢ,ỹⱼ⟩| (≤ gram_frobenius).
-    * ``verdict``: "CKA says similar, geometry differs" when CKA ≥ cka_threshold and (Procrustes >
-      procrustes_threshold or preserved fraction < preservation_threshold).
+    * ``chance``: Procrustes distance and CKA with the student's rows shuffled (mean over seeded permutations).
+    * ``verdict``: "CKA says similar, geometry differs" when CKA is at least cka_threshold of the way from its
+      chance level to 1, and (Procrustes is more than procrustes_threshold of the way from 0 to its chance level,
+      or preserved fraction < preservation_threshold).
     """
 
     teacher_layer: int | None
@@ -391,10 +393,12 @@ class GeometryCheck:
     flagged: bool
     verdict: str
     thresholds: dict[str, float] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"teacher_layer": self.teacher_layer, "student_layer": self.student_layer, "n": self.n}
         row.update(self.metrics)
+        row.update({f"chance_{k}": v for k, v in self.chance.items()})
         row.update({"eps": self.eps, "teacher_eps_orthogonal_pairs": self.teacher_orthogonal_pairs,
                     "preserved_pairs": self.preserved_pairs, "preserved_fraction": self.preserved_fraction})
         row.update({f"angle_distortion_deg_{k}": v for k, v in self.angle_distortion_deg.items()})
@@ -421,9 +425,15 @@ def eps_orthogonal_preservation(cos_t: np.ndarray, cos_s: np.ndarray, eps: float
 def check(teacher_feats: ArrayLike, student_feats: ArrayLike, *, eps: float = 0.1, center: bool = True,
           cka_threshold: float = 0.9, procrustes_threshold: float = 0.5, preservation_threshold: float = 0.5,
           projection_folds: int | None = 5, teacher_layer: int | None = None,
-          student_layer: int | None = None) -> GeometryCheck:
+          student_layer: int | None = None, chance_permutations: int = 4, seed: int = 0) -> GeometryCheck:
     """Geometry check of one layer pair: (n, p) teacher features against (n, q) student features, rows paired.
 
+    The thresholds are relative to the chance levels, so that they mean the same at every n (plug-in Procrustes
+    and CKA drift with n against the widths): Procrustes "differs" when d / d_chance > ``procrustes_threshold``
+    (the fraction of the way from identical, 0, to unpaired texts), CKA "says similar" when
+    (c − c_chance)/(1 − c_chance) ≥ ``cka_threshold``. The chance levels are the means over
+    ``chance_permutations`` seeded row permutations of the student (:func:`repsim.stats.permutation_indices`,
+    seed + 1, as ``compare`` uses); with 0 the ends of the ranges (√2 and 0) stand in for them.
     Memory is O(n²) (pairwise cosines); subsample rows for n beyond a few thousand.
     """
     if not 0 <= eps < 1:
@@ -446,26 +456,48 @@ def check(teacher_feats: ArrayLike, student_feats: ArrayLike, *, eps: float = 0.
     quant["mean"] = float(dist.mean()) if dist.size else float("nan")
     err = max_inner_product_error(T, S, center=center)
     c, p = values["cka[linear,biased]"], values["procrustes[distance]"]
-    poor_proc, poor_orth = p > procrustes_threshold, (n_orth > 0 and frac < preservation_threshold)
-    flagged = c >= cka_threshold and (poor_proc or poor_orth)
+    chance = _chance_levels(T.numpy(), S.numpy(), chance_permutations, seed)
+    p_rel = p / chance["procrustes[distance]"] if chance["procrustes[distance]"] > 0 else math.inf
+    c_rel = (c - chance["cka[linear,biased]"]) / (1 - chance["cka[linear,biased]"]) \
+        if chance["cka[linear,biased]"] < 1 else 0.0
+    poor_proc, poor_orth = p_rel > procrustes_threshold, (n_orth > 0 and frac < preservation_threshold)
+    cka_similar = c_rel >= cka_threshold
+    flagged = cka_similar and (poor_proc or poor_orth)
+    cka_txt = f"CKA {c:.3f}, {c_rel:.0%} of the way from chance {chance['cka[linear,biased]']:.3f} to 1"
+    proc_txt = f"Procrustes {p:.3f}, {p_rel:.0%} of the way from 0 to chance {chance['procrustes[distance]']:.3f}"
     if flagged:
         why = []
         if poor_proc:
-            why.append(f"Procrustes {p:.3f} > {procrustes_threshold:g}")
+            why.append(f"{proc_txt} > {procrustes_threshold:.0%}")
         if poor_orth:
             why.append(f"only {frac:.0%} of {n_orth} ε-orthogonal teacher pairs stay ε-orthogonal")
-        verdict = f"CKA says similar ({c:.3f}), geometry differs: " + "; ".join(why)
-    elif c >= cka_threshold:
-        verdict = f"similar by CKA ({c:.3f}) and by geometry (Procrustes {p:.3f})"
+        verdict = f"CKA says similar ({cka_txt}), geometry differs: " + "; ".join(why)
+    elif cka_similar:
+        verdict = f"similar by CKA ({cka_txt}) and by geometry ({proc_txt})"
     else:
-        verdict = f"CKA says dissimilar ({c:.3f} < {cka_threshold:g}); Procrustes {p:.3f}"
+        verdict = f"CKA says dissimilar ({cka_txt} < {cka_threshold:.0%}); {proc_txt}"
     if n_orth == 0:
         verdict += f"; no teacher pair is ε-orthogonal (eps={eps:g})"
     return GeometryCheck(teacher_layer=teacher_layer, student_layer=student_layer, n=int(T.shape[0]), metrics=values,
                          eps=eps, teacher_orthogonal_pairs=n_orth, preserved_pairs=n_kept, preserved_fraction=frac,
                          angle_distortion_deg=quant, max_inner_product_error=err, flagged=bool(flagged),
                          verdict=verdict, thresholds={"cka": cka_threshold, "procrustes": procrustes_threshold,
-                                                      "preservation": preservation_threshold})
+                                                      "preservation": preservation_threshold}, chance=chance)
+
+
+def _chance_levels(T: np.ndarray, S: np.ndarray, permutations: int, seed: int) -> dict[str, float]:
+    """Procrustes distance and biased CKA of T against S with S's rows shuffled, mean over ``permutations`` seeded
+    permutations (seed + 1, the comparison's convention); 0 permutations: √2 and 0, the ends of the ranges."""
+    if permutations < 0:
+        raise UserError(f"chance_permutations must be ≥ 0, got {permutations}")
+    if permutations == 0:
+        return {"procrustes[distance]": math.sqrt(2), "cka[linear,biased]": 0.0}
+    from repsim.stats import permutation_indices
+
+    m = _metrics()
+    perms = permutation_indices(T.shape[0], permutations, seed + 1)
+    return {"procrustes[distance]": float(np.mean([m.procrustes(T, S[pi]) for pi in perms])),
+            "cka[linear,biased]": float(np.mean([m.cka(T, S[pi]) for pi in perms]))}
 
 
 def check_min_rows(projection_folds: int | None) -> int:
@@ -517,8 +549,10 @@ class CheckResult:
         return checks_table(self.checks)
 
     def summary(self) -> str:
-        cols = ["teacher_layer", "student_layer", "procrustes[distance]", "gram_frobenius", "cka[linear,biased]"]
+        cols = ["teacher_layer", "student_layer", "procrustes[distance]", "chance_procrustes[distance]",
+                "gram_frobenius", "cka[linear,biased]", "chance_cka[linear,biased]"]
         t = self.table
+        cols = [c for c in cols if c in t.columns]
         cols += [c for c in t.columns if c.startswith("projection_residual")]
         cols += ["preserved_fraction", "angle_distortion_deg_q50", "angle_distortion_deg_q90",
                  "max_inner_product_error"]
@@ -538,12 +572,13 @@ class CheckResult:
 
 
 def check_models(teacher: str, student: str, data: Any = "sst2", layer_map: str = "uniform", *,
-                 max_samples: int | None = 500, pool: str = "mean", batch_size: int = 32, max_length: int = 128,
+                 max_samples: int | None = None, pool: str = "mean", batch_size: int = 32, max_length: int = 128,
                  device: str = "auto", seed: int = 0, cache: bool = True, progress: bool = True,
                  out: str | Path | None = None, **check_options: Any) -> CheckResult:
     """Extract both models' hidden states on ``data`` (repsim.data / repsim.extract) and check each mapped pair.
 
     ``student`` may be a saved folder (e.g. a distilled student), so the same call gives "before" and "after".
+    ``max_samples`` (default: all texts, as ``compare``) and ``seed`` pick the same texts ``compare`` picks.
     """
     if pool == "tokens":
         raise UserError("check compares paired rows per text: use --pool mean, cls or last, not tokens")
@@ -571,7 +606,7 @@ def check_models(teacher: str, student: str, data: Any = "sst2", layer_map: str 
     kw = dict(pool=pool, batch_size=batch_size, max_length=max_length, device=device, cache=cache, progress=progress)
     t_acts = extract(teacher, texts, **kw)
     s_acts = extract(student, texts, **kw)
-    checks = check_layers(t_acts, s_acts, layer_map, **check_options)
+    checks = check_layers(t_acts, s_acts, layer_map, **{"seed": seed, **check_options})
     meta = {"teacher": t_acts.meta, "student": s_acts.meta, "layer_map": layer_map, "pool": pool,
             "n": int(t_acts.n), "data": getattr(texts, "name", "texts"), "data_source": getattr(texts, "source", ""),
             "check_options": check_options}

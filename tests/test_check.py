@@ -76,6 +76,29 @@ def test_check_flags_on_procrustes_alone():
     assert relaxed.teacher_orthogonal_pairs == 0 and math.isnan(relaxed.preserved_fraction)
 
 
+def test_check_thresholds_are_fractions_of_the_way_to_chance():
+    """The chance levels are the means over the documented seeded student-row permutations, and the Procrustes
+    criterion flips exactly where the threshold crosses d / d_chance (not at a fixed distance)."""
+    from repsim.stats import permutation_indices
+
+    th = theory.theorem1(256, 256, 1.0)
+    res = theory.check(th.teacher, th.student, eps=0.05, seed=3, chance_permutations=3)
+    perms = permutation_indices(256, 3, seed=4)
+    expected = np.mean([metrics.procrustes(th.teacher, th.student[p]) for p in perms])
+    assert res.chance["procrustes[distance]"] == pytest.approx(expected, rel=1e-12)
+    assert res.chance["cka[linear,biased]"] == pytest.approx(
+        np.mean([metrics.cka(th.teacher, th.student[p]) for p in perms]), rel=1e-12)
+    ratio = res.metrics["procrustes[distance]"] / res.chance["procrustes[distance]"]
+    below = theory.check(th.teacher, th.student, eps=0.05, seed=3, chance_permutations=3,
+                         procrustes_threshold=ratio * 0.99)
+    above = theory.check(th.teacher, th.student, eps=0.05, seed=3, chance_permutations=3,
+                         procrustes_threshold=ratio * 1.01)
+    assert below.flagged and not above.flagged
+    assert below.to_row()["chance_procrustes[distance]"] == res.chance["procrustes[distance]"]
+    fixed = theory.check(th.teacher, th.student, eps=0.05, chance_permutations=0)
+    assert fixed.chance == {"procrustes[distance]": math.sqrt(2), "cka[linear,biased]": 0.0}
+
+
 def test_check_rotated_student_keeps_everything():
     rng = np.random.default_rng(1)
     T = rng.standard_normal((60, 10))
@@ -156,6 +179,11 @@ def test_check_models_and_cli_on_tiny_models(tiny_model, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "layer 3 ↔ 2" in r.stdout and (tmp_path / "c" / "check.json").exists()
+    import json
+
+    report = json.loads((tmp_path / "c" / "check.json").read_text())
+    assert report["meta"]["n"] == 24  # all texts by default, the texts `compare` uses
+    assert all(c["chance"]["procrustes[distance]"] > 0 for c in report["checks"])
 
 
 def test_cli_check_bad_map_is_one_line(tiny_model, tmp_path, capsys):

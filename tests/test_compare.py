@@ -192,6 +192,31 @@ def test_warnings_name_the_rule_and_what_to_do():
     assert enough.meta["warnings"] == []
 
 
+def test_curve_recomputes_each_metric_on_the_documented_subsamples(synthetic, tmp_path):
+    """The convergence curve: at the full n it is the table's value; at a smaller size m, subsample s is the rows
+    np.sort(default_rng([seed, s]).permutation(n)[:m]) and the value is the metric on them; chance uses the same
+    rows with the student's shuffled (so for the unrelated student layer it stays near the value)."""
+    teacher, student = synthetic
+    comp = Comparison.from_layers(teacher, student, ["procrustes", "cka"], curve=True, curve_sizes=[20, 40, 60],
+                                  curve_subsamples=3, seed=7, chance_permutations=0)
+    pairs = comp.curve_pairs()
+    assert pairs[-1] == (2, 1) and (0, 0) in pairs  # best pair, then last ↔ last
+    c = comp.curve
+    assert sorted(set(c["n"])) == [20, 40, 60] and len(c[c["n"] == 60]) == 2 * len(pairs)
+    assert len(c[c["n"] == 20]) == 3 * 2 * len(pairs)
+    for r in c[c["n"] == 60].itertuples():
+        assert r.value == pytest.approx(comp.matrix(r.metric)[r.teacher_layer, r.student_layer], rel=1e-9)
+    for r in c[(c["n"] == 20) & (c["subsample"] == 2)].itertuples():
+        rows = np.sort(np.random.default_rng([7, 2]).permutation(60)[:20])
+        expected = M.get_metric(r.metric)(teacher[r.teacher_layer][rows], student[r.student_layer][rows])
+        assert r.value == pytest.approx(expected, rel=1e-9)
+    comp.save(tmp_path / "out")
+    assert {"curve.csv", "curve.png", "curve.svg"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "curve.csv"), c, check_exact=False, rtol=1e-9)
+    with pytest.raises(UserError, match=r"\[4, 60\]"):
+        Comparison.from_layers(teacher, student, ["cka"], curve=True, curve_sizes=[80])
+
+
 def test_default_statistics_leave_out_the_cross_validated_residual(synthetic):
     """By default the k-fold held-out residual gets no interval (duplicated texts leak across its folds); named
     explicitly it gets one, and alone it is the default."""
