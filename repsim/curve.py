@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from repsim.errors import UserError
 
@@ -120,6 +121,9 @@ def curve_figure(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
                     ax.plot(sub["n"], sub["chance"], ":", color=colour, linewidth=1.0, alpha=0.8)
         spec = get_metric(ids[0])
         ax.set_xscale("log")
+        sizes = sorted(set(int(v) for v in summary["n"]))
+        ax.set_xticks(sizes, [str(v) for v in sizes])
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("number of texts (log scale)")
         ax.set_ylabel(f"{family} ({spec.direction} = more similar)")
         chance_drawn = summary.loc[summary["metric"].isin(ids), "chance"].notna().any()
