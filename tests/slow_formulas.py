@@ -167,3 +167,50 @@ def slow_heldout_residual(X: np.ndarray, Y: np.ndarray, folds: int, seed: int) -
         W = np.linalg.lstsq(Yn[train] - my, Xn[train] - mx, rcond=None)[0]
         total += np.linalg.norm(Xn[test] - mx - (Yn[test] - my) @ W) ** 2
     return float(total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantities that circulate under the same names (docs/pitfalls.md): written here to show they are other numbers
+
+
+def slow_zero_diagonal_hsic(K: np.ndarray, L: np.ndarray) -> float:
+    """"Centre, then zero the diagonal": ⟨K̂, L̂⟩_F with K̂ = HKH whose diagonal is then set to 0 (no normalising
+    constant: it cancels in the CKA ratio). Another "unbiased" HSIC in circulation; not Song et al.'s."""
+    H = centering_matrix(K.shape[0])
+    Kc, Lc = H @ K @ H, H @ L @ H
+    np.fill_diagonal(Kc, 0)
+    np.fill_diagonal(Lc, 0)
+    return float((Kc * Lc).sum())
+
+
+def slow_mixed_cka(K: np.ndarray, L: np.ndarray) -> float:
+    """Song's unbiased HSIC(K, L) over √ of Gretton's biased HSIC(K, K)·HSIC(L, L) (each with its own
+    normalisation, n(n − 3) and (n − 1)²): a mixed estimator, not a CKA of either kind."""
+    return slow_unbiased_hsic(K, L) / math.sqrt(slow_hsic(K, K) * slow_hsic(L, L))
+
+
+def lower_median(values: np.ndarray) -> float:
+    """The lower of the two middle values of an even count (what torch.median returns), not their mean."""
+    flat = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    return float(flat[(flat.size - 1) // 2])
+
+
+def slow_rbf_gram_lower_median(A: np.ndarray, sigma: float) -> np.ndarray:
+    """slow_rbf_gram with the bandwidth from lower_median instead of numpy's median."""
+    D = scipy.spatial.distance.cdist(A, A, "sqeuclidean")
+    return np.exp(-D / (2 * sigma**2 * lower_median(D)))
+
+
+def slow_size_and_shape_distance(X: np.ndarray, Y: np.ndarray) -> float:
+    """min over orthogonal Q of ‖X_c − Y_c Q‖_F with X_c, Y_c centred but NOT scaled (equal widths): the
+    unnormalised Procrustes distance, which carries the data's scale."""
+    Xc = np.asarray(X, dtype=np.float64) - np.mean(X, axis=0)
+    Yc = np.asarray(Y, dtype=np.float64) - np.mean(Y, axis=0)
+    Q, _ = scipy.linalg.orthogonal_procrustes(Yc, Xc)
+    return float(np.linalg.norm(Xc - Yc @ Q))
+
+
+def slow_gram_spectral(X: np.ndarray, Y: np.ndarray) -> float:
+    """‖X̃X̃ᵀ − ỸỸᵀ‖₂ (the spectral norm, the largest singular value) where the Frobenius norm is meant."""
+    Xn, Yn = normalised(X), normalised(Y)
+    return float(np.linalg.norm(Xn @ Xn.T - Yn @ Yn.T, 2))
