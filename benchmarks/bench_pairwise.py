@@ -1,6 +1,6 @@
 """pairwise() on layer stacks against a straightforward per-pair implementation and against the GEMM floor.
 
-Default workload (DESIGN/issue): 13 teacher layers of width 768 × 7 student layers of width 384, n = 5000,
+Default workload: 13 teacher layers of width 768 × 7 student layers of width 384, n = 5000,
 the four linear metrics procrustes[distance], gram_frobenius, cka[linear,biased], projection_residual[in_sample].
 
 Measured in one run, each timing the median of --repeats runs:

@@ -200,7 +200,7 @@ def unit_frobenius(X: torch.Tensor, name: str = "X") -> torch.Tensor:
 
 
 def prepare(X: torch.Tensor, center_: bool = True, name: str = "X") -> torch.Tensor:
-    """The convention of DESIGN.md §3: optionally center columns, then scale to unit Frobenius norm
+    """The convention of docs/measures.md §2: optionally center columns, then scale to unit Frobenius norm
     (:func:`centred_unit`: any scale, zero variance judged relative to the data's size)."""
     return centred_unit(X, name, center=center_)
 

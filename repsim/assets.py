@@ -2,7 +2,7 @@
 
 A *model spec* resolves to a local Hugging Face model folder (:class:`ModelSource`):
 
-- one of the embedded defaults (DESIGN.md §7), by hub id, short name or role keyword:
+- one of the embedded defaults (docs/activations.md §4), by hub id, short name or role keyword:
   ``teacher`` = ``sentence-transformers/all-mpnet-base-v2`` (alias ``all-mpnet-base-v2``),
   ``student`` = ``sentence-transformers/all-MiniLM-L6-v2`` (alias ``all-MiniLM-L6-v2``),
   ``decoder`` = ``HuggingFaceTB/SmolLM2-135M-Instruct`` (alias ``SmolLM2-135M-Instruct``).

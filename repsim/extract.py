@@ -1,6 +1,6 @@
 """Hugging Face model -> hidden states, pooled per text or kept per token.
 
-Layer indexing (the same for every family; PITFALLS 10):
+Layer indexing (the same for every family; docs/activations.md §1, docs/pitfalls.md item 10):
 
 * layer ``0`` is the embedding output (``hidden_states[0]`` in transformers: token + position embeddings,
   after the embedding LayerNorm where the family has one, e.g. BERT/MPNet);
@@ -13,7 +13,7 @@ Layer indexing (the same for every family; PITFALLS 10):
   (``None`` when there is none). The tests check all of this against forward hooks.
 * encoder-decoder models (T5, BART, ...): the ENCODER's hidden states, same convention.
 
-Pooling (PITFALLS 11) uses the attention mask, so padding side and batch composition never leak into features:
+Pooling (docs/activations.md §2) uses the attention mask: padding side and batch composition never leak into features:
 
 * ``mean``: sum_t m_t h_t / sum_t m_t over real tokens (m = attention mask), accumulated in float32 or float64;
 * ``cls``: the first real token (``[CLS]`` for BERT-like models; under left padding, the first non-pad position);
@@ -195,7 +195,7 @@ def same_tokenizer(a: Any, b: Any) -> bool:
 
 
 def check_same_tokenizer(a: Any, b: Any, names: tuple[str, str] = ("teacher", "student")) -> None:
-    """Refuse token-by-token pairing unless both tokenizers are identical (PITFALLS 12)."""
+    """Refuse token-by-token pairing unless both tokenizers are identical (docs/pitfalls.md, item 12)."""
     if not same_tokenizer(a, b):
         raise UserError(
             f"token-level pairing needs the same tokenizer on both sides, but the {names[0]} and {names[1]} "

@@ -44,7 +44,7 @@ metrics are scale invariant, so they read the scaled statistics directly.
 Zero variance is judged as in :mod:`repsim.arrays`: a layer is refused when ‖X_c‖²_F = A ≤ τ²·(A + n‖x̄‖²)
 (‖X‖²_F, from the running mean), τ = 16·√n·eps.
 
-Metrics (DESIGN.md §3; X̃ = centred X / ‖centred X‖_F, so X̃ᵀỸ = cross/√(AB), A = tr cov_x, B = tr cov_y):
+Metrics (docs/measures.md §3; X̃ = centred X / ‖centred X‖_F, so X̃ᵀỸ = cross/√(AB), A = tr cov_x, B = tr cov_y):
 
 - Procrustes ρ = ‖cross‖_* / √(AB); distance √max(0, 2−2ρ), angular arccos(clip(ρ, 0, 1)), squared 2−2ρ.
 - Gram-Frobenius² = ‖cov_x‖²_F/A² + ‖cov_y‖²_F/B² − 2‖cross‖²_F/(AB)  (= ‖X̃X̃ᵀ − ỸỸᵀ‖²_F, no n×n matrix).

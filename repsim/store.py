@@ -1,6 +1,6 @@
 """The on-disk activation store: one folder per entry, one memory-mapped ``.npy`` per layer, no pickle.
 
-Entry key (DESIGN §6): sha256 of the model name and its resolved revision or weights hash, the tokenizer
+Entry key (docs/activations.md §3): sha256 of the model name and its resolved revision or weights hash, the tokenizer
 fingerprint, the data fingerprint (hash of the texts in order) and count, pooling, max length, layer set,
 compute dtype, accumulation and storage dtype, padding side and the transformers MAJOR version. The folder
 is ``<cache_dir>/activations/<model-slug>-<hash20>/`` holding ``manifest.json`` (shapes, dtypes and sha256

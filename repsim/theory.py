@@ -2,7 +2,7 @@
 
 Everything here is about one question: when does a similarity score say "similar" while the geometry (inner
 products, angles) of the student differs from the teacher's? All metric values come from
-:mod:`repsim.metrics` (centred, unit-Frobenius convention of DESIGN.md §3); this module only builds inputs,
+:mod:`repsim.metrics` (centred, unit-Frobenius convention of docs/measures.md §2); this module only builds inputs,
 states closed forms, and reads the results.
 
 Precise statements (what is exact and what is a limit):
@@ -69,7 +69,7 @@ def _three_metrics(X: ArrayLike, Y: ArrayLike) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Theorem1:
-    """The Theorem-1 construction of DESIGN.md §3 and its closed forms.
+    """The Theorem-1 construction of docs/measures.md §6 and its closed forms.
 
     Reading of the paper's three configurations (rows are the n inputs):
 
@@ -164,7 +164,7 @@ def theorem1(n: int, m: int, eps: float, d_t: int | None = None, d_s: int = 1) -
 
 def theorem1_sweep(ms: Sequence[int] = (4, 8, 16, 32, 64, 128, 256), ratio: int = 1,
                    measure_up_to: int = 512) -> pd.DataFrame:
-    """The sweep of DESIGN.md §3: n = ratio·m, ε² = n/m (so E = n), m growing.
+    """The sweep of docs/measures.md §6: n = ratio·m, ε² = n/m (so E = n), m growing.
 
     Closed forms give CKA = (n + 2)/√(n² + 4n + 2n²/m) → 1, ρ → 1/√2 so Procrustes → √(2 − √2) ≈ 0.765, and
     Gram-Frobenius → √(1/4) = 0.5. Rows with n ≤ ``measure_up_to`` are also measured with :mod:`repsim.metrics`.

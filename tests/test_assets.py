@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -98,8 +99,9 @@ def test_verify_sha256_against_hashlib(tmp_path):
         assets.verify_sha256(path, "0" * 64)
 
 
-def test_the_pins_are_those_of_the_design():
-    design_pins = {
+def test_the_pins_are_those_documented():
+    """The pins in the code are the digests listed here and in docs/activations.md §4, no more, no fewer."""
+    documented = {
         "74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f",
         "0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61",
         "2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0",
@@ -111,8 +113,10 @@ def test_the_pins_are_those_of_the_design():
     }
     used = {part.sha256 for part in assets._MPNET_PARTS} | {assets._MINILM.sha256, assets._SMOLLM2.sha256,
                                                             assets._VADER.sha256}
-    assert used == design_pins
+    assert used == documented
     assert assets._MPNET_WEIGHTS_SHA256 == "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "activations.md").read_text(encoding="utf-8")
+    assert set(re.findall(r"\b[0-9a-f]{64}\b", page)) == documented | {assets._MPNET_WEIGHTS_SHA256}
 
 
 # ------------------------------------------------------------------------------------ cache entries

@@ -78,7 +78,7 @@ def _centered_orthonormal(seed: int, n: int, k: int) -> torch.Tensor:
 
 
 def test_published_reference_values():
-    """Kornblith's demo data (DESIGN.md §3): linear CKA, debiased CKA, Procrustes ρ, angular, squared."""
+    """Kornblith's demo data (docs/measures.md §5): linear CKA, debiased CKA, Procrustes ρ, angular, squared."""
     rng = np.random.RandomState(1337)
     X = rng.randn(100, 10)
     Y = rng.randn(100, 10) + X
@@ -106,8 +106,8 @@ def test_values_equal_slow_formulas(n, p, q, seed, loss_name):
 
 @pytest.mark.parametrize("method", ["svd", "gram"])
 def test_near_identical_inputs_absolute_accuracy(method):
-    """Pitfall 8: the p×q forms compute 2 − 2ρ and ‖·‖² differences, whose rounding (~1e-16) the √ turns into an
-    absolute error of ~1e-9; the relative error grows like eps/δ² as Y = X + δ·E approaches X."""
+    """docs/pitfalls.md, item 8: the p×q forms compute 2 − 2ρ and ‖·‖² differences, whose rounding (~1e-16) the √
+    turns into an absolute error of ~1e-9; the relative error grows like eps/δ² as Y = X + δ·E approaches X."""
     X = _rand(200, 500, 20)
     for delta in (1e-3, 1e-4, 1e-5, 1e-6):
         Y = X + delta * _rand(201, 500, 20)

@@ -36,7 +36,7 @@ def kornblith_demo() -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# published reference values (DESIGN.md §3, PITFALLS.md)
+# published reference values (docs/measures.md §5, docs/pitfalls.md)
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_primal_and_dual_regimes_agree_with_slow_formulas(n, p, q):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# near-identical inputs (PITFALL 8: feature-space formulas square the condition number)
+# near-identical inputs (docs/pitfalls.md, item 8: feature-space formulas square the condition number)
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n, p", [(200, 10), (5, 50), (60, 60)])

@@ -89,7 +89,7 @@ def test_procrustes_from_moments_equals_explicit_orthogonal_minimisation():
 
 
 def test_projection_residual_is_zero_once_student_spans_the_rows():
-    """n ≤ q: the centred student has rank n − 1 and predicts any teacher exactly in-sample (DESIGN §3)."""
+    """n ≤ q: the centred student has rank n − 1 and predicts any teacher exactly in-sample (docs/measures.md §3)."""
     X, Y = pair(20, 7, 30, seed=5)
     m = stream(X, Y, cuts=[4, 9])
     assert m.projection_residual() == pytest.approx(0.0, abs=1e-10)

@@ -1,4 +1,4 @@
-"""The public names of DESIGN.md §4 resolve, and each lazy name is the object its module defines."""
+"""The public Python names (README.md) resolve, and each lazy name is the object its module defines."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_unknown_attribute_raises_attribute_error():
         repsim.procrustes_distance  # noqa: B018
 
 
-def test_design_names_and_return_types():
+def test_public_names_and_return_types():
     for module in repsim._SUBMODULES:  # importing submodules must not shadow the public functions
         importlib.import_module(f"repsim.{module}")
     rng = np.random.RandomState(0)

@@ -1,0 +1,95 @@
+"""The documentation is the repository's own: nothing cites a file outside it, every test a page names exists,
+and every relative link resolves."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+# contract files that live outside the repository; spelt in pieces so this file does not cite them itself
+OUTSIDE = re.compile(r"\b(?:" + "DESIGN" + "|" + "PITFALL" + r"S?)\b|/work/" + "shared")
+
+
+def tracked_files(*patterns: str) -> list[Path]:
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", *patterns], cwd=ROOT, capture_output=True,
+                                check=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    return [ROOT / name for name in listed.split("\0") if name]
+
+
+def test_the_docs_exist():
+    assert {p.name for p in DOCS} >= {"measures.md", "pitfalls.md", "activations.md"}
+
+
+def test_no_tracked_file_cites_a_file_outside_the_repository():
+    files = tracked_files("*.py", "*.md", "*.toml", "*.txt", "*.cfg", "*.json", ".ci/*")
+    assert {ROOT / "README.md", ROOT / "repsim" / "metrics.py", ROOT / "pyproject.toml"} <= set(files)
+    offenders = []
+    for path in files:
+        if not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if OUTSIDE.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_the_pattern_catches_the_forms_citations_take():
+    for cited in ("see " + "DESIGN" + ".md §3", "(" + "DESIGN" + " §6)", "PITFALLS" + " 10", "PITFALL" + " 8",
+                  "PITFALLS" + ".md", "(" + "DESIGN" + "/issue)",
+                  "/work/" + "shared/x"):
+        assert OUTSIDE.search(cited), cited
+    for fine in ("docs/pitfalls.md, item 10", "a least-squares design matrix", "docs/measures.md §3"):
+        assert not OUTSIDE.search(fine), fine
+
+
+def _defined_tests(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+CITATION = re.compile(r"(tests/[\w/]+\.py)?::(\w+)")
+
+
+def cited_tests(text: str) -> list[tuple[str, str]]:
+    """(file, test) for every `tests/FILE.py::name`; a bare `::name` refers to the file cited last before it."""
+    found, current = [], None
+    for match in CITATION.finditer(text):
+        current = match.group(1) or current
+        assert current is not None, f"::{match.group(2)} without a file before it"
+        found.append((current, match.group(2)))
+    return found
+
+
+@pytest.mark.parametrize("page", DOCS + [ROOT / "README.md"], ids=lambda p: p.name)
+def test_cited_tests_exist(page):
+    missing = []
+    for file, name in cited_tests(page.read_text(encoding="utf-8")):
+        path = ROOT / file
+        if not path.is_file() or name not in _defined_tests(path):
+            missing.append(f"{file}::{name}")
+    assert missing == []
+
+
+def test_the_citation_parser_follows_bare_names_to_their_file():
+    text = "`tests/a.py::x`, `::y` and `tests/b.py::z`, `::w`"
+    assert cited_tests(text) == [("tests/a.py", "x"), ("tests/a.py", "y"), ("tests/b.py", "z"), ("tests/b.py", "w")]
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", DOCS + [ROOT / "README.md"], ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    broken = [target for target in LINK.findall(page.read_text(encoding="utf-8"))
+              if "://" not in target and not (page.parent / target).exists()]
+    assert broken == []
