@@ -692,8 +692,12 @@ def _parse_layer_token(tok: str) -> list[int]:
                 lo, hi = int(head + a), int(b)
                 if hi < lo:
                     raise ValueError
-                return list(range(lo, hi + 1))
+                from repsim.extract import check_layer_range
+
+                return list(check_layer_range(lo, hi, tok))
         raise ValueError
+    except UserError:
+        raise
     except ValueError:
         raise UserError(f"bad layer spec {tok!r}: use integers, ranges like 0-6, or t:/s: prefixes") from None
 

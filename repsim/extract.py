@@ -396,6 +396,17 @@ def _core(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "base_model", model)
 
 
+#: the longest layer range a selection may spell out (``0-1000000000`` would build a list of 10^9 indices)
+MAX_LAYER_RANGE = 100_000
+
+
+def check_layer_range(lo: int, hi: int, text: str) -> range:
+    """``range(lo, hi + 1)`` for a layer range ``lo-hi``, refused (UserError) beyond :data:`MAX_LAYER_RANGE`."""
+    if hi - lo >= MAX_LAYER_RANGE:
+        raise UserError(f"layer range {text!r} spans {hi - lo + 1} layers; no model has more than {MAX_LAYER_RANGE}")
+    return range(lo, hi + 1)
+
+
 def resolve_layers(layers: Sequence[int] | int | str | None, n_blocks: int | None) -> list[int] | None:
     """Normalise a layer selection to sorted unique indices in 0..L; None means all layers.
 
@@ -414,9 +425,11 @@ def resolve_layers(layers: Sequence[int] | int | str | None, n_blocks: int | Non
             try:
                 if "-" in part[1:]:
                     lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                    items.extend(range(int(lo), int(hi) + 1))
+                    items.extend(check_layer_range(int(lo), int(hi), part))
                 else:
                     items.append(int(part))
+            except UserError:
+                raise
             except ValueError as exc:
                 raise UserError(f"bad layer selection {layers!r}; use e.g. 0,3,6 or 2-4 or all") from exc
     else:

@@ -97,6 +97,8 @@ BAD = [
     ("compare {t} {s} --data {txt} --layers ''", "empty layer spec"),
     ("compare {t} {s} --data {txt} --layers 99", "unknown teacher layer 99"),
     ("compare {t} {s} --data {txt} --layers 3-1", "bad layer spec"),
+    ("compare {t} {s} --data {txt} --layers 0-1000000000", "spans 1000000001 layers"),
+    ("extract {t} --data {txt} --layers 0-1000000000", "spans 1000000001 layers"),
     ("compare {t} {s} --data {txt} --nonsense", "unrecognized arguments"),
     # compare: data files
     ("compare {t} {s} --data {array}", "line 2 is a JSON array, not an object"),
