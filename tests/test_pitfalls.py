@@ -166,3 +166,28 @@ def test_debiased_cka_is_returned_negative_and_undefined_cases_raise_instead_of_
     assert slow_unbiased_hsic(one_hot @ one_hot.T, one_hot @ one_hot.T) == 0.0
     with pytest.raises(UserError, match="not positive"):
         cka(one_hot, rng.standard_normal((4, 2)), estimator="debiased")
+
+
+def test_extraction_adds_no_hooks_and_reads_layers_by_index(tiny_model):
+    """Pitfall 13: hooks left behind change every later forward pass. repsim registers none of its own: it reads
+    ``hidden_states`` by explicit index, so a model passed in comes back with the hooks it had (transformers
+    installs its own output-capturing hooks on the first forward pass that asks for hidden states)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from repsim.extract import extract
+
+    folder = tiny_model("bert")
+    model, tok = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    texts = ["a short text", "a somewhat longer text than that"]
+    with torch.no_grad():
+        hidden = model(**tok(texts[:1], return_tensors="pt"), output_hidden_states=True).hidden_states
+
+    def hooks():
+        return {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()}
+
+    before, weights = hooks(), {k: v.clone() for k, v in model.state_dict().items()}
+    acts = extract((model, tok), texts, pool="mean", cache=False, progress=False)
+    assert hooks() == before
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()) and not model.training
+    for k in (0, model.config.num_hidden_layers):
+        np.testing.assert_allclose(acts[k][0], hidden[k][0].mean(0).numpy(), rtol=1e-5, atol=1e-6)
