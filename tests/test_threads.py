@@ -59,4 +59,4 @@ def test_bad_thread_counts_are_user_errors(bad, restore_threads):
 def test_cli_refuses_zero_threads_in_one_line(capsys, restore_threads):
     assert cli.main(["compare", "--threads", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--threads must be a positive integer" in err
+    assert err.count("\n") == 1 and err.startswith("repsim: error: argument --threads: must be an integer ≥ 1, got 0")
