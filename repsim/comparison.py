@@ -8,18 +8,15 @@ embedding output (the convention of :mod:`repsim.extract`).
 
 A :class:`Comparison` holds one long table (columns ``teacher_layer, student_layer, metric, value, ci_low,
 ci_high, p_value``; ``metric`` is the canonical id with its convention, e.g. ``procrustes[distance]``) and
-provenance (``meta``). ``save(dir)`` writes results.csv, heatmaps, a best-match plot and report.json
-atomically: everything is written into a temporary folder beside ``dir`` first and only then moved in,
-so a failure leaves a previous run's files as they were.
+provenance (``meta``). ``save(dir)`` writes results.csv, heatmaps, a best-match plot and report.json as one
+set (:mod:`repsim.outputs`): a reader, or a run killed midway, sees the previous set or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -410,15 +407,17 @@ class Comparison:
     def save(self, out: str | Path) -> Path:
         """Write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg and report.json into ``out``.
 
-        Atomic per run: all files are written into a temporary folder beside ``out`` and moved in only
-        when all of them succeeded; on failure ``out`` keeps whatever a previous run left there.
+        The set is replaced as a whole (:func:`repsim.outputs.replace_folder`): ``out`` shows either the previous
+        run's set or this one, never a mix, also when the process is killed; a failure leaves it untouched.
+        Other files in ``out`` are kept; files of a previous set that this one does not write (the heatmap of a
+        metric not computed now) go.
         """
+        from repsim.outputs import is_output_file, replace_folder
         from repsim.plot import save_figures
 
         out = check_out_dir(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+
+        def fill(tmp: Path) -> None:
             t0 = time.perf_counter()
             self.table.to_csv(tmp / "results.csv", index=False, float_format="%.10g")
             save_figures(self.table, tmp, **self.figure_labels())
@@ -426,12 +425,9 @@ class Comparison:
                 self.save_curve(tmp)
             self.meta.setdefault("timings", {})["plots"] = time.perf_counter() - t0
             (tmp / "report.json").write_text(json.dumps(_jsonable(self.meta), indent=2) + "\n")
-            out.mkdir(exist_ok=True)
-            for f in sorted(tmp.iterdir()):
-                os.replace(f, out / f.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
+
+        with naming_path(out):
+            return replace_folder(out, fill, is_output_file)
 
 
 MAX_REPLICATES = 100_000
@@ -1038,6 +1034,7 @@ def format_timings(timings: dict[str, float]) -> str:
 
 def run_plot_cli(args: Any) -> int:
     """The `repsim plot RESULTS.csv` command: redraw the figures from the file alone."""
+    from repsim.outputs import is_figure_file, replace_folder
     from repsim.plot import save_figures
 
     comp = Comparison.from_csv(args.results)
@@ -1045,14 +1042,12 @@ def run_plot_cli(args: Any) -> int:
         print(f"repsim: no report.json beside {args.results}: model names and the number of texts are unknown; "
               "axes say only 'teacher layer' / 'student layer'", file=sys.stderr)
     out = check_out_dir(args.out or Path(args.results).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
-    try:
-        with naming_path(out):
-            files = save_figures(comp.table, tmp, **comp.figure_labels())
-        for f in files:
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    files: list[Path] = []
+
+    def fill(tmp: Path) -> None:
+        files.extend(save_figures(comp.table, tmp, **comp.figure_labels()))
+
+    with naming_path(out):
+        replace_folder(out, fill, is_figure_file)  # the figures as one set; results.csv and other files stay
     print(f"wrote {len(files)} figures to {out}")
     return 0
