@@ -845,15 +845,19 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
 
     meta: dict[str, Any] = {
         "teacher": {**t_info, "width": t_act.width, "layers": list(t_act.layers),
-                    "revision": t_act.meta.get("revision", t_info.get("revision")), "activations": t_act.meta},
+                    "revision": t_act.meta.get("revision", t_info.get("revision")),
+                    "built_with": t_act.meta.get("built_with"), "activations": t_act.meta},
         "student": {**s_info, "width": s_act.width, "layers": list(s_act.layers),
-                    "revision": s_act.meta.get("revision", s_info.get("revision")), "activations": s_act.meta},
+                    "revision": s_act.meta.get("revision", s_info.get("revision")),
+                    "built_with": s_act.meta.get("built_with"), "activations": s_act.meta},
         "data": {"spec": str(data) if not isinstance(data, TextData) else texts.name, "name": texts.name,
                  "source": texts.source, "offline_fallback": bool(getattr(texts, "offline_fallback", False)),
                  "fingerprint": texts.fingerprint, "n_texts": len(texts.texts),
                  "n_dropped": getattr(texts, "n_dropped", 0), "max_samples": max_samples},
         "pooling": pool, "max_length": max_length, "batch_size": batch_size, "device": device,
-        "cache": cache, "versions": _versions(), "timings": timings, "warnings": [],
+        "cache": cache, "versions": _versions(), "timings": timings,
+        "warnings": [w for w in (_built_otherwise("teacher", t_act.meta, batch_size, device),
+                                 _built_otherwise("student", s_act.meta, batch_size, device)) if w],
     }
     comp = Comparison.from_layers([t_act[k] for k in t_act.layers], [s_act[k] for k in s_act.layers], ids,
                                   teacher_layer_ids=list(t_act.layers), student_layer_ids=list(s_act.layers),
@@ -952,6 +956,22 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
         with naming_path(out):
             comp.save(out)
     return comp
+
+
+def _built_otherwise(side: str, act_meta: dict, batch_size: int, device: str) -> str | None:
+    """A note when cached activations were built with another batch size or device than this run asks: values
+    then match a fresh build only to float32 rounding, not bitwise (the cache key leaves both out)."""
+    built = act_meta.get("built_with") or {}
+    if not act_meta.get("cache_hit") or not built:
+        return None
+    asked = {"batch size": int(batch_size), "device": str(device)}
+    had = {"batch size": built.get("batch_size"), "device": str(built.get("device", "")).split(":")[0]}
+    differ = [k for k in asked if had[k] is not None and str(had[k]) != str(asked[k]).split(":")[0]]
+    if not differ:
+        return None
+    return (f"{side} activations come from the cache, built with {', '.join(f'{k} {had[k]}' for k in differ)} "
+            f"(this run: {', '.join(f'{k} {asked[k]}' for k in differ)}); they equal a fresh build to float32 "
+            "rounding, not bitwise")
 
 
 def _versions() -> dict[str, str]:

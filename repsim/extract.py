@@ -688,6 +688,12 @@ def extract(
         "dtype": dtype_name(torch_dtype), "accumulate": accumulate, "storage_dtype": "float32",
         "batch_size": int(batch_size), "sort_by_length": bool(sort_by_length),
         "transformers": _transformers_version(),
+        # how the features were computed, beyond the cache key: a cache hit reports the build's values
+        "built_with": {"batch_size": int(batch_size), "sort_by_length": bool(sort_by_length),
+                       "dtype": dtype_name(torch_dtype), "accumulate": accumulate, "storage_dtype": "float32",
+                       "device": str(dev) if device_map is None else f"device_map={device_map}",
+                       "world_size": dist_info()[1], "torch": torch.__version__,
+                       "transformers": _transformers_version()},
     }
     t_prepare = time.perf_counter() - t0
     load_s = [0.0]

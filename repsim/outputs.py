@@ -29,7 +29,7 @@ from pathlib import Path
 
 from repsim.errors import UserError
 
-_OUTPUT_FILE = re.compile(r"results\.csv|report\.json|report\.html|(heatmap_.+|best_match)\.(png|svg|pdf)")
+_OUTPUT_FILE = re.compile(r"(results|curve)\.csv|report\.(json|html)|(heatmap_.+|best_match|curve)\.(png|svg|pdf)")
 _FIGURE_FILE = re.compile(r"(heatmap_.+|best_match)\.(png|svg|pdf)")
 
 

@@ -16,10 +16,15 @@ Life of an entry:
   (crash, ``kill -9``) resumes from the last complete chunk; the result is bitwise equal to an uninterrupted
   run because the batches are the same. Rank 0 then assembles the layer arrays in input order, writes the
   manifest and renames the folder into place (atomic).
-* **open**: shapes and dtypes are always checked against the manifest; checksums are verified on the first
+* **open**: the manifest is checked on every open (its own sha256, a strict schema: the arrays it lists are
+  exactly those of its layers with the shapes its widths and row count give, its key fields hash to the folder
+  name and equal those asked), and so are the array headers; checksums of the arrays are verified on the first
   open of an entry in each process (``verify=None``), always with ``verify=True`` or
-  ``repsim cache info --verify``. Hashing runs at disk speed (~1 GB/s), cheap next to extraction.
-  A damaged entry is reported with a warning, removed and rebuilt; it is never silently used.
+  ``repsim cache info --verify``. A damaged entry is reported with one warning line, removed and rebuilt; it is
+  never silently used. The manifest records ``built_with`` (batch size, dtypes, device, versions): values that
+  the key leaves out because they change only the float32 rounding.
+* **remove**: renamed aside to ``<key>.trash-<pid>-<ns>`` and deleted under the entry's lock (``rm KEY`` waits
+  for a build, ``rm --all`` and ``prune`` skip locked entries); trash of dead processes is reclaimed by listings.
 """
 
 from __future__ import annotations

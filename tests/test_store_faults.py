@@ -278,3 +278,34 @@ def test_mtime_in_the_future_reads_as_just_used(tiny_model):
     (entry,) = Store().entries()
     assert "used    0.0 h ago" in entry.row()
     assert Store().prune(older_than_days=0.5) == []  # not "old"
+
+
+# ------------------------------------------------------------------------------------ reproducibility
+
+
+def test_batch_size_and_dtype_of_a_build_are_recorded_and_reported(tiny_model, tmp_path, capsys):
+    """The key leaves the batch size out: an entry serves any batch size, bitwise as it was built, and says how it
+    was built (manifest, activations meta, report.json, one warning line in the summary)."""
+    teacher, student = str(tiny_model("bert")), str(tiny_model("bert", seed=1))
+    texts = _texts(23, seed=7)
+    built = extract(teacher, texts, batch_size=3, progress=False)
+    manifest = json.loads((Path(built.meta["path"]) / "manifest.json").read_text())
+    assert manifest["built_with"]["batch_size"] == 3 and manifest["built_with"]["dtype"] == "float32"
+    assert manifest["built_with"]["device"] == "cpu" and manifest["built_with"]["world_size"] == 1
+    served = extract(teacher, texts, batch_size=8, progress=False)
+    assert served.meta["cache_hit"] and served.meta["built_with"]["batch_size"] == 3
+    np.testing.assert_array_equal(served.stack(), built.stack())  # what was built, not what batch 8 would give
+    fresh = extract(teacher, texts, batch_size=8, cache=False, progress=False)
+    assert fresh.meta["built_with"]["batch_size"] == 8
+    np.testing.assert_allclose(fresh.stack(), built.stack(), rtol=1e-5, atol=1e-6)  # equal to float32 rounding
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(texts) + "\n")
+    assert main(["compare", teacher, student, "--data", str(data), "--batch-size", "8", "--metrics", "cka",
+                 "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["batch_size"] == 8
+    assert report["teacher"]["built_with"]["batch_size"] == 3 and report["student"]["built_with"]["batch_size"] == 8
+    (warning,) = [w for w in report["warnings"] if "activations come from the cache" in w]
+    assert warning.startswith("teacher activations") and "batch size 3" in warning and "batch size 8" in warning
+    assert f"warning: {warning}" in said
