@@ -66,7 +66,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one we may not signal counts as existing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,7 +77,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a folder tree, a file or a link (not what a link points to); a missing path is fine."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -100,15 +102,15 @@ def reclaim_stale(out: Path, ours: Callable[[str], bool]) -> list[Path]:
     with contextlib.suppress(OSError):
         for path in out.parent.iterdir():
             m = _STAGING.fullmatch(path.name)
-            if m and m["name"] == out.name and not _pid_alive(int(m["pid"])):
+            if m and m["name"] == out.name and not pid_alive(int(m["pid"])):
                 if path.is_dir():
                     _give_back(path, out, ours)
-                _remove(path)
+                remove_path(path)
                 removed.append(path)
                 continue
             m = _LEGACY.fullmatch(path.name)
             if m and m["name"] == out.name and now - path.stat().st_mtime > _LEGACY_AGE_S:
-                _remove(path)
+                remove_path(path)
                 removed.append(path)
     return removed
 
@@ -160,11 +162,11 @@ def replace_folder(out: str | Path, fill: Callable[[Path], object], ours: Callab
                 os.replace(staging / name, out / name)
             for entry in sorted(out.iterdir()):
                 if ours(entry.name) and entry.name not in new:
-                    _remove(entry)
+                    remove_path(entry)
             return out
         _give_back(staging, out, ours)  # now the previous set: its folders, and files added meanwhile, go back
-        _remove(staging)
+        remove_path(staging)
     finally:
         if not swapped and staging.exists():
-            _remove(staging)
+            remove_path(staging)
     return out

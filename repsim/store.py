@@ -47,6 +47,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from repsim.errors import UserError, naming_path
+from repsim.outputs import pid_alive, remove_path
 
 FORMAT_VERSION = 1  # part of the entry key: a change of layout gives new keys
 MANIFEST_FORMAT = 2  # 2: the manifest carries its own checksum and ``built_with``; older manifests are rebuilt
@@ -159,25 +160,7 @@ def _rmtree(path: Path) -> None:
         return
     trash = path.with_name(f"{path.name}.trash-{os.getpid()}-{time.time_ns()}")
     os.rename(path, trash)
-    _delete(trash)
-
-
-def _delete(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+    remove_path(trash)
 
 
 def reclaim_trash(root: Path) -> int:
@@ -186,9 +169,9 @@ def reclaim_trash(root: Path) -> int:
     with contextlib.suppress(OSError):
         for path in Path(root).iterdir():
             m = re.search(r"\.trash-(\d+)-\d+$", path.name)
-            if m and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            if m and (int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
                 freed += _dir_size(path) if path.is_dir() else 0
-                _delete(path)
+                remove_path(path)
     return freed
 
 

@@ -40,7 +40,7 @@ _SAVER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
         for name in ("rename", "replace"):
             setattr(os, name, crashing(getattr(os, name)))
-        for name in ("_carry", "_exchange", "_give_back", "_remove"):  # each step of the replacement
+        for name in ("_carry", "_exchange", "_give_back", "remove_path"):  # each step of the replacement
             setattr(outputs, name, crashing(getattr(outputs, name)))
 
     outputs.replace_folder(out, fill, outputs.is_output_file)
