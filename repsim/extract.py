@@ -752,7 +752,8 @@ def subset_of(superset: Activations, layers: Sequence[int], rows: np.ndarray | N
 
     ``meta`` is this request's own description (texts, counts); the arrays keep the superset's build facts
     (batch size, final norm). Row subsets are copied into memory; layer subsets stay memory-mapped."""
-    sub_meta = {**superset.meta, **{k: v for k, v in meta.items() if k not in ("batch_size", "sort_by_length")},
+    own = {k: v for k, v in meta.items() if k not in ("batch_size", "sort_by_length", "built_with")}
+    sub_meta = {**superset.meta, **own,
                 "layers": list(layers), "cache_hit": True, "subset_of": superset.meta.get("key")}
     if rows is None:
         return Activations(list(layers), {k: superset.arrays[k] for k in layers}, sub_meta, superset.offsets,

@@ -302,10 +302,10 @@ def test_batch_size_and_dtype_of_a_build_are_recorded_and_reported(tiny_model, t
     data.write_text("\n".join(texts) + "\n")
     assert main(["compare", teacher, student, "--data", str(data), "--batch-size", "8", "--metrics", "cka",
                  "--out", str(tmp_path / "out")]) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["batch_size"] == 8
     assert report["teacher"]["built_with"]["batch_size"] == 3 and report["student"]["built_with"]["batch_size"] == 8
     (warning,) = [w for w in report["warnings"] if "activations come from the cache" in w]
     assert warning.startswith("teacher activations") and "batch size 3" in warning and "batch size 8" in warning
-    assert f"warning: {warning}" in said
+    assert f"warning: {warning}" in said.out + said.err
