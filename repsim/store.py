@@ -449,19 +449,26 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
     chunks = _chunks(mine, max(1, int(chunk_size)))
     total_rows = sum(_batch_rows(b, lengths, tokens) for b in mine)
     prog_path = shard / "progress.json"
-    prog = _read_json(prog_path) if prog_path.is_file() else {"chunks_done": 0, "rows_done": 0, "widths": None}
     arrays: dict[int, np.ndarray] = {}
     token_ids: np.ndarray | None = None
+    try:
+        prog = _read_json(prog_path) if os.path.lexists(prog_path) else {"chunks_done": 0, "rows_done": 0,
+                                                                          "widths": None}
+        if prog["widths"] is not None:
+            for k, w in prog["widths"].items():
+                arrays[int(k)] = np.lib.format.open_memmap(shard / _layer_file(int(k)), mode="r+")
+                if arrays[int(k)].shape != (total_rows, w):
+                    raise DamagedEntry(f"shard file {_layer_file(int(k))} has the wrong shape")
+            if tokens:
+                token_ids = np.lib.format.open_memmap(shard / "token_ids.npy", mode="r+")
+        resumed = int(prog["chunks_done"])
+        cursor = int(prog["rows_done"])
+        if not 0 <= resumed <= len(chunks):
+            raise DamagedEntry(f"progress.json counts {resumed} of {len(chunks)} chunks")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DamagedEntry(f"shard {rank}: {type(exc).__name__}: {exc}") from exc
     if prog["widths"] is not None:
         runner.layers = [int(k) for k in prog["widths"]]
-        for k, w in prog["widths"].items():
-            arrays[int(k)] = np.lib.format.open_memmap(shard / _layer_file(int(k)), mode="r+")
-            if arrays[int(k)].shape != (total_rows, w):
-                raise DamagedEntry(f"shard file {_layer_file(int(k))} has the wrong shape")
-        if tokens:
-            token_ids = np.lib.format.open_memmap(shard / "token_ids.npy", mode="r+")
-    resumed = int(prog["chunks_done"])
-    cursor = int(prog["rows_done"])
     todo = [j for c in chunks[resumed:] for j in c]
     chunk_end = {c[-1]: i + 1 for i, c in enumerate(chunks)}
     done_texts = sum(len(mine[j]) for c in chunks[:resumed] for j in c)
@@ -670,11 +677,23 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_run
         runner_box: list[Any] = []
 
         def runner_factory() -> Any:
-            runner_box.append(make_runner())
+            if not runner_box:
+                runner_box.append(make_runner())
             return runner_box[0]
 
-        resumed = _build_shard(partial, rank, world, texts, lengths, runner_factory, batches, chunk_size=chunk_size,
-                               progress=progress and rank == 0, on_batch=on_batch, desc=desc)
+        def build_shard() -> int:
+            return _build_shard(partial, rank, world, texts, lengths, runner_factory, batches, chunk_size=chunk_size,
+                                progress=progress and rank == 0, on_batch=on_batch, desc=desc)
+
+        try:
+            resumed = build_shard()
+        except DamagedEntry as exc:
+            if world > 1:
+                raise
+            warnings.warn(f"unfinished build {partial.name} is damaged ({exc}); starting it over", stacklevel=3)
+            _rmtree(partial)
+            _prepare_partial(partial, _plan_record(meta, world, chunk_size))
+            resumed = build_shard()
         runner = runner_box[0]
         forward_s = time.perf_counter() - t1
         if world > 1:

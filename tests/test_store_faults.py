@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from filelock import FileLock
-from test_store import _texts, _worker
+from test_store import _stop_after, _texts, _worker
 
 from repsim import assets, store
 from repsim.cli import main
@@ -309,3 +309,40 @@ def test_batch_size_and_dtype_of_a_build_are_recorded_and_reported(tiny_model, t
     (warning,) = [w for w in report["warnings"] if "activations come from the cache" in w]
     assert warning.startswith("teacher activations") and "batch size 3" in warning and "batch size 8" in warning
     assert f"warning: {warning}" in said.out + said.err
+
+
+@pytest.mark.parametrize("damage", ["progress not JSON", "shard file truncated", "shard file a folder"])
+def test_damaged_unfinished_build_starts_over(tiny_model, damage):
+    folder = str(tiny_model("bert"))
+    texts = _texts(16, seed=9)
+    with pytest.raises(KeyboardInterrupt):
+        extract(folder, texts, batch_size=4, chunk_size=4, progress=False, on_batch=_stop_after(2))
+    (shard,) = _root().glob("*.partial/shard-000")
+    if damage == "progress not JSON":
+        (shard / "progress.json").write_text('{"chunks_done": ')
+    elif damage == "shard file truncated":
+        (shard / "layer_001.npy").write_bytes((shard / "layer_001.npy").read_bytes()[:100])
+    else:
+        (shard / "layer_001.npy").unlink()
+        (shard / "layer_001.npy").mkdir()
+    with pytest.warns(UserWarning, match=r"unfinished build .*\.partial is damaged .*; starting it over"):
+        acts = extract(folder, texts, batch_size=4, chunk_size=4, progress=False)
+    assert acts.meta["resumed_chunks"] == 0 and verify_entry(Path(acts.meta["path"])) == []
+    ref = extract(folder, texts, batch_size=4, cache=False, progress=False)
+    np.testing.assert_array_equal(acts.stack(), ref.stack())
+
+
+def test_cli_says_a_damaged_entry_is_rebuilt_on_one_line(tiny_model, tmp_path):
+    folder = str(tiny_model("bert"))
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(_texts(5)) + "\n")
+    run = lambda: subprocess.run([sys.executable, "-m", "repsim", "extract", folder, "--data", str(data),  # noqa: E731
+                                  "--quiet"], capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert run().returncode == 0
+    (entry,) = [p for p in _root().iterdir() if p.is_dir()]
+    (entry / "manifest.json").write_text("{")
+    res = run()
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines == [f"repsim: warning: activation cache entry {entry.name} is damaged (manifest.json unreadable: "
+                     "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)); rebuilding it"]
