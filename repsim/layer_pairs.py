@@ -94,8 +94,8 @@ def _as_layers(layers: Any, name: str) -> list[Any]:
     return out
 
 
-def _centre(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
-            exponent: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _centre_rows(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
+                 exponent: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(X·2^−exponent − 1μᵀ in ``dtype``, n‖μ‖²), μ accumulated in ``dtype``, written into ``out`` when given (no
     temporary). The power-of-two factor is exact (see repsim.arrays)."""
     n = x.shape[0]
@@ -129,12 +129,23 @@ def _unit_scale(xc: torch.Tensor, centred_sq: torch.Tensor, offset_sq: torch.Ten
 
 def _prepare_layer(x: torch.Tensor, name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """X̃ = X_c/‖X_c‖_F (centred, unit Frobenius norm) in ``dtype``, for data anywhere in the float range."""
-    xc, offset = _centre(x, dtype)
+    xc, offset = _centre_rows(x, dtype)
     if _unit_scale(xc, torch.linalg.vector_norm(xc) ** 2, offset, x, name, rescaled=False):
         return xc
-    xc, offset = _centre(x, dtype, exponent=_exponent(x, name))
+    xc, offset = _centre_rows(x, dtype, exponent=_exponent(x, name))
     _unit_scale(xc, torch.linalg.vector_norm(xc) ** 2, offset, x, name, rescaled=True)
     return xc
+
+
+def _gather_rows(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, exponent: int = 0) -> None:
+    """out = x[rows]·2^−exponent (in out's dtype), a block of rows at a time: no full-size temporary."""
+    step = max(1, (1 << 22) // max(1, x.shape[1]))
+    for lo in range(0, rows.shape[0], step):
+        block = x.index_select(0, rows[lo:lo + step])
+        if exponent:
+            scale_by_power_of_two(block, -exponent, out=out[lo:lo + step])
+        else:
+            out[lo:lo + step].copy_(block)
 
 
 def _exponent(x: torch.Tensor, name: str) -> int:
@@ -146,7 +157,8 @@ def _exponent(x: torch.Tensor, name: str) -> int:
 
 
 def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, device: torch.device, *,
-                  singular: str = "none", gram: bool = True, row_sq: bool = False) -> _Side:
+                  singular: str = "none", gram: bool = True, row_sq: bool = False,
+                  rows: torch.Tensor | None = None) -> _Side:
     """Factors of one side, each layer centred and scaled in place in its slice of one (n, Σ r) buffer.
 
     ``singular`` (what the in-sample projection residual needs of the student): "none"; "rotate": express each
@@ -154,6 +166,8 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
     C_ts v_k; "basis": keep F = X̃ and record V (the residual is then read off the pair's CᵀC, see
     ``_uniform_pairs``), except for layers whose Gram is too ill-conditioned for its eigenvectors (rotated from an
     SVD instead). ``gram``: compute ‖X̃ᵀX̃‖²_F (else NaN); ``row_sq``: squared row norms (debiased CKA).
+    ``rows``: store the rows in this order (the held-out residual's folds as contiguous blocks; every other linear
+    metric is unchanged by a common row permutation), gathered block by block into the buffer (no layer copy).
     Where the width × width Gram G = X_cᵀX_c is formed, ‖X_c‖²_F is read off as tr G (no extra pass).
     On a CPU with several torch threads the layers are prepared concurrently, one thread each
     (``_layer_parallel``): centring is memory bound and ``syrk``/``syevd`` scale poorly with BLAS threads.
@@ -169,17 +183,26 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
         label = f"{name} layer {i}"
         out = factors[:, starts[i]:starts[i + 1]]
         s = v = None
+
+        def centred(src: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None, exponent: int = 0):
+            if rows is None or out is None:
+                return _centre_rows(src, dtype, out=out, exponent=exponent)
+            _gather_rows(src, rows, out, exponent)  # out = X[rows]·2^−exponent in ``dtype``
+            return _centre_rows(out, dtype, out=out)
+
+        if rows is not None and x.shape[1] > n:  # few rows: a copy in the new order is small
+            x = x.index_select(0, rows)
         if x.shape[1] > n:  # dual: F = U S, n columns (already the rotated form)
             xp = _prepare_layer(x, label, dtype=dtype)
             u, s, _ = torch.linalg.svd(xp, full_matrices=False)
             out.copy_(u * s)
             g_sq = (s ** 4).sum()
         elif singular != "none" or gram:
-            xp, offset = _centre(x, dtype, out=out)
+            xp, offset = centred(x, dtype, out=out)
             g = _column_gram(xp)
             total = torch.diagonal(g).sum()
             if not _unit_scale(xp, total, offset, x, label, rescaled=False):  # outside the safe range: redo
-                xp, offset = _centre(x, dtype, out=out, exponent=_exponent(x, label))
+                xp, offset = centred(x, dtype, out=out, exponent=_exponent(x, label))
                 g = _column_gram(xp)
                 total = torch.diagonal(g).sum()
                 _unit_scale(xp, total, offset, x, label, rescaled=True)
@@ -191,9 +214,9 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
                     v = None
             g_sq = torch.linalg.matrix_norm(g) ** 2
         else:
-            xp, offset = _centre(x, dtype, out=out)
+            xp, offset = centred(x, dtype, out=out)
             if not _unit_scale(xp, torch.linalg.vector_norm(xp) ** 2, offset, x, label, rescaled=False):
-                xp, offset = _centre(x, dtype, out=out, exponent=_exponent(x, label))
+                xp, offset = centred(x, dtype, out=out, exponent=_exponent(x, label))
                 _unit_scale(xp, torch.linalg.vector_norm(xp) ** 2, offset, x, label, rescaled=True)
             g_sq = torch.tensor(float("nan"), dtype=dtype)
         return g_sq, (xp * xp).sum(dim=1) if row_sq else None, s, v
@@ -538,11 +561,19 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
     # in-sample residual: read off each pair's CᵀC when the Procrustes pass forms it (uniform, r ≥ q), else rotate
     gram_formed = uniform_pairs and ranks_t[0] >= ranks_s[0] and "procrustes" in families
     singular = "none" if not in_sample else ("basis" if gram_formed else "rotate")
-    dual = bool(held_out) and _dual_held_out_fits(n, ranks_t, ranks_s, [int(dict(s.kwargs)["folds"])
-                                                                         for s in held_out], device)
-    teacher = _prepare_side(t_in, "teacher", dtype, device, gram=need_gram and not dual, row_sq=need_debiased)
+    fold_counts = [int(dict(s.kwargs)["folds"]) for s in held_out]
+    dual = bool(held_out) and _dual_held_out_fits(n, ranks_t, ranks_s, fold_counts, device)
+    rows = order = None
+    if held_out and not dual:  # the primal form: student factors in their singular basis, rows in fold order
+        from repsim.metrics import fold_assignment
+
+        singular = "rotate"
+        order = np.argsort(fold_assignment(n, fold_counts[0], 0), kind="stable")
+        rows = torch.as_tensor(order, device=device)
+    teacher = _prepare_side(t_in, "teacher", dtype, device, gram=need_gram and not dual, row_sq=need_debiased,
+                            rows=rows)
     student = _prepare_side(s_in, "student", dtype, device, singular=singular, gram=need_gram,
-                            row_sq=need_debiased)
+                            row_sq=need_debiased, rows=rows)
     lt, ls = len(t_in), len(s_in)
     held: dict[str, torch.Tensor] = {}
     if dual:
@@ -600,9 +631,14 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
             out[spec.id] = hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
         elif spec.id in explained:
             out[spec.id] = _clamp_rounding(1.0 - explained[spec.id], 0.0, 1.0, "projection residual")
-        elif spec in held_out:  # the n × n form computed above, else the fold-by-fold fits
-            out[spec.id] = held[spec.id] if spec.id in held else _held_out_residual(
-                teacher, student, int(kw["folds"]), float(kw.get("ridge") or 0.0), device)
+        elif spec in held_out:  # the n × n form computed above, else the primal form on fold-ordered rows
+            if spec.id not in held:
+                from repsim.metrics import fold_assignment
+
+                held[spec.id] = _held_out_residual(
+                    teacher, student, _Folds(fold_assignment(n, int(kw["folds"]), 0)[order], device),
+                    float(kw.get("ridge") or 0.0), device, margin=1e3 if tol <= 1e-9 else 1.0)
+            out[spec.id] = held[spec.id]
         else:
             raise UserError(f"metric {spec.id!r} has no batched linear form")
     return {k: v.detach().cpu().double().numpy() for k, v in out.items()}
@@ -658,46 +694,199 @@ def _mixed_pairs(block: torch.Tensor, ranks_t: list[int], ranks_s: list[int], or
                 explained[sid][t0 + i, s0 + j] = col_sq @ w[s0 + j]
 
 
-def _held_out_residual(teacher: _Side, student: _Side, folds: int, ridge: float,
-                       device: torch.device) -> torch.Tensor:
-    """k-fold held-out residual exactly as ``repsim.metrics.projection_residual(folds=k)``, fold by fold.
+class _Folds:
+    """The held-out residual's folds on the stored rows: fold k's test rows are the block ``bounds[k]:bounds[k+1]``
+    when the rows are stored in fold order (``contiguous``), else the index list ``members[k]``."""
 
-    Per fold and student layer one thin SVD of the re-centred training rows (Ỹ_tr − μ_Y = U S Vᵀ); then for all
-    teacher layers at once W·(teacher) is applied as Z·P with P = Uᵀ(X̃_tr − μ_X) and Z = (Ỹ_te − μ_Y) V diag(g),
-    and the held-out error ‖X̃_te − μ_X − ZP‖²_F is summed per teacher layer. Working on the factors is exact: they
-    differ from X̃, Ỹ by orthogonal maps on the row spaces, which leave predictions and residual norms unchanged.
-    Folds run one thread each on a CPU. Returns (Lt, Ls).
+    def __init__(self, fold_of_row: np.ndarray, device: torch.device):
+        self.k = int(fold_of_row.max()) + 1
+        self.n = fold_of_row.shape[0]
+        self.sizes = np.bincount(fold_of_row, minlength=self.k).tolist()
+        self.contiguous = bool(np.all(np.diff(fold_of_row) >= 0))
+        self.bounds = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        self.members = None if self.contiguous else [
+            torch.as_tensor(np.flatnonzero(fold_of_row == f), device=device) for f in range(self.k)]
+
+    def test(self, m: torch.Tensor, fold: int) -> torch.Tensor:
+        """Fold ``fold``'s rows of ``m``: a view for contiguous folds, else a gathered copy."""
+        if self.contiguous:
+            return m[self.bounds[fold]:self.bounds[fold + 1]]
+        return m.index_select(0, self.members[fold])
+
+    def train(self, m: torch.Tensor, fold: int) -> torch.Tensor:
+        """The other folds' rows of ``m`` (a copy: used only for one student layer's fold-by-fold fallback)."""
+        keep = torch.ones(self.n, dtype=torch.bool, device=m.device)
+        if self.contiguous:
+            keep[self.bounds[fold]:self.bounds[fold + 1]] = False
+        else:
+            keep[self.members[fold]] = False
+        return m[keep]
+
+
+def _held_out_residual(teacher: _Side, student: _Side, folds: _Folds, ridge: float, device: torch.device,
+                       margin: float = 1e3) -> torch.Tensor:
+    """k-fold held-out residual of all pairs, exactly as ``repsim.metrics.projection_residual(folds=k)``, from
+    per-fold sums of the full-data factors (no training-row copies). Returns (Lt, Ls).
+
+    Student layer j's factor is G = U diag(s) (rotated, see ``_prepare_side``), so U = G diag(1/s) column by
+    column, exactly. In U's coordinates the training fit of fold k, with an intercept (train rows re-centred by
+    their means; the full data are centred, so a training mean is −(test sum)/n_tr), needs only
+        M_k = I − U_TᵀU_T − s_U s_Uᵀ/n_tr   (the centred training Gram of U; + λ diag(1/s²) with a ridge λ),
+        D_k = (UᵀF − U_TᵀF_T) − s_U s_Fᵀ/n_tr   (the centred training cross-product with the teacher factors F),
+    with s_U, s_F the test-row sums: W = M_k⁻¹D_k is the fit in U's coordinates (the ridge penalty λ‖·‖² on the
+    unit-norm data becomes λ diag(1/s²) there). U_TᵀF_T is one GEMM over the fold's test rows, and UᵀF = Σ_k of
+    them, so all folds together cost one n × r × Σp product per student layer, the size of the linear metrics'
+    cross products. The test error per teacher column is ‖A − BW‖² with A = F_T + 1s_Fᵀ/n_tr, B = U_T + 1s_Uᵀ/n_tr,
+    expanded as ‖A‖² − 2⟨BᵀA, W⟩ + ⟨W, BᵀBW⟩; a teacher layer whose error is below 1e-2·‖A‖² (digits lost to
+    cancellation) is recomputed from the rows, E = A − BW.
+
+    Working in U's coordinates is what the fold-by-fold SVDs compute, provided every training fit keeps the same
+    directions: λ = 0 keeps U's columns with s above 10⁻³ × numpy's lstsq cutoff (eps·max(n − min fold, q)·s_max)
+    and requires, as the n × n form does, s_min²·λ_min(M_k) > (margin·cutoff_k)² and λ_min(M_k) ≥
+    MIN_LEAVE_OUT_EIGENVALUE (so M_k is well conditioned). A student layer failing that is fitted fold by fold
+    from the SVD of its training rows (one layer's rows at a time; the teacher enters only through UᵀF sums).
     """
-    from repsim.metrics import fold_assignment
-
     n = teacher.factors.shape[0]
-    fold_of_row = torch.as_tensor(fold_assignment(n, folds, 0), device=device)
-    lt = len(teacher.ranks)
-    ls = len(student.ranks)
+    dtype = teacher.factors.dtype
+    eps = torch.finfo(dtype).eps
+    lt, ls, k = len(teacher.ranks), len(student.ranks), folds.k
     seg_t = teacher.segments(0, lt)
+    F = teacher.factors
+    # per-fold teacher sums and squared column norms over the test rows (k × Σp each), a column block at a time
+    f_sum = torch.empty(k, F.shape[1], dtype=dtype, device=device)
+    f_sq = torch.empty_like(f_sum)
+    for f in range(k):
+        for lo in range(0, F.shape[1], 1024):
+            block = folds.test(F[:, lo:lo + 1024], f)
+            f_sum[f, lo:lo + 1024] = block.sum(dim=0)
+            f_sq[f, lo:lo + 1024] = block.square().sum(dim=0)
+    out = torch.zeros(lt, ls, dtype=dtype, device=device)
+    workers = min(torch.get_num_threads(), ls) if device.type == "cpu" else 1
+    budget = _memory_budget(device) // max(1, workers)
 
-    def one(fold: int) -> torch.Tensor:
-        out = torch.zeros(lt, ls, dtype=teacher.factors.dtype, device=device)
-        test = fold_of_row == fold
-        x_tr, x_te = teacher.factors[~test], teacher.factors[test]
-        mu_x = x_tr.mean(dim=0)
-        x_te_c = x_te - mu_x
-        ones_tr = torch.ones(x_tr.shape[0], dtype=x_tr.dtype, device=device)
-        for j in range(ls):
-            b0, b1 = student.layer_slice(j, j + 1)
-            y_tr, y_te = student.factors[~test, b0:b1], student.factors[test, b0:b1]
+    def chunks(r: int) -> list[tuple[int, int]]:
+        """Teacher layer ranges whose working matrices (k + 7 of r × width) fit one worker's budget."""
+        per_col = 8 * r * (k + 7) + 8 * max(folds.sizes) * (0 if folds.contiguous else 1)
+        out_ranges, lo = [], 0
+        while lo < lt:
+            hi = lo + 1
+            while hi < lt and per_col * (teacher.layer_slice(lo, hi + 1)[1] - teacher.layer_slice(lo, hi + 1)[0]) \
+                    <= budget:
+                hi += 1
+            out_ranges.append((lo, hi))
+            lo = hi
+        return out_ranges
+
+    def certified(j: int):
+        """(kept columns, s, [per fold: (U_T, s_U, M_k factor)]) or None where the certificate fails."""
+        b0, b1 = student.layer_slice(j, j + 1)
+        s = student.singular[j].to(device)
+        q = student.widths[j]
+        cutoff = eps * max(n - min(folds.sizes), q) * float(s.max())
+        kept = s > 1e-3 * cutoff  # below: rounding noise of the factor (a ridge gives them weight ≤ s²/λ ≈ 0)
+        if not bool(kept.any()):
+            return None
+        idx = torch.nonzero(kept).flatten()
+        sk = s[idx]
+        per_fold = []
+        for f in range(k):
+            n_k = folds.sizes[f]
+            n_tr = n - n_k
+            u_t = folds.test(student.factors[:, b0:b1], f).index_select(1, idx) / sk
+            s_u = u_t.sum(dim=0)
+            m = torch.eye(len(idx), dtype=dtype, device=device) - u_t.T @ u_t - torch.outer(s_u, s_u) / n_tr
+            mu = torch.linalg.eigvalsh(m)
+            if float(mu[0]) < MIN_LEAVE_OUT_EIGENVALUE:
+                return None
+            if ridge == 0:
+                cutoff_k = eps * max(n_tr, q) * float(s.max())
+                if not float(sk.min()) ** 2 * float(mu[0]) > (margin * cutoff_k) ** 2:
+                    return None
+            else:
+                m.diagonal().add_(ridge / (sk * sk))
+            lam = None if ridge == 0 else ridge / (sk * sk)  # λ diag(1/s²): the ridge in U's coordinates
+            per_fold.append((u_t, s_u, lam, torch.cholesky_inverse(torch.linalg.cholesky(m))))
+        return idx, sk, per_fold
+
+    def primal(j: int, idx: torch.Tensor, sk: torch.Tensor, per_fold) -> torch.Tensor:
+        b0, b1 = student.layer_slice(j, j + 1)
+        g = student.factors[:, b0:b1].index_select(1, idx) if len(idx) < b1 - b0 else student.factors[:, b0:b1]
+        col = torch.zeros(lt, dtype=dtype, device=device)
+        for t0, t1 in chunks(b1 - b0):
+            a0, a1 = teacher.layer_slice(t0, t1)
+            seg = seg_t[a0:a1] - t0
+            c = [folds.test(g, f).T @ folds.test(F[:, a0:a1], f) for f in range(k)]  # G_TᵀF_T per fold
+            u_f_all = c[0].clone()
+            for part in c[1:]:
+                u_f_all += part
+            u_f_all.div_(sk[:, None])  # UᵀF = Σ_k U_TᵀF_T
+            ones = torch.ones(len(idx), dtype=dtype, device=device)
+            prods = torch.empty(3, len(idx), a1 - a0, dtype=dtype, device=device)
+            for f, (u_t, s_u, lam, m_inv) in enumerate(per_fold):
+                n_k = folds.sizes[f]
+                n_tr = n - n_k
+                s_f = f_sum[f, a0:a1]
+                ut_f = c[f].div_(sk[:, None])  # U_TᵀF_T, in place
+                d = torch.sub(u_f_all, ut_f).addr_(s_u, s_f, alpha=-1.0 / n_tr)
+                w = m_inv @ d  # M_k is well conditioned (certificate): its inverse times D, one GEMM
+                cc = 2.0 / n_tr + n_k / n_tr ** 2
+                su_w = s_u @ w
+                # ‖A − BW‖² = ‖A‖² − 2⟨BᵀA, W⟩ + ⟨W, BᵀBW⟩ per teacher column, with BᵀA = U_TᵀF_T + cc·s_U s_Fᵀ and
+                # BᵀB = U_TᵀU_T + cc·s_U s_Uᵀ = I − (M_k − Λ) + (cc − 1/n_tr)·s_U s_Uᵀ, (M_k)W = D: no r × r product
+                a_sq = f_sq[f, a0:a1] + cc * s_f * s_f
+                torch.mul(ut_f, w, out=prods[0])
+                torch.mul(w, d, out=prods[1])
+                torch.mul(w, w, out=prods[2])
+                if lam is not None:
+                    prods[2].mul_((1 + lam)[:, None])
+                sums = ones @ prods  # the three column sums, (3, width): one batched GEMV
+                err = a_sq - 2 * (sums[0] + cc * su_w * s_f) - sums[1] + sums[2] + (cc - 1.0 / n_tr) * su_w ** 2
+                a_layer = torch.zeros(t1 - t0, dtype=dtype, device=device).index_add_(0, seg, a_sq)
+                e_layer = torch.zeros(t1 - t0, dtype=dtype, device=device).index_add_(0, seg, err)
+                for t in torch.nonzero(e_layer < 1e-2 * a_layer).flatten().tolist():  # cancellation: from rows
+                    c0, c1 = (v - a0 for v in teacher.layer_slice(t0 + t, t0 + t + 1))
+                    rows_a = folds.test(F[:, a0 + c0:a0 + c1], f) + s_f[c0:c1] / n_tr
+                    e = rows_a - (u_t + s_u / n_tr) @ w[:, c0:c1]
+                    e_layer[t] = e.square().sum()
+                col[t0:t1] += e_layer
+        return col
+
+    def fold_by_fold(j: int) -> torch.Tensor:
+        """The training fits themselves (thin SVD of one student layer's training rows per fold)."""
+        b0, b1 = student.layer_slice(j, j + 1)
+        g = student.factors[:, b0:b1]
+        col = torch.zeros(lt, dtype=dtype, device=device)
+        for f in range(k):
+            n_k = folds.sizes[f]
+            n_tr = n - n_k
+            y_tr, y_te = folds.train(g, f), folds.test(g, f)
             mu_y = y_tr.mean(dim=0)
             u, sv, vh = torch.linalg.svd(y_tr - mu_y, full_matrices=False)
-            g = _gains(sv, ridge, y_tr.shape[0], student.widths[j])
-            z = ((y_te - mu_y) @ vh.T) * g  # (n_te, r)
-            p = u.T @ x_tr - torch.outer(u.T @ ones_tr, mu_x)  # Uᵀ(X_tr − 1μ_Xᵀ), (r, Σr_t)
-            err = x_te_c - z @ p
-            out[:, j] = torch.zeros(lt, dtype=err.dtype, device=device).index_add_(0, seg_t, (err * err).sum(dim=0))
-        return out
+            z = ((y_te - mu_y) @ vh.T) * _gains(sv, ridge, n_tr, student.widths[j])  # (n_k, r)
+            # Uᵀ(F_tr − 1μ_Fᵀ) with μ_F = −s_F/n_tr: the training rows of U padded with zeros on the test rows
+            u_pad = torch.zeros(n, u.shape[1], dtype=dtype, device=device)
+            keep = torch.ones(n, dtype=torch.bool, device=device)
+            if folds.contiguous:
+                keep[folds.bounds[f]:folds.bounds[f + 1]] = False
+            else:
+                keep[folds.members[f]] = False
+            u_pad[keep] = u
+            for t0, t1 in chunks(b1 - b0):
+                a0, a1 = teacher.layer_slice(t0, t1)
+                s_f = f_sum[f, a0:a1]
+                p = u_pad.T @ F[:, a0:a1] + torch.outer(u.sum(dim=0), s_f) / n_tr
+                e = folds.test(F[:, a0:a1], f) + s_f / n_tr - z @ p
+                col[t0:t1] += torch.zeros(t1 - t0, dtype=dtype, device=device).index_add_(
+                    0, seg_t[a0:a1] - t0, e.square().sum(dim=0))
+        return col
 
-    with _layer_parallel(device, folds) as pool:  # folds are independent: one thread each on a CPU
-        parts = list(pool.map(one, range(folds))) if pool is not None else [one(k) for k in range(folds)]
-    return torch.stack(parts).sum(dim=0)
+    def one(j: int) -> None:
+        cert = certified(j)
+        out[:, j] = primal(j, *cert) if cert is not None else fold_by_fold(j)
+
+    with _layer_parallel(device, ls) as pool:  # student layers are independent: one thread each on a CPU
+        list(pool.map(one, range(ls))) if pool is not None else [one(j) for j in range(ls)]
+    return out
 
 
 def _dual_held_out_fits(n: int, ranks_t: list[int], ranks_s: list[int], folds: list[int],
@@ -708,7 +897,10 @@ def _dual_held_out_fits(n: int, ranks_t: list[int], ranks_s: list[int], folds: l
         return False
     per_spec = sum(4 * n * r * (n + r) for r in ranks_s) + 2 * n * n * len(ranks_t) * len(ranks_s)
     dual = 2 * n * n * sum(ranks_t) + len(folds) * per_spec
-    primal = sum(2 * k * n * sum(ranks_s) * sum(ranks_t) for k in folds)
+    # the primal form (``_held_out_residual``): per-fold products over the test rows (n·Σr_s·Σr_t in all), and per
+    # student layer and fold an r × r factorisation and r × r by r × Σr_t products
+    primal = sum(2 * n * sum(ranks_s) * sum(ranks_t) + k * sum(12 * r ** 3 + 8 * r * r * sum(ranks_t)
+                                                               for r in ranks_s) for k in folds)
     return dual < primal
 
 

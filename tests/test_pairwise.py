@@ -313,3 +313,69 @@ def test_nuclear_norm_probe_paths_agree_with_svdvals(kind):
                                    rtol=1e-14, atol=1e-14)
         np.testing.assert_allclose(_nuclear_norms(batch, probe=4).reshape(4, 5).numpy(), exact.numpy(),
                                    rtol=1e-12, atol=1e-12)
+
+
+def _primal(monkeypatch):
+    from repsim import layer_pairs
+
+    monkeypatch.setattr(layer_pairs, "_dual_held_out_fits", lambda *a: False)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(12, 60), tw=st.lists(st.integers(1, 30), min_size=1, max_size=3),
+       sw=st.lists(st.integers(1, 30), min_size=1, max_size=3), folds=st.integers(2, 5), seed=st.integers(0, 999))
+def test_primal_held_out_form_agrees_for_any_shapes(n, tw, sw, folds, seed):
+    """The held-out residual from per-fold sums of the full-data factors (rows in fold order, no training copies)
+    equals the fold-by-fold fits of projection_residual(folds=k) to 1e-10 relative, for every shape, including
+    students wider than the training folds (its certificate then sends them to the fold-by-fold SVDs); a second
+    fold count, whose folds are not contiguous in the stored order, too."""
+    import pytest as _pytest
+
+    mp = _pytest.MonkeyPatch()
+    try:
+        _primal(mp)
+        T, S = stacks(n, tw, sw, seed=seed)
+        other = 2 if folds != 2 else 3
+        ids = [f"projection_residual[folds={folds}]", f"projection_residual[folds={folds},ridge=0.01]",
+               f"projection_residual[folds={other}]"]
+        got = pairwise(T, S, metrics=ids + ["procrustes[distance]", "cka[linear,debiased]"])
+    finally:
+        mp.undo()
+    for mid in got:
+        np.testing.assert_allclose(got[mid], per_pair(mid, T, S), rtol=1e-10, atol=1e-13, err_msg=mid)
+
+
+@pytest.mark.parametrize("case", ["predictable teacher", "collinear student", "graded student", "wide student"])
+def test_primal_held_out_form_on_hard_students(monkeypatch, case):
+    """A teacher that is an exact linear map of the student (held-out residual ~0: the error expansion cancels and
+    is recomputed from the rows), exactly collinear or strongly graded student columns (directions at and near
+    the lstsq cutoff), and a student wider than n: every value equals the metric's."""
+    from repsim import layer_pairs
+
+    _primal(monkeypatch)
+    T, S = stacks(120, [10, 30], [8, 12], seed=13)
+    if case == "predictable teacher":
+        T[0] = S[1] @ np.random.default_rng(1).standard_normal((12, 10))
+    elif case == "collinear student":
+        S[1][:, 5] = S[1][:, 0] - 2 * S[1][:, 1]
+    elif case == "graded student":
+        S[1] = S[1] * np.logspace(0, -7, 12)
+    else:
+        S[1] = np.random.default_rng(2).standard_normal((120, 150))
+    calls = []
+    original = layer_pairs._held_out_residual
+    monkeypatch.setattr(layer_pairs, "_held_out_residual", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for mid in HELD_OUT:
+        got = pairwise(T, S, metrics=[mid])[mid]
+        want = per_pair(mid, T, S)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=mid)
+    assert calls
+
+
+def test_large_n_default_metrics_take_the_primal_held_out_form():
+    """Where the n × n matrices exceed the memory budget the primal form is chosen, and it is not the per-fold
+    SVD path for well-conditioned students."""
+    from repsim import layer_pairs
+
+    assert not layer_pairs._dual_held_out_fits(20000, [768] * 13, [384] * 7, [5], torch.device("cpu"))
+    assert layer_pairs._dual_held_out_fits(872, [768] * 13, [384] * 7, [5], torch.device("cpu"))
