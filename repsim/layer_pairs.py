@@ -765,13 +765,15 @@ def _held_out_residual(teacher: _Side, student: _Side, folds: _Folds, ridge: flo
     budget = _memory_budget(device) // max(1, workers)
 
     def chunks(r: int) -> list[tuple[int, int]]:
-        """Teacher layer ranges whose working matrices (k + 7 of r × width) fit one worker's budget."""
+        """Teacher layer ranges whose working matrices (k + 7 of r × width) fit one worker's budget, less the
+        student layer's test rows in its singular basis (n × r, kept across chunks)."""
+        room = max(budget - 8 * n * r, budget // 4)
         per_col = 8 * r * (k + 7) + 8 * max(folds.sizes) * (0 if folds.contiguous else 1)
         out_ranges, lo = [], 0
         while lo < lt:
             hi = lo + 1
             while hi < lt and per_col * (teacher.layer_slice(lo, hi + 1)[1] - teacher.layer_slice(lo, hi + 1)[0]) \
-                    <= budget:
+                    <= room:
                 hi += 1
             out_ranges.append((lo, hi))
             lo = hi
