@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from repsim.arrays import as_matrix, power_of_two_exponent, scale_by_power_of_two
 from repsim.errors import UserError
 
 GRAM_MAX_N = 4096  # above this, n×n Gram matrices per layer cost more memory than they save
@@ -67,15 +68,16 @@ class Interval:
 
 
 def _as_stack(layers, device: str | torch.device | None = None) -> list[torch.Tensor]:
-    """A sequence of (n, width) arrays/tensors, or one (L, n, width) array, as float64 tensors on ``device``."""
+    """A sequence of (n, width) arrays/tensors, or one (L, n, width) array, as float64 tensors on ``device``, each
+    layer divided by the power of two of its largest entry (exact; every metric here is scale invariant, and the
+    replicates' Grams and cross products then stay inside the float range whatever the data's scale)."""
     if isinstance(layers, (np.ndarray, torch.Tensor)) and layers.ndim == 3:
         layers = list(layers)
     out = []
     for i, x in enumerate(layers):
-        t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
-        if t.ndim != 2:
-            raise UserError(f"layer {i} must be 2-D (n samples × width), got shape {tuple(t.shape)}")
-        out.append(t.detach().to(device=device or "cpu", dtype=torch.float64))
+        t = as_matrix(x, f"layer {i}", device=device or "cpu").detach()
+        exponent = power_of_two_exponent(t)
+        out.append(t if not exponent else scale_by_power_of_two(t, -exponent))
     if not out:
         raise UserError("no layers given")
     return out

@@ -276,3 +276,18 @@ def test_a_state_saved_without_scale_exponents_loads_as_unscaled():
     want = streamed(X0[:30], Y0[:30]).update(X0[30:] * 2.0 ** 600, Y0[30:] * 2.0 ** 600)
     for mid in MOMENT_IDS:
         assert m.value(mid) == pytest.approx(want.value(mid), rel=1e-12), mid
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e200, 1e300])
+def test_bootstrap_and_permutation_replicates_are_scale_invariant(scale):
+    """The resampling engine sees the same rows, scaled: every replicate equals the unscaled one (it raised a raw
+    eigh failure at 1e-200 and gave wrong Procrustes replicates at 1e200)."""
+    from repsim import stats
+
+    X, Y = data(n=60)
+    ids = ["procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "cka[linear,debiased]"]
+    for fn in (stats.bootstrap_replicates, stats.permutation_replicates):
+        ref = fn([X], [Y], ids, 12, seed=0)
+        got = fn([X * scale], [Y * scale], ids, 12, seed=0)
+        for mid in ids:
+            np.testing.assert_allclose(got[mid], ref[mid], rtol=1e-12, atol=1e-14, err_msg=mid)
