@@ -193,7 +193,8 @@ class LayerMoments:
             raise UserError(f"expected {len(widths)} {side} layer batch(es), got {len(batches)}")
         out = []
         for i, (b, w) in enumerate(zip(batches, widths, strict=True)):
-            t = as_matrix(b, f"{side} layer {i} batch", dtype=self.dtype, device=self.device)
+            # statistics are not differentiable: a batch that requires grad is read detached (no graph kept)
+            t = as_matrix(b, f"{side} layer {i} batch", dtype=self.dtype, device=self.device).detach()
             if t.shape[1] != w:
                 raise UserError(f"{side} layer {i} batch has width {t.shape[1]}, expected {w}")
             out.append(t)

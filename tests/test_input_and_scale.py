@@ -291,3 +291,14 @@ def test_bootstrap_and_permutation_replicates_are_scale_invariant(scale):
         got = fn([X * scale], [Y * scale], ids, 12, seed=0)
         for mid in ids:
             np.testing.assert_allclose(got[mid], ref[mid], rtol=1e-12, atol=1e-14, err_msg=mid)
+
+
+def test_streaming_a_tensor_that_requires_grad_keeps_no_graph():
+    """Batches straight from a model (requires_grad) are read detached: the state holds plain tensors, so no
+    autograd graph grows batch after batch, and the values are those of the detached data."""
+    X, Y = data()
+    m = CrossMoments(7, 5)
+    m.update(torch.tensor(X[:20], requires_grad=True), torch.tensor(Y[:20]))
+    m.update(torch.tensor(X[20:], requires_grad=True), torch.tensor(Y[20:], requires_grad=True))
+    assert not any(v.requires_grad for v in m.state_dict().values())
+    assert m.cka() == pytest.approx(REFERENCE[("moments", "cka[linear,biased]")], rel=1e-12)
