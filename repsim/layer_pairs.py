@@ -27,9 +27,11 @@ of width 4096 (n ≥ 4096) one pair block is 128 MiB, so the CPU budget gives 2 
 
 The k-fold held-out projection residual (``projection_residual[folds=K]``, the default) is, where cheaper and
 within the memory budget, one n × n matrix per layer and an n² inner product per pair (the leave-fold-out
-identity, ``_held_out_residual_dual``); otherwise one thin SVD per student layer and fold serves all teacher
-layers (``_held_out_residual``). RBF CKA, not a second-moment metric, is computed by the registry function per
-pair on the original inputs.
+identity, ``_held_out_residual_dual``); otherwise the rows are stored in fold order and every fold's training fit
+is derived from full-data sums minus the fold's own, in the student's singular basis (``_held_out_residual``): all
+folds cost one n × r_s × Σp product per student layer, and no training rows are copied. Memory, every path: the
+float64 factors (one copy of the inputs) plus the chunk budget. RBF CKA, not a second-moment metric, is computed
+by the registry function per pair on the original inputs.
 """
 
 from __future__ import annotations
