@@ -379,3 +379,17 @@ def test_large_n_default_metrics_take_the_primal_held_out_form():
 
     assert not layer_pairs._dual_held_out_fits(20000, [768] * 13, [384] * 7, [5], torch.device("cpu"))
     assert layer_pairs._dual_held_out_fits(872, [768] * 13, [384] * 7, [5], torch.device("cpu"))
+
+
+def test_primal_held_out_form_refits_nothing_fold_by_fold(monkeypatch):
+    """Well-conditioned students at large n: the held-out residual comes from per-fold sums in the singular basis
+    the student's preparation already has, so no SVD of any training fold is computed (the fold-by-fold path
+    computed k per student layer, on copies of the training rows)."""
+    _primal(monkeypatch)
+    T, S = stacks(400, [40, 40], [30, 30, 30], seed=4)
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(a[0].shape) or svd(*a, **k))
+    got = pairwise(T, S, metrics=["projection_residual[folds=5]"])["projection_residual[folds=5]"]
+    assert calls == []
+    np.testing.assert_allclose(got, per_pair("projection_residual[folds=5]", T, S), rtol=1e-10, atol=0)
