@@ -107,7 +107,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
                    help="metric ids, e.g. procrustes gram_frobenius cka 'projection_residual[folds=5]' "
                    "(default: the four default metrics)")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens"], help="pooling per text")
+    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens", "words"],
+                   help="rows: one per text (mean, cls, last), per token (tokens: same tokenizer on both sides) or "
+                   "per word (words: sub-tokens averaged into words, any two tokenizers)")
     p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
                    help="layer indices for both models (0 = embeddings, -1 = last, ranges 0-6); "
                    "prefix t: or s: for one side, e.g. t:0-12 s:0-6")
@@ -182,7 +184,9 @@ def _add_extract(sub) -> None:
     p.add_argument("--label-column", default=None, help="column holding the labels (optional)")
     p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N", help=_MAX_SAMPLES_HELP)
     p.add_argument("--seed", type=_COUNT, default=0, help="seed for --max-samples sampling")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens"], help="pooling per text")
+    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens", "words"],
+                   help="rows: one per text (mean, cls, last), per token (tokens: same tokenizer on both sides) or "
+                   "per word (words: sub-tokens averaged into words, any two tokenizers)")
     p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
                    help="layer indices (0 = embeddings, -1 = last, ranges 2-4; default all)")
     p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")

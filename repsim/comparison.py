@@ -32,7 +32,11 @@ import pandas as pd
 from repsim.errors import UserError, naming_path
 
 COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low", "ci_high", "p_value"]
-POOLS = ("mean", "cls", "last", "tokens")
+POOLS = ("mean", "cls", "last", "tokens", "words")
+#: the defaults under --pool words: streamed from second moments, so the held-out residual (which needs the rows)
+#: gives way to the in-sample one; n is the number of words (thousands), far above the student's width
+WORD_DEFAULT_METRICS = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]",
+                        "projection_residual[in_sample]")
 MIN_TEXTS = 2
 #: row permutations of the student whose mean is each cell's chance level (the first ones of --permutations)
 DEFAULT_CHANCE_PERMUTATIONS = 4
@@ -234,22 +238,7 @@ class Comparison:
                 chance, chance_sd = stats.chance_level(null, chance_permutations)
             timings["permutations" if permutations else "chance"] = time.perf_counter() - t0
 
-        ti, si = np.meshgrid(np.arange(len(t_ids)), np.arange(len(s_ids)), indexing="ij")
-        frames = []
-        for m in ids:
-            nan = np.full(ti.size, np.nan)
-            frames.append(pd.DataFrame({
-                "teacher_layer": np.asarray(t_ids)[ti.ravel()],
-                "student_layer": np.asarray(s_ids)[si.ravel()],
-                "metric": m,
-                "value": values[m].ravel(),
-                "chance": chance[m].ravel() if chance and m in chance else nan,
-                "chance_sd": chance_sd[m].ravel() if chance_sd and m in chance_sd else nan,
-                "ci_low": lows[m].ravel() if lows and m in lows else nan,
-                "ci_high": highs[m].ravel() if highs and m in highs else nan,
-                "p_value": pvals[m].ravel() if pvals and m in pvals else nan,
-            }))
-        table = pd.concat(frames, ignore_index=True)[COLUMNS]
+        table = _long_table(ids, t_ids, s_ids, values, lows, highs, pvals, chance, chance_sd)
         meta.setdefault("n_texts", n)
         meta.setdefault("teacher_width", int(teacher[0].shape[1]))
         meta.setdefault("student_width", int(student[0].shape[1]))
@@ -290,6 +279,41 @@ class Comparison:
                      for k in ("teacher_layer", "student_layer", "value", "chance", "chance_sd")}
                     for _, r in comp.best_matches(m).iterrows()] for m in stat_ids}
         return comp
+
+    @classmethod
+    def from_moments(cls, moments: Any, metrics: Sequence[str] | str | None = None, *,
+                     teacher_layer_ids: Sequence[int] | None = None, student_layer_ids: Sequence[int] | None = None,
+                     meta: dict[str, Any] | None = None) -> Comparison:
+        """Compare from streamed :class:`repsim.moments.LayerMoments` (every teacher × student layer pair).
+
+        Only measures computable from second moments are available (no intervals or p-values: those resample
+        rows). Used for word-level comparison, whose rows are never all in memory."""
+        from repsim.words import check_streamable
+
+        ids = resolve_metrics(metrics)
+        check_streamable(ids)
+        if moments.n < MIN_TEXTS:
+            raise UserError(f"need at least {MIN_TEXTS} rows to compare, got {moments.n}")
+        lt, ls = moments.n_teacher_layers, moments.n_student_layers
+        t_ids = list(teacher_layer_ids) if teacher_layer_ids is not None else list(range(lt))
+        s_ids = list(student_layer_ids) if student_layer_ids is not None else list(range(ls))
+        if len(t_ids) != lt or len(s_ids) != ls:
+            raise UserError(f"layer ids ({len(t_ids)}, {len(s_ids)}) do not match the moments' layers ({lt}, {ls})")
+        meta = dict(meta or {})
+        t0 = time.perf_counter()
+        values = {m: moments.matrix(m) for m in ids}
+        meta.setdefault("timings", {})["metrics"] = time.perf_counter() - t0
+        meta.setdefault("n_texts", int(moments.n))
+        meta["n_rows"] = int(moments.n)
+        meta.setdefault("teacher_width", int(moments.teacher_widths[0]))
+        meta.setdefault("student_width", int(moments.student_widths[0]))
+        meta.update(metrics=ids, stats_metrics=[], bootstrap=None, permutations=None)
+        meta.setdefault("seed", 0)
+        warnings = meta.setdefault("warnings", [])
+        w = in_sample_projection_warning(ids, int(moments.n), moments.student_widths)
+        if w and w not in warnings:
+            warnings.append(w)
+        return cls(table=_long_table(ids, t_ids, s_ids, values), meta=meta)
 
     @classmethod
     def from_csv(cls, path: str | Path) -> Comparison:
@@ -472,6 +496,28 @@ def check_replicates(bootstrap: int, permutations: int, chance_permutations: int
 def _curve_title(meta: dict[str, Any]) -> str:
     names = [_short(meta.get(side, {}).get("name", side)) for side in ("teacher", "student")]
     return f"{names[0]} vs {names[1]}: each measure against the number of texts"
+
+
+def _long_table(ids: Sequence[str], t_ids: Sequence[int], s_ids: Sequence[int], values: dict[str, np.ndarray],
+                lows: dict | None = None, highs: dict | None = None, pvals: dict | None = None,
+                chance: dict | None = None, chance_sd: dict | None = None) -> pd.DataFrame:
+    """The long results table (``COLUMNS``) from (Lt, Ls) matrices per metric; NaN where not computed."""
+    ti, si = np.meshgrid(np.arange(len(t_ids)), np.arange(len(s_ids)), indexing="ij")
+    frames = []
+    for m in ids:
+        nan = np.full(ti.size, np.nan)
+        frames.append(pd.DataFrame({
+            "teacher_layer": np.asarray(t_ids)[ti.ravel()],
+            "student_layer": np.asarray(s_ids)[si.ravel()],
+            "metric": m,
+            "value": np.asarray(values[m], dtype=np.float64).ravel(),
+            "chance": chance[m].ravel() if chance and m in chance else nan,
+            "chance_sd": chance_sd[m].ravel() if chance_sd and m in chance_sd else nan,
+            "ci_low": lows[m].ravel() if lows and m in lows else nan,
+            "ci_high": highs[m].ravel() if highs and m in highs else nan,
+            "p_value": pvals[m].ravel() if pvals and m in pvals else nan,
+        }))
+    return pd.concat(frames, ignore_index=True)[COLUMNS]
 
 
 def check_stats_metrics(stats_metrics: Sequence[str] | None, ids: Sequence[str]) -> list[str]:
@@ -791,11 +837,22 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     from repsim import assets
 
     say: Echo = echo or (lambda _line: None)
-    ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations,
-                         seed)
-    _check_curve(curve_sizes, curve_subsamples)
     if pool not in POOLS:
         raise UserError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
+    words = pool == "words"
+    if words:  # streamed from moments: no rows in memory, so no resampling (chance levels are row permutations)
+        chance_permutations = 0
+    ids = _check_options(WORD_DEFAULT_METRICS if words and metrics is None else metrics, stats_metrics, max_samples,
+                         bootstrap, permutations, out, chance_permutations, seed)
+    _check_curve(curve_sizes, curve_subsamples)
+    if words:
+        from repsim.words import check_streamable
+
+        check_streamable(ids)
+        if bootstrap or permutations or curve:
+            raise UserError("--pool words computes its measures from streamed moments; --bootstrap, "
+                            "--permutations and --curve resample rows (and words of one text are not independent): "
+                            "use them with a pooled --pool mean run")
     if batch_size < 1 or max_length < 1:
         raise UserError("--batch-size and --max-length must be positive")
     device = _resolve_device(device)
@@ -831,17 +888,22 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     say(f"data     {texts.name}: {len(texts.texts)} texts{fallback} — {texts.source}")
     say(f"pooling  {pool}   max length {max_length}   device {device}   metrics {', '.join(ids)}")
 
-    from repsim.extract import extract
+    from repsim.extract import check_same_tokenizer, extract, prepare_model
 
+    if pool == "tokens":  # before any extraction: token rows pair only under one tokenizer
+        check_same_tokenizer(prepare_model(teacher).tokenizer, prepare_model(student).tokenizer)
     t0 = time.perf_counter()
     opts = dict(pool=pool, batch_size=batch_size, max_length=max_length, device=device, cache=cache,
                 progress=progress)
+    if pool == "words" and not cache:
+        return _compare_words_streaming(teacher, student, texts, data, ids, t_ids, s_ids, t_info, s_info,
+                                        opts, timings, seed, out, say)
     t_act = extract(teacher, texts, layers=t_ids, **opts)
     s_act = extract(student, texts, layers=s_ids, **opts)
     timings["extract"] = time.perf_counter() - t0
     if t_act.n != s_act.n:
         raise UserError(f"teacher gives {t_act.n} rows and student {s_act.n} for the same data; with "
-                        f"--pool tokens both models need the same tokenizer (use --pool mean)")
+                        f"--pool tokens both models need the same tokenizer (use --pool words)")
 
     meta: dict[str, Any] = {
         "teacher": {**t_info, "width": t_act.width, "layers": list(t_act.layers),
@@ -859,12 +921,24 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
         "warnings": [w for w in (_built_otherwise("teacher", t_act.meta, batch_size, device),
                                  _built_otherwise("student", s_act.meta, batch_size, device)) if w],
     }
-    comp = Comparison.from_layers([t_act[k] for k in t_act.layers], [s_act[k] for k in s_act.layers], ids,
-                                  teacher_layer_ids=list(t_act.layers), student_layer_ids=list(s_act.layers),
-                                  bootstrap=bootstrap, permutations=permutations, seed=seed,
-                                  chance_permutations=chance_permutations, stats_metrics=stats_metrics,
-                                  curve=curve, curve_sizes=curve_sizes, curve_subsamples=curve_subsamples,
-                                  device=device, meta=meta, progress=progress)
+    if words:
+        from repsim.words import paired_moments
+
+        t0 = time.perf_counter()
+        moments, counts = paired_moments(t_act, s_act, device=device)
+        timings["moments"] = time.perf_counter() - t0
+        meta["words"] = _word_meta(counts)
+        say(_word_line(counts))
+        comp = Comparison.from_moments(moments, ids, teacher_layer_ids=list(t_act.layers),
+                                       student_layer_ids=list(s_act.layers),
+                                       meta=dict(meta, seed=seed, n_texts=len(texts.texts)))
+    else:
+        comp = Comparison.from_layers([t_act[k] for k in t_act.layers], [s_act[k] for k in s_act.layers], ids,
+                                      teacher_layer_ids=list(t_act.layers), student_layer_ids=list(s_act.layers),
+                                      bootstrap=bootstrap, permutations=permutations, seed=seed,
+                                      chance_permutations=chance_permutations, stats_metrics=stats_metrics,
+                                      curve=curve, curve_sizes=curve_sizes, curve_subsamples=curve_subsamples,
+                                      device=device, meta=meta, progress=progress)
     if out is not None:
         comp.save(out)
     return comp
@@ -972,6 +1046,52 @@ def _built_otherwise(side: str, act_meta: dict, batch_size: int, device: str) ->
     return (f"{side} activations come from the cache, built with {', '.join(f'{k} {had[k]}' for k in differ)} "
             f"(this run: {', '.join(f'{k} {asked[k]}' for k in differ)}); they equal a fresh build to float32 "
             "rounding, not bitwise")
+
+
+def _word_meta(counts: dict[str, int]) -> dict[str, Any]:
+    from repsim.words import WORD_RULE
+
+    return {"rule": WORD_RULE, **counts, "streamed": True}
+
+
+def _word_line(counts: dict[str, int]) -> str:
+    return (f"words    {counts['n_words']} words, {counts['n_used']} kept by both models; dropped "
+            f"{counts['dropped']} (truncated or without a token: teacher {counts['dropped_teacher']}, "
+            f"student {counts['dropped_student']})")
+
+
+def _compare_words_streaming(teacher, student, texts, data, ids, t_ids, s_ids, t_info, s_info, opts, timings,
+                             seed, out, say) -> Comparison:
+    """--pool words without the cache: both models run batch by batch and only the moments are kept."""
+    from repsim.data import TextData
+    from repsim.extract import extract_moments
+
+    t0 = time.perf_counter()
+    moments = extract_moments(teacher, student, texts, layers=t_ids if t_ids is not None else "all",
+                              student_layers=s_ids if s_ids is not None else "all", pool="words",
+                              batch_size=opts["batch_size"], max_length=opts["max_length"], device=opts["device"],
+                              progress=opts["progress"])
+    timings["extract"] = time.perf_counter() - t0
+    mm = moments.meta
+    counts = {"n_words": mm["n_words_this_rank"], "n_used": mm["n_words_used_this_rank"],
+              "dropped": mm["n_words_this_rank"] - mm["n_words_used_this_rank"]}
+    say(f"words    {counts['n_words']} words, {counts['n_used']} kept by both models; dropped {counts['dropped']}")
+    meta: dict[str, Any] = {
+        "teacher": {**t_info, "layers": mm["teacher_layers"], "revision": mm.get("teacher_revision")},
+        "student": {**s_info, "layers": mm["student_layers"], "revision": mm.get("student_revision")},
+        "data": {"spec": str(data) if not isinstance(data, TextData) else texts.name, "name": texts.name,
+                 "source": texts.source, "offline_fallback": bool(getattr(texts, "offline_fallback", False)),
+                 "fingerprint": texts.fingerprint, "n_texts": len(texts.texts)},
+        "pooling": "words", "words": _word_meta(counts), "max_length": opts["max_length"],
+        "batch_size": opts["batch_size"], "device": opts["device"], "cache": False, "versions": _versions(),
+        "timings": timings, "warnings": [], "seed": seed, "n_texts": len(texts.texts),
+    }
+    comp = Comparison.from_moments(moments, ids, teacher_layer_ids=mm["teacher_layers"],
+                                   student_layer_ids=mm["student_layers"], meta=meta)
+    if out is not None:
+        with naming_path(out):
+            comp.save(out)
+    return comp
 
 
 def _versions() -> dict[str, str]:

@@ -21,6 +21,11 @@ Pooling (docs/activations.md §2) uses the attention mask: padding side and batc
 * ``tokens``: every real token is one row; ``Activations.offsets[i]:offsets[i+1]`` are the rows of text ``i`` and
   ``Activations.token_ids`` the token ids of those rows. Rows of two models pair token by token only when both
   use the same tokenizer (:func:`check_same_tokenizer`).
+* ``words``: every word of the text (the tokenizer-independent rule of :mod:`repsim.words`) is one row, the mean
+  of the sub-tokens overlapping it (fast tokenizers' character offsets; special tokens excluded); ``offsets`` delimit
+  the words of each text and ``token_ids`` holds the number of tokens averaged into each word, 0 for a word this
+  model dropped (truncated by ``max_length``, or without any token). Rows of two models pair word by word whatever
+  their tokenizers.
 
 Batches are formed after sorting texts by token length (dynamic padding to the longest text of the batch);
 results always come back in input order. With left padding (decoders configured for generation) position ids
@@ -46,8 +51,10 @@ import torch
 
 from repsim.data import fingerprint_texts
 from repsim.errors import UserError
+from repsim.words import WORD_RULE, check_offsets, encode_words, pool_words, word_counts
 
-POOLS = ("mean", "cls", "last", "tokens")
+POOLS = ("mean", "cls", "last", "tokens", "words")
+ROW_POOLS = ("tokens", "words")  # pools with several rows per text (offsets per text)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
@@ -62,7 +69,8 @@ class Activations:
 
     ``act[k]`` is layer ``k`` (0 = embeddings, k = block k; negative k counts from the end); arrays from the
     store are memory-mapped read-only. For ``pool="tokens"`` rows are tokens: ``offsets`` (n_texts + 1,)
-    delimits the rows of each text and ``token_ids`` (rows,) gives their ids.
+    delimits the rows of each text and ``token_ids`` (rows,) gives their ids. For ``pool="words"`` rows are words
+    and ``token_ids`` counts the tokens averaged into each word (0 = dropped by this model, see ``kept``).
     """
 
     layers: list[int]
@@ -106,6 +114,13 @@ class Activations:
     def n(self) -> int:
         """Number of rows: texts for pooled features, tokens for ``pool="tokens"``."""
         return int(self.arrays[self.layers[0]].shape[0])
+
+    @property
+    def kept(self) -> np.ndarray | None:
+        """Word pooling: True for the words this model kept (not truncated, at least one token); else None."""
+        if self.meta.get("pool") != "words" or self.token_ids is None:
+            return None
+        return np.asarray(self.token_ids) > 0
 
     @property
     def n_texts(self) -> int:
@@ -198,8 +213,9 @@ def check_same_tokenizer(a: Any, b: Any, names: tuple[str, str] = ("teacher", "s
     """Refuse token-by-token pairing unless both tokenizers are identical (docs/pitfalls.md, item 12)."""
     if not same_tokenizer(a, b):
         raise UserError(
-            f"token-level pairing needs the same tokenizer on both sides, but the {names[0]} and {names[1]} "
-            "tokenizers differ; use a pooled representation (--pool mean|cls|last) instead"
+            f"--pool tokens pairs tokens one by one and needs the same tokenizer on both sides, but the {names[0]} "
+            f"and {names[1]} tokenizers differ; use --pool words (sub-tokens averaged into shared words) or a "
+            "pooled representation (--pool mean|cls|last)"
         )
 
 
@@ -554,6 +570,7 @@ class Runner:
         params = inspect.signature(self.core.forward).parameters
         self._accepts_position_ids = "position_ids" in params
         self._accepts_use_cache = "use_cache" in params
+        self.row_ids: np.ndarray | None = None
         if getattr(self.tok, "pad_token", None) is None:
             # decoders without a pad token: any id works, the mask hides it
             fallback = self.tok.eos_token or self.tok.unk_token
@@ -588,8 +605,15 @@ class Runner:
         return tuple(hs)
 
     def run(self, texts: Sequence[str]) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Pooled features {layer: (rows, w)} on CPU, the attention mask and input ids of the batch."""
-        enc = self.encode(texts)
+        """Pooled features {layer: (rows, w)} on CPU, the attention mask and input ids of the batch.
+
+        Sets ``row_ids`` for pools with several rows per text: the token ids (``tokens``) or the number of tokens
+        averaged into each word, 0 for a dropped word (``words``)."""
+        plan = None
+        if self.pool == "words":
+            enc, plan = encode_words(self.tok, texts, self.max_length)
+        else:
+            enc = self.encode(texts)
         hs = self.hidden_states(enc)
         if self.layers is None:
             self.layers = list(range(len(hs)))
@@ -599,8 +623,13 @@ class Runner:
         out = {}
         for k in self.layers:
             h = hs[k]
-            out[k] = pool_hidden(h, enc["attention_mask"].to(h.device), self.pool, self.accumulate)
-        return out, enc["attention_mask"], enc["input_ids"]
+            if plan is not None:
+                out[k] = pool_words(h, plan, self.accumulate)
+            else:
+                out[k] = pool_hidden(h, enc["attention_mask"].to(h.device), self.pool, self.accumulate)
+        mask, ids = enc["attention_mask"], enc["input_ids"]
+        self.row_ids = plan[2] if plan is not None else ids[mask.bool()].numpy() if self.pool == "tokens" else None
+        return out, mask, ids
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -675,6 +704,10 @@ def extract(
                       "truncated", stacklevel=2)
     if (lengths == 0).any():
         raise UserError(f"text {int(np.argmax(lengths == 0))} has no tokens; remove empty texts from the data")
+    rows_per_text = lengths
+    if pool == "words":
+        check_offsets(handle.tokenizer, handle.name)
+        rows_per_text = word_counts(texts)
     if cache and handle.revision is None:
         handle.revision = "sha256:" + weights_fingerprint(handle.loaded.model)
     meta: dict[str, Any] = {
@@ -695,6 +728,8 @@ def extract(
                        "world_size": dist_info()[1], "torch": torch.__version__,
                        "transformers": _transformers_version()},
     }
+    if pool == "words":
+        meta.update(word_rule=WORD_RULE, n_words=int(rows_per_text.sum()))
     t_prepare = time.perf_counter() - t0
     load_s = [0.0]
 
@@ -725,10 +760,12 @@ def extract(
     elif cache:
         from repsim import store  # noqa: PLC0415
 
-        acts = store.get_or_build(meta, texts, lengths, make_runner, batches, progress=progress,
+        acts = store.get_or_build(meta, texts, rows_per_text, make_runner, batches, progress=progress,
                                   chunk_size=chunk_size, verify=verify, on_batch=on_batch)
     else:
-        acts = _extract_in_memory(make_runner(), texts, lengths, batches, meta, progress, on_batch)
+        acts = _extract_in_memory(make_runner(), texts, rows_per_text, batches, meta, progress, on_batch)
+    if pool == "words":
+        acts.meta["n_words_dropped"] = int((~acts.kept).sum())
     t_load = t_prepare + load_s[0]
     acts.meta.setdefault("timings", {})
     acts.meta["timings"]["load_s"] = t_load
@@ -787,7 +824,7 @@ def run_batches(runner: Runner, texts: Sequence[str], batches: Sequence[np.ndarr
             feats, mask, ids = runner.run([texts[i] for i in idx])
             if on_batch is not None:
                 on_batch(j)
-            tok_ids = ids[mask.bool()].numpy() if runner.pool == "tokens" else None
+            tok_ids = runner.row_ids
             yield j, idx, {k: v.to("cpu", torch.float32).numpy() for k, v in feats.items()}, tok_ids
             bar.update(len(idx))
     finally:
@@ -797,7 +834,7 @@ def run_batches(runner: Runner, texts: Sequence[str], batches: Sequence[np.ndarr
 def _extract_in_memory(runner: Runner, texts: list[str], lengths: np.ndarray, batches: list[np.ndarray],
                        meta: dict, progress: bool, on_batch) -> Activations:
     rank, world = dist_info()
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) if runner.pool == "tokens" else None
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) if runner.pool in ROW_POOLS else None
     mine = list(range(rank, len(batches), world))
     t0 = time.perf_counter()
     results: dict[int, tuple[dict[int, np.ndarray], np.ndarray | None]] = {}
@@ -858,7 +895,9 @@ def extract_moments(
     """Stream teacher and student features into :class:`repsim.moments.LayerMoments`, storing nothing.
 
     Both models see the same batches of texts; memory depends on widths and batch size, not on the number of
-    texts or tokens. ``pool="tokens"`` pairs tokens one by one and so needs identical tokenizers.
+    texts or tokens. ``pool="tokens"`` pairs tokens one by one and so needs identical tokenizers;
+    ``pool="words"`` pairs words (:mod:`repsim.words`) and streams only the words both models kept
+    (``meta["n_words"]``, ``meta["n_words_used"]``).
     Under ``torch.distributed`` each rank streams its shard and the moments are summed with ``all_reduce``.
     ``layers`` selects teacher layers, ``student_layers`` student layers (default: same as ``layers`` when
     that is given as indices, else all). ``on_batch(rows_so_far)`` is called after each batch on this rank.
@@ -878,6 +917,9 @@ def extract_moments(
     s_lm = load(student, device=dev, dtype=torch_dtype, device_map=device_map)
     if pool == "tokens":
         check_same_tokenizer(t_lm.tokenizer, s_lm.tokenizer)
+    if pool == "words":
+        check_offsets(t_lm.tokenizer, "teacher")
+        check_offsets(s_lm.tokenizer, "student")
     t_layers = resolve_layers(layers, num_layers(t_lm.model))
     s_layers = resolve_layers(student_layers if student_layers is not None else layers, num_layers(s_lm.model))
     t_len = effective_max_length(t_lm.tokenizer, t_lm.model, max_length)
@@ -897,7 +939,7 @@ def extract_moments(
     mine = batches[rank::world]
     moments = None
     bar = _progress(sum(len(b) for b in mine), "moments", progress)
-    n_rows = 0
+    n_rows = n_words = 0
     try:
         for idx in mine:
             chunk = [texts[i] for i in idx]
@@ -905,12 +947,19 @@ def extract_moments(
             s_feats, s_mask, s_ids = s_run.run(chunk)
             if pool == "tokens" and not torch.equal(t_ids[t_mask.bool()], s_ids[s_mask.bool()]):
                 raise UserError("teacher and student token ids differ on the same texts; cannot pair tokens")
+            if pool == "words":
+                both = torch.from_numpy((t_run.row_ids > 0) & (s_run.row_ids > 0))
+                n_words += len(both)
+                t_feats = {k: v[both.to(v.device)] for k, v in t_feats.items()}
+                s_feats = {k: v[both.to(v.device)] for k, v in s_feats.items()}
             if moments is None:
                 t_w = [t_feats[k].shape[1] for k in t_run.layers]
                 s_w = [s_feats[k].shape[1] for k in s_run.layers]
                 moments = LayerMoments(t_w, s_w, **(moments_kwargs or {}))
-            moments.update([t_feats[k] for k in t_run.layers], [s_feats[k] for k in s_run.layers])
-            n_rows += int(t_feats[t_run.layers[0]].shape[0])
+            rows = int(t_feats[t_run.layers[0]].shape[0])
+            if rows:
+                moments.update([t_feats[k] for k in t_run.layers], [s_feats[k] for k in s_run.layers])
+            n_rows += rows
             bar.update(len(idx))
             if on_batch is not None:
                 on_batch(n_rows)
@@ -929,6 +978,8 @@ def extract_moments(
                         "student_layers": s_run.layers, "pool": pool, "n_texts": len(texts),
                         "data_fingerprint": data_fp or fingerprint_texts(texts), "n_truncated": n_trunc,
                         "max_length": t_len, "rows_this_rank": n_rows}
+        if pool == "words":
+            moments.meta.update(word_rule=WORD_RULE, n_words_this_rank=n_words, n_words_used_this_rank=n_rows)
     return moments
 
 

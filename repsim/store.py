@@ -5,7 +5,8 @@ fingerprint, the data fingerprint (hash of the texts in order) and count, poolin
 compute dtype, accumulation and storage dtype, padding side and the transformers MAJOR version. The folder
 is ``<cache_dir>/activations/<model-slug>-<hash20>/`` holding ``manifest.json`` (shapes, dtypes and sha256
 of every array, plus provenance) and ``layer_KKK.npy`` (+ ``offsets.npy`` and ``token_ids.npy`` for
-``pool="tokens"``), read with ``np.load(mmap_mode="r", allow_pickle=False)``.
+``pool="tokens"``; for ``pool="words"`` the same two files, ``token_ids.npy`` then counting the tokens
+averaged into each word), read with ``np.load(mmap_mode="r", allow_pickle=False)``.
 
 Life of an entry:
 
@@ -98,6 +99,8 @@ def key_fields(meta: dict) -> dict:
 
     fields = {k: meta.get(k) for k in KEY_FIELDS}
     fields["format"] = FORMAT_VERSION
+    if meta.get("pool") == "words":
+        fields["word_rule"] = meta.get("word_rule")
     fields["transformers_major"] = int(transformers.__version__.split(".")[0])
     return fields
 
@@ -442,7 +445,7 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
     from repsim.extract import run_batches  # noqa: PLC0415
 
     runner = make_runner()
-    tokens = runner.pool == "tokens"
+    tokens = runner.pool in ("tokens", "words")  # several rows per text: offsets + one int64 per row
     shard = partial / f"shard-{rank:03d}"
     shard.mkdir(exist_ok=True)
     mine = list(batches[rank::world])
@@ -702,7 +705,7 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_run
             resumed = sum(resumed_box)
         if rank == 0:
             full_meta = dict(meta, layers=runner.layers, timings={"forward_s": forward_s})
-            _finalise(partial, key, full_meta, world, lengths, batches, runner.pool == "tokens")
+            _finalise(partial, key, full_meta, world, lengths, batches, runner.pool in ("tokens", "words"))
             _rmtree(entry)
             os.rename(partial, entry)
             _VERIFIED.add(str(entry))

@@ -143,16 +143,31 @@ def test_output_folder_that_is_a_file(tmp_path, pair, texts_file, capsys):
     assert target.read_text() == "keep me"
 
 
-def test_mismatched_rows_between_teacher_and_student(tmp_path, tiny_model, texts_file, capsys):
-    """Token pooling with different tokenizers gives different row counts: a user error, not a crash."""
+def test_pool_tokens_with_different_tokenizers_is_refused_before_extraction(tmp_path, tiny_model, texts_file, capsys):
+    """Token pooling with different tokenizers: one line naming --pool words, before any extraction (no progress
+    bars; the row counts are never compared, since two tokenizers can give equal counts by chance)."""
     teacher, student = str(tiny_model("bert", seed=0)), str(tiny_model("gpt2", seed=0))
+    capsys.readouterr()  # what writing the tiny models printed
     out = tmp_path / "out"
     status = main(["compare", teacher, student, "--data", str(texts_file), "--pool", "tokens", "--out", str(out)])
-    err = capsys.readouterr().err.strip()  # progress bars of the two extractions, then the error
-    assert status == 2 and "Traceback" not in err
-    assert err.splitlines()[-1].startswith("repsim: error:") and "rows" in err.splitlines()[-1]
-    assert sum(line.startswith("repsim: error") for line in err.splitlines()) == 1
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("repsim: error:") and "tokenizers differ" in err and "--pool words" in err
     assert not out.exists()
+
+
+def test_pool_words_on_different_tokenizers_writes_results(tmp_path, tiny_model, texts_file, capsys):
+    teacher, student = str(tiny_model("bert", seed=0)), str(tiny_model("gpt2", seed=0))
+    out = tmp_path / "out"
+    assert main(["compare", teacher, student, "--data", str(texts_file), "--pool", "words", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(out / "results.csv")
+    report = json.loads((out / "report.json").read_text())
+    n_words = sum(len(line.split()) for line in texts_file.read_text().splitlines())  # plain words, no punctuation
+    assert report["pooling"] == "words" and report["words"]["n_words"] == n_words == report["words"]["n_used"]
+    assert f"{n_words} words" in printed
+    assert set(table["metric"]) == {"procrustes[distance]", "gram_frobenius", "cka[linear,biased]",
+                                    "projection_residual[in_sample]"}
 
 
 def test_cli_user_error_has_no_traceback_in_a_real_process(tmp_path, pair, texts_file):
