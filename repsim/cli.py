@@ -136,7 +136,8 @@ def _add_compare(sub) -> None:
                         "metrics but the k-fold projection residual, whose bootstrap replicates leak duplicated texts "
                         "across folds and whose permutations cost a full held-out fit each)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json")
+                   help="write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json and "
+                   "report.html (one self-contained page)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     p.add_argument("--seed", type=_COUNT, default=0, help="seed for data sampling, bootstrap and permutations")
     p.add_argument("--suggest-map", default=None, metavar="METRIC",
@@ -155,10 +156,10 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="redraw heatmaps and the best-match plot from a results.csv",
-                       description="Redraw heatmap_<metric>.png/.svg and best_match.png/.svg from a results.csv "
-                       "written by `repsim compare --out`.")
-    p.add_argument("results", metavar="RESULTS.csv")
+    p = sub.add_parser("plot", help="redraw heatmaps, the best-match plot and report.html from a results.csv",
+                       description="Redraw heatmap_<metric>.png/.svg, best_match.png/.svg and report.html from a "
+                       "results.csv written by `repsim compare --out` (and the report.json beside it, when present).")
+    p.add_argument("results", metavar="DIR|RESULTS.csv", help="an output folder of `repsim compare` or its results.csv")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: beside RESULTS.csv)")
     p.set_defaults(func=_run_plot)
 
@@ -320,7 +321,7 @@ def _run_check(args: argparse.Namespace) -> int:
         chance_permutations=args.chance_permutations)
     print(result.summary())
     if args.out:
-        print(f"wrote {args.out}/check.csv and check.json")
+        print(f"wrote {args.out}/check.csv, check.json and report.html")
     return 0
 
 

@@ -429,7 +429,8 @@ class Comparison:
         return paths
 
     def save(self, out: str | Path) -> Path:
-        """Write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg and report.json into ``out``.
+        """Write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json and report.html (one
+        self-contained page, :mod:`repsim.report`) into ``out``.
 
         The set is replaced as a whole (:func:`repsim.outputs.replace_folder`): ``out`` shows either the previous
         run's set or this one, never a mix, also when the process is killed; a failure leaves it untouched.
@@ -449,6 +450,7 @@ class Comparison:
                 self.save_curve(tmp)
             self.meta.setdefault("timings", {})["plots"] = time.perf_counter() - t0
             (tmp / "report.json").write_text(json.dumps(_jsonable(self.meta), indent=2) + "\n")
+            write_report(self, tmp / "report.html")
 
         with naming_path(out):
             return replace_folder(out, fill, is_output_file)
@@ -1157,8 +1159,16 @@ def run_compare_cli(args: Any) -> int:
     if args.out is not None:
         t = comp.meta["timings"]
         echo("")
-        echo(f"wrote {Path(args.out) / 'results.csv'}, heatmaps and report.json  ({format_timings(t)})")
+        echo(f"wrote {Path(args.out) / 'results.csv'}, heatmaps, report.json and report.html  "
+             f"({format_timings(t)})")
     return 0
+
+
+def write_report(comp: Comparison, path: str | Path) -> Path:
+    """Write ``comp``'s report.html (:mod:`repsim.report`) to ``path``."""
+    from repsim import report
+
+    return report.write(path, report.comparison_html(comp))
 
 
 TIMING_STAGES = ("load", "extract", "metrics", "bootstrap", "permutations", "plots")
@@ -1173,21 +1183,25 @@ def format_timings(timings: dict[str, float]) -> str:
 
 
 def run_plot_cli(args: Any) -> int:
-    """The `repsim plot RESULTS.csv` command: redraw the figures from the file alone."""
+    """The `repsim plot DIR|RESULTS.csv` command: redraw the figures and report.html from the file alone."""
     from repsim.outputs import is_figure_file, replace_folder
     from repsim.plot import save_figures
 
-    comp = Comparison.from_csv(args.results)
+    results = Path(args.results)
+    if results.is_dir():
+        results = results / "results.csv"
+    comp = Comparison.from_csv(results)
     if not comp.meta:
-        print(f"repsim: no report.json beside {args.results}: model names and the number of texts are unknown; "
+        print(f"repsim: no report.json beside {results}: model names and the number of texts are unknown; "
               "axes say only 'teacher layer' / 'student layer'", file=sys.stderr)
-    out = check_out_dir(args.out or Path(args.results).parent)
+    out = check_out_dir(args.out or results.parent)
     files: list[Path] = []
 
     def fill(tmp: Path) -> None:
         files.extend(save_figures(comp.table, tmp, **comp.figure_labels()))
+        write_report(comp, tmp / "report.html")
 
-    with naming_path(out):
-        replace_folder(out, fill, is_figure_file)  # the figures as one set; results.csv and other files stay
-    print(f"wrote {len(files)} figures to {out}")
+    with naming_path(out):  # the figures and the page as one set; results.csv and other files stay
+        replace_folder(out, fill, lambda name: is_figure_file(name) or name == "report.html")
+    print(f"wrote {len(files)} figures and report.html to {out}")
     return 0

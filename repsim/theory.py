@@ -568,7 +568,15 @@ class CheckResult:
         _atomic_write_text(out / "check.csv", self.table.to_csv(index=False))
         _atomic_write_text(out / "check.json", json.dumps(
             {"meta": self.meta, "checks": [asdict(c) for c in self.checks]}, indent=2, default=str))
+        _atomic_write_text(out / "report.html", self.html())
         return out
+
+    def html(self) -> str:
+        """The check as one self-contained page (:mod:`repsim.report`)."""
+        from repsim.report import check_html
+
+        return check_html(self.table, self.meta, verdicts=[f"layer {c.teacher_layer} ↔ {c.student_layer}: "
+                                                           f"{c.verdict}." for c in self.checks])
 
 
 def check_models(teacher: str, student: str, data: Any = "sst2", layer_map: str = "uniform", *,
@@ -687,6 +695,12 @@ def geometry_before_after(teacher: str, student: str, data: str = "sst2", *,
         frames.append(t)
     table = pd.concat(frames, ignore_index=True)
     _atomic_write_text(out / "geometry_before_after.csv", table.to_csv(index=False))
+    from repsim.report import check_html
+
+    _atomic_write_text(out / "report.html", check_html(
+        table, {"teacher": teacher_ref, "student": student, "data": data, "layer_map": str(pairs),
+                "n": len(check_texts), "seed": seed, "check_options": check_options},
+        title="repsim geometry before and after distillation", label_column="student"))
     return table
 
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from markupsafe import escape
 from tiny_models import WORDS
 
 from repsim import cli, metrics, theory
@@ -179,6 +180,10 @@ def test_check_models_and_cli_on_tiny_models(tiny_model, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "layer 3 ↔ 2" in r.stdout and (tmp_path / "c" / "check.json").exists()
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert 'href="#def-procrustes_distance"' in page and 'id="def-procrustes_distance"' in page
+    assert all(str(escape(f"layer {c.teacher_layer} ↔ {c.student_layer}: {c.verdict}")) in page for c in res.checks)
+    assert (tmp_path / "c" / "report.html").exists()
     import json
 
     report = json.loads((tmp_path / "c" / "check.json").read_text())
