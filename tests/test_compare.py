@@ -263,7 +263,7 @@ def test_save_writes_everything_and_reads_back(tmp_path, synthetic):
     comp = Comparison.from_layers(teacher, student, DEFAULTS, meta={"teacher": {"name": "t"}})
     out = comp.save(tmp_path / "run")
     names = {p.name for p in out.iterdir()}
-    expected = {"results.csv", "report.json", "best_match.png", "best_match.svg"}
+    expected = {"results.csv", "report.json", "report.html", "best_match.png", "best_match.svg"}
     expected |= {f"heatmap_{s}.{e}" for s in ("procrustes_distance", "gram_frobenius", "cka_linear_biased",
                                                "projection_residual_folds_5") for e in ("png", "svg")}
     assert names == expected

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 NO_CHROMIUM = "chromium is not installed (Debian: apt-get install -y --no-install-recommends chromium)"
 
 
-def _comparison(bootstrap: int = 0, permutations: int = 0, name: str = "teacher-model") -> Comparison:
+def _comparison(bootstrap: int = 0, permutations: int = 0, name: str = "teacher-model", chance: int = 0) -> Comparison:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((40, 6))
     teacher = [X @ rng.standard_normal((6, 6)) + 0.1 * k * rng.standard_normal((40, 6)) for k in range(3)]
@@ -33,7 +33,7 @@ def _comparison(bootstrap: int = 0, permutations: int = 0, name: str = "teacher-
             "data": {"spec": "sst2", "name": "sst2-like", "source": "test", "fingerprint": "f" * 64, "n_texts": 40},
             "pooling": "mean", "versions": {"repsim": "0.1.0"}}
     return Comparison.from_layers(teacher, student, ["procrustes", "cka", "gram_frobenius"], bootstrap=bootstrap,
-                                  permutations=permutations, meta=meta)
+                                  permutations=permutations, chance_permutations=chance, meta=meta)
 
 
 def _links_resolve(html: str) -> tuple[set[str], set[str]]:
@@ -69,11 +69,14 @@ def test_names_are_escaped(tmp_path):
 
 
 def test_chance_levels_are_shown_when_the_results_carry_them():
-    comp = _comparison()
-    comp.table["chance"] = 0.123456
+    comp = _comparison(chance=4)
     html = report.comparison_html(comp)
-    assert "chance level" in html and "0.1235" in html
-    assert "chance level" not in report.comparison_html(_comparison())
+    assert "<th>chance level</th>" in html
+    best = comp.best_matches("procrustes")
+    chance = comp.table.set_index(["metric", "teacher_layer", "student_layer"])["chance"]
+    for r in best.itertuples():
+        assert report._num(chance[(r.metric, r.teacher_layer, r.student_layer)]) in html
+    assert "<th>chance level</th>" not in report.comparison_html(_comparison(chance=0))
 
 
 def test_repsim_plot_regenerates_the_page_from_the_folder(tmp_path, capsys):
