@@ -203,12 +203,12 @@ def _is_int(x: Any) -> bool:
 
 def _expected_arrays(manifest: dict) -> dict[str, tuple[list[int], str]]:
     """The array files a well-formed manifest must list, with their shapes and dtypes (from layers, widths and
-    the row count: texts, or tokens for ``pool="tokens"``)."""
+    the row count: texts, tokens for ``pool="tokens"``, words for ``pool="words"``)."""
     meta = manifest["meta"]
-    tokens = meta.get("pool") == "tokens"
-    rows = meta.get("n_tokens") if tokens else meta.get("n_texts")
+    tokens = meta.get("pool") in ("tokens", "words")
+    rows = {"tokens": meta.get("n_tokens"), "words": meta.get("n_words")}.get(meta.get("pool"), meta.get("n_texts"))
     if not (_is_int(rows) and rows >= 1 and _is_int(meta.get("n_texts"))):
-        raise DamagedEntry("manifest.json: no row count (meta n_texts / n_tokens)")
+        raise DamagedEntry("manifest.json: no row count (meta n_texts / n_tokens / n_words)")
     widths = manifest["widths"]
     out = {_layer_file(k): ([rows, widths[str(k)]], "float32") for k in manifest["layers"]}
     if tokens:
