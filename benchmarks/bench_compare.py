@@ -12,30 +12,20 @@ Prints a table of seconds per stage and the ratios warm/cold and bootstrap/no-bo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from compare_process import run_compare
 
 STAGES = ("load", "extract", "metrics", "bootstrap", "plots")
 
 
 def run(label: str, cache: Path, out: Path, extra: list[str], assets: Path | None = None) -> dict:
-    cmd = [sys.executable, "-m", "repsim", "compare", "--out", str(out), *extra]
-    env = {**os.environ, "REPSIM_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
-    if assets is not None:
-        env["REPSIM_ASSETS_CACHE"] = str(assets)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{label} run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
+    report, wall, _ = run_compare(label, extra, cache, out, assets)
     timings = {k: float(v) for k, v in report["timings"].items() if isinstance(v, (int, float))}
     timings["wall"] = wall
     print(f"[{label}] wall {wall:.1f}s  " + "  ".join(f"{k} {timings.get(k, 0):.1f}s" for k in STAGES), flush=True)

@@ -11,38 +11,16 @@ report.json and the peak resident memory of each process (ru_maxrss).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-CHILD = """
-import json, resource, sys
-from repsim.cli import main
-rc = main(sys.argv[2:])
-with open(sys.argv[1], "w") as fh:
-    json.dump({"rc": rc, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, fh)
-sys.exit(rc)
-"""
+from compare_process import run_compare
 
 
 def run(label: str, pool: str, cache: Path, out: Path, extra: list[str], assets: Path | None) -> dict:
-    stats = out.with_suffix(".stats.json")
-    cmd = [sys.executable, "-c", CHILD, str(stats), "compare", "--pool", pool, "--out", str(out), *extra]
-    env = {**os.environ, "REPSIM_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
-    if assets is not None:
-        env["REPSIM_ASSETS_CACHE"] = str(assets)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{label} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
-    peak = json.loads(stats.read_text())["maxrss_kib"] / 1024**2
+    report, wall, peak = run_compare(label, ["--pool", pool, *extra], cache, out, assets)
     words = report.get("words") or {}
     rows = words.get("n_used", report.get("n_texts"))
     t = report["timings"]
