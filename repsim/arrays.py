@@ -19,6 +19,21 @@ A side is refused as having zero variance when ‖X_c‖_F ≤ ZERO_VARIANCE_FAC
 compute dtype; the √n covers the rounding of the n-term column sums, whose error grows at most like √n for
 random-walk accumulation). Above that bound the centred data are at least ~16 roundings away from noise; data
 whose spread is that small against their offset cannot be centred meaningfully in that dtype anyway.
+
+Debiased self-HSIC. n(n−3)·HSIC_u(K, K) = ‖U(K)‖²_F ≥ 0 (U the U-centring) is 0 exactly when K_ij = u_i + u_j
+off the diagonal, i.e. (linear kernel) the rows are a common point plus mutually orthogonal offsets: all rows
+equal but one, one-hot rows. It is computed as T₁ − n/(n−2)·T₂ + T₃/((n−1)(n−2)), T₁ = ‖K‖²_F, T₂ = ‖K̃1‖²
+(K̃ = K with a zero diagonal; Σ‖x_i‖⁴ for centred rows), T₃ = (1ᵀK̃1)² ((Σ‖x_i‖²)² for centred rows), so an
+exact 0 comes out as rounding noise of either sign. Each term is a sum of products of length-n (or p) dot
+products, each with relative error ≤ γ_n ≈ n·eps/2 (Higham's bound for recursive summation), doubled by the
+squaring (n·eps); the outer sums are pairwise (≤ 64·eps/2 ≤ 8·n·eps for n ≥ 4) and the three-term combination
+adds 2·eps. So the computed value's error is below (1 + 8 + 1)·n·eps·M, M = T₁ + n/(n−2)·T₂ + T₃/((n−1)(n−2))
+the sum of the absolute terms, and :func:`check_self_hsic` refuses a value ≤ HSIC_ROUNDING_FACTOR·n·eps·M with
+HSIC_ROUNDING_FACTOR = 32: that bound with a margin of 3 for the roundings of the factorisations some engines
+start from (measured: at most 10.1·n·eps·M on exactly-zero cases). The terms assume exactly centred columns,
+so a common offset c times the spread adds about c·n·eps·M more: in the in-memory engines (not the streaming
+moments) an exactly-zero side offset by more than ~10× its spread can still give a rounding-noise value.
+Genuine data sit far above the bound: isotropic rows give HSIC/M ≈ n/(3p) when n ≪ p.
 """
 
 from __future__ import annotations
@@ -35,6 +50,8 @@ ArrayLike = Any  # np.ndarray | torch.Tensor
 
 #: the factor c of the zero-variance rule ‖X_c‖_F ≤ c·√n·eps·‖X‖_F (module docstring)
 ZERO_VARIANCE_FACTOR = 16.0
+#: the factor c of the debiased self-HSIC rule n(n−3)·HSIC_u ≤ c·n·eps·M (module docstring)
+HSIC_ROUNDING_FACTOR = 32.0
 #: squared norms (per entry, and in total) inside this range need no power-of-two rescaling first
 SAFE_SQUARES = (2.0**-900, 2.0**900)
 
@@ -164,6 +181,30 @@ def check_spread(centred_sq: float, offset_sq: float, n: int, dtype: torch.dtype
     tau = variance_tolerance(n, dtype)
     if not centred_sq > tau * tau * (centred_sq + offset_sq):
         raise zero_variance_error(name, n, dtype, what)
+
+
+def self_hsic_magnitude(gram_sq: Any, diag_sq: Any, total_sq: Any, n: int) -> Any:
+    """M = T₁ + n/(n−2)·T₂ + T₃/((n−1)(n−2)): the absolute terms of n(n−3)·HSIC_u(K, K) (module docstring)."""
+    return gram_sq + n / (n - 2) * diag_sq + total_sq / ((n - 1) * (n - 2))
+
+
+def debiased_self_hsic(gram_sq: Any, diag_sq: Any, total_sq: Any, n: int) -> tuple[Any, Any]:
+    """(n(n−3)·HSIC_u(K, K), M) from T₁ = ‖K‖²_F, T₂ = ‖K̃1‖², T₃ = (1ᵀK̃1)² (module docstring), elementwise."""
+    value = gram_sq - n / (n - 2) * diag_sq + total_sq / ((n - 1) * (n - 2))
+    return value, self_hsic_magnitude(gram_sq, diag_sq, total_sq, n)
+
+
+def check_self_hsic(value: Any, magnitude: Any, n: int, dtype: torch.dtype, name: str) -> None:
+    """Raise UserError unless every debiased self-HSIC ``value`` (n(n−3)·HSIC_u, any scale) exceeds
+    HSIC_ROUNDING_FACTOR·n·eps·``magnitude`` (M of the module docstring); ``value`` may be a tensor of layers."""
+    v = torch.as_tensor(value).detach().reshape(-1).double()
+    m = torch.as_tensor(magnitude).detach().reshape(-1).double()
+    bad = torch.nonzero(~(v > HSIC_ROUNDING_FACTOR * n * torch.finfo(dtype).eps * m)).flatten().tolist()
+    if bad:
+        which = f" (layer(s) {bad})" if v.numel() > 1 else ""
+        raise UserError(f"the debiased HSIC of {name}{which} with itself is not positive beyond rounding (n={n}): "
+                        "0 exactly when the rows are a common point plus mutually orthogonal offsets (e.g. all rows "
+                        "equal but one); debiased CKA is undefined")
 
 
 def centred_unit(X: torch.Tensor, name: str = "X", center: bool = True, what: str = "the metric") -> torch.Tensor:

@@ -48,7 +48,9 @@ import torch
 
 from repsim.arrays import (
     as_matrix,
+    check_self_hsic,
     check_spread,
+    debiased_self_hsic,
     power_of_two_exponent,
     safe_squares,
     scale_by_power_of_two,
@@ -625,11 +627,11 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
         elif spec.family == "cka":
             c, f = 1.0 / ((n - 1) * (n - 2)), n / (n - 2)
             hxy = cross_sq + c - f * (teacher.row_sq @ student.row_sq.T)
-            hxx = gx + c - f * (teacher.row_sq ** 2).sum(dim=1)
-            hyy = gy + c - f * (student.row_sq ** 2).sum(dim=1)
-            if bool((hxx <= 0).any()) or bool((hyy <= 0).any()):
-                raise UserError(f"debiased HSIC of a layer with itself is not positive (n={n} is too small for the "
-                                f"unbiased estimator); debiased CKA undefined")
+            one = torch.ones((), dtype=dtype, device=device)  # (Σ‖x̃_i‖²)² = 1: unit-Frobenius factors
+            hxx, mxx = debiased_self_hsic(gx, (teacher.row_sq ** 2).sum(dim=1), one, n)
+            hyy, myy = debiased_self_hsic(gy, (student.row_sq ** 2).sum(dim=1), one, n)
+            check_self_hsic(hxx, mxx, n, dtype, "the teacher")
+            check_self_hsic(hyy, myy, n, dtype, "the student")
             out[spec.id] = hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
         elif spec.id in explained:
             out[spec.id] = _clamp_rounding(1.0 - explained[spec.id], 0.0, 1.0, "projection residual")

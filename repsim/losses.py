@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from repsim.arrays import centred_unit
+from repsim.arrays import centred_unit, check_self_hsic, debiased_self_hsic
 from repsim.errors import UserError
 
 __all__ = [
@@ -356,7 +356,8 @@ class CKALoss(_GeometryLoss):
     ``estimator="biased"`` (default): ⟨K, L⟩/(‖K‖_F‖L‖_F) on centred features, in [0, 1]; equal to
     1 − ``repsim.metrics.cka(X, Y, estimator="biased")``. ``estimator="debiased"``: Song et al.'s unbiased HSIC
     (Kornblith's debiased CKA); needs n ≥ 4 non-masked rows, and raises when a self-HSIC estimate is not positive
-    (tiny batches) rather than returning NaN. Computed with p×p, q×q, p×q products, or n×n ones when cheaper.
+    beyond rounding (repsim.arrays.check_self_hsic) rather than returning NaN. Computed with p×p, q×q, p×q
+    products, or n×n ones when cheaper.
     Blind spot (the paper's Theorem 1): CKA can approach 1 (loss → 0) while the student's geometry stays far
     from the teacher's (Procrustes distance → √(2 − √2)).
     """
@@ -380,13 +381,10 @@ class CKALoss(_GeometryLoss):
         rows_x = Xt.square().sum(dim=1)
         rows_y = Yt.square().sum(dim=1)
         hsic_xy = _debiased_hsic(kl, rows_x, rows_y, n)
-        hsic_xx = _debiased_hsic(kk, rows_x, rows_x, n)
-        hsic_yy = _debiased_hsic(ll, rows_y, rows_y, n)
-        if not bool((hsic_xx.detach() > 0) & (hsic_yy.detach() > 0)):
-            raise UserError(
-                f"debiased HSIC of the teacher or student with itself is not positive on {n} rows "
-                "(too few rows for the unbiased estimator); use more rows or estimator='biased'"
-            )
+        hsic_xx, mag_xx = debiased_self_hsic(kk, rows_x.square().sum(), rows_x.sum().square(), n)
+        hsic_yy, mag_yy = debiased_self_hsic(ll, rows_y.square().sum(), rows_y.sum().square(), n)
+        check_self_hsic(hsic_xx, mag_xx, n, dtype, "the teacher")
+        check_self_hsic(hsic_yy, mag_yy, n, dtype, "the student")
         return 1.0 - hsic_xy / torch.sqrt(hsic_xx * hsic_yy)
 
     def extra_repr(self) -> str:

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.arrays import ArrayLike, as_pair, prepare, to_output
+from repsim.arrays import (
+    ArrayLike,
+    as_pair,
+    check_self_hsic,
+    debiased_self_hsic,
+    prepare,
+    self_hsic_magnitude,
+    to_output,
+)
 from repsim.errors import UserError
 
 __all__ = [
@@ -348,9 +356,20 @@ def _u_center_gram(K: torch.Tensor) -> torch.Tensor:
     return K
 
 
+def _u_centred_checked(K: torch.Tensor, side: str) -> torch.Tensor:
+    """U(K), refusing a self-HSIC ‖U(K)‖²_F that is 0 up to rounding (repsim.arrays.check_self_hsic), judged
+    against K's terms ‖K‖²_F, ‖K̃1‖², (1ᵀK̃1)² (K̃ = K with a zero diagonal)."""
+    n = K.shape[0]
+    off_rows = K.sum(dim=1) - torch.diagonal(K)
+    magnitude = self_hsic_magnitude(K.square().sum(), off_rows.square().sum(), off_rows.sum().square(), n)
+    U = _u_center_gram(K)
+    check_self_hsic(U.square().sum(), magnitude, n, K.dtype, side)
+    return U
+
+
 def _cka_from_grams(K: torch.Tensor, L: torch.Tensor, estimator: str, centred: bool) -> torch.Tensor:
     if estimator == "debiased":
-        K, L = _u_center_gram(K), _u_center_gram(L)
+        K, L = _u_centred_checked(K, "X (teacher)"), _u_centred_checked(L, "Y (student)")
     elif not centred:
         K, L = _center_gram(K), _center_gram(L)
     return _cka_ratio((K * L).sum(), K.square().sum(), L.square().sum())
@@ -377,10 +396,11 @@ def _linear_cka_primal(Xt: torch.Tensor, Yt: torch.Tensor, estimator: str) -> to
         rx, ry = Xt.square().sum(dim=1), Yt.square().sum(dim=1)
         sx, sy = rx.sum(), ry.sum()
 
-        def debias(ab: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor):
-            return ab - n / (n - 2) * (ra @ rb) + sa * sb / ((n - 1) * (n - 2))
-
-        xy, xx, yy = debias(xy, rx, ry, sx, sy), debias(xx, rx, rx, sx, sx), debias(yy, ry, ry, sy, sy)
+        xy = xy - n / (n - 2) * (rx @ ry) + sx * sy / ((n - 1) * (n - 2))
+        xx, mx = debiased_self_hsic(xx, rx @ rx, sx * sx, n)
+        yy, my = debiased_self_hsic(yy, ry @ ry, sy * sy, n)
+        check_self_hsic(xx, mx, n, Xt.dtype, "X (teacher)")
+        check_self_hsic(yy, my, n, Yt.dtype, "Y (student)")
     return _cka_ratio(xy, xx, yy)
 
 

@@ -68,7 +68,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.arrays import as_matrix, power_of_two_exponent, scale_by_power_of_two, variance_tolerance
+from repsim.arrays import (
+    as_matrix,
+    check_self_hsic,
+    debiased_self_hsic,
+    power_of_two_exponent,
+    scale_by_power_of_two,
+    variance_tolerance,
+)
 from repsim.errors import UserError
 
 _PAIR_KEYS = ("cross", "s_ab", "t_ay", "t_bx")
@@ -570,13 +577,10 @@ class LayerMoments:
             c = 1.0 / ((n - 1) * (n - 2))
             f = n / (n - 2)
             hxy = self._cross_sq() + c * A[:, None] * B[None, :] - f * self.s_ab
-            hxx = kx + c * A * A - f * self.quart_t
-            hyy = ky + c * B * B - f * self.quart_s
-            for name, h in (("teacher", hxx), ("student", hyy)):
-                bad = torch.nonzero(h <= 0).flatten().tolist()
-                if bad:
-                    raise UserError(f"debiased HSIC of {name} layer(s) {bad} with itself is not positive "
-                                    f"(n={self.n} is too small for the unbiased estimator); debiased CKA undefined")
+            hxx, mxx = debiased_self_hsic(kx, self.quart_t, A * A, self.n)
+            hyy, myy = debiased_self_hsic(ky, self.quart_s, B * B, self.n)
+            check_self_hsic(hxx, mxx, self.n, self.dtype, "the teacher")
+            check_self_hsic(hyy, myy, self.n, self.dtype, "the student")
             return hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
         raise UserError(f"linear CKA from moments supports estimator 'biased' or 'debiased', got {estimator!r}")
 

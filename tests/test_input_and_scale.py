@@ -225,7 +225,8 @@ def test_a_narrow_compute_dtype_names_the_range_it_cannot_hold():
 def test_rbf_bandwidth_anywhere_in_the_float_range():
     """σ → ∞: exp(−d²/(2σ²m)) = 1 − d²/(2σ²m) + …, and CKA removes the constant and the scale, so RBF CKA tends
     to linear CKA with a gap ∝ 1/σ² (checked across the switch to the expansion); σ → 0: K is the identity on
-    distinct rows on both sides, so CKA = 1."""
+    distinct rows on both sides, so biased CKA = 1, while the identity's U-centred Gram is exactly 0 (one-hot
+    rows), so the debiased estimator is undefined and raises."""
     rng = np.random.RandomState(1337)
     X = rng.randn(100, 10)
     Y = rng.randn(100, 10) + X
@@ -237,7 +238,11 @@ def test_rbf_bandwidth_anywhere_in_the_float_range():
             assert repsim.cka(X, Y, kernel="rbf", sigma=sigma, estimator=estimator) == pytest.approx(linear,
                                                                                                     rel=1e-12)
         for sigma in (1e-3, 1e-300):
-            assert repsim.cka(X, Y, kernel="rbf", sigma=sigma, estimator=estimator) == pytest.approx(1.0, abs=1e-12)
+            if estimator == "biased":
+                assert repsim.cka(X, Y, kernel="rbf", sigma=sigma) == pytest.approx(1.0, abs=1e-12)
+            else:
+                with pytest.raises(UserError, match="debiased HSIC of X .* not positive beyond rounding"):
+                    repsim.cka(X, Y, kernel="rbf", sigma=sigma, estimator=estimator)
     got = pairwise([X], [Y], metrics=["cka[rbf,sigma=1e300]"])["cka[rbf,sigma=1e+300]"]
     assert got[0, 0] == pytest.approx(repsim.cka(X, Y), rel=1e-12)
 
