@@ -92,7 +92,9 @@ BAD = [
     ("compare {t} {s} --data {txt} --metrics ''", "unknown metric ''"),
     ("compare {t} {s} --data {txt} --stats-metrics cka --metrics procrustes", "--stats-metrics"),
     # compare: choices and layers
-    ("compare {t} {s} --data {txt} --pool words", "invalid choice: 'words'"),
+    ("compare {t} {s} --data {txt} --pool sentences", "invalid choice: 'sentences'"),
+    ("compare {t} {s} --data {txt} --pool words --bootstrap 10", "computes its measures from streamed moments"),
+    ("compare {t} {s} --data {txt} --pool words --metrics cka[rbf,sigma=1]", "need(s) every row in memory"),
     ("compare {t} {s} --data {txt} --device tpu", "unknown device 'tpu'"),
     ("compare {t} {s} --data {txt} --layers ''", "empty layer spec"),
     ("compare {t} {s} --data {txt} --layers 99", "unknown teacher layer 99"),
