@@ -32,6 +32,12 @@ from repsim.assets import cache_dir
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (results files never hold a machine's paths)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="all-MiniLM-L6-v2")
@@ -79,9 +85,9 @@ def main() -> None:
     teacher = D.load(str(teacher_dir / "model"), "sequence-classification", 2)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    setting = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    setting = {**{k: (repo_relative(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "data": train.source, "n_train": len(train.texts), "n_train_available": len(train_full.texts),
-               "n_validation": len(validation.texts), "machine": f"{platform.machine()} {platform.node()}",
+               "n_validation": len(validation.texts), "machine": platform.machine(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     (args.out / "setting.json").write_text(json.dumps(setting, indent=2))
     runs = D.run_grid(teacher, args.student, train, validation, losses=args.losses, seeds=args.seeds, config=base,

@@ -93,3 +93,28 @@ def test_relative_links_resolve(page):
     broken = [target for target in LINK.findall(page.read_text(encoding="utf-8"))
               if "://" not in target and not (page.parent / target).exists()]
     assert broken == []
+
+
+# a machine's absolute path: a POSIX home, temp or root folder, or a Windows drive
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/(?:home|root|tmp|work|Users|var/folders)/|[A-Z]:\\\\)")
+
+
+def test_committed_results_hold_no_absolute_paths():
+    """Results, figures' data and benchmark reports record paths relative to the repository."""
+    files = tracked_files("figures/*", "examples/results/*", "benchmarks/*.md")
+    assert any(p.suffix == ".csv" for p in files)
+    offenders = []
+    for path in files:
+        if path.suffix not in {".csv", ".json", ".txt", ".md"} or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if ABSOLUTE_PATH.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:120]}")
+    assert offenders == []
+
+
+def test_the_absolute_path_pattern_catches_machine_paths_only():
+    for absolute in ('"out": "/work/main/examples"', "wrote to /tmp/x", "/home/me/data.csv", r"C:\\Users\\me"):
+        assert ABSOLUTE_PATH.search(absolute), absolute
+    for fine in ("examples/results/distill_sst", "figures/default_results.csv", "1/tmp", "a/tmp/b", "MB/s"):
+        assert not ABSOLUTE_PATH.search(fine), fine
