@@ -27,6 +27,18 @@ def tracked_files(*patterns: str) -> list[Path]:
     return [ROOT / name for name in listed.split("\0") if name]
 
 
+def lines_matching(pattern: re.Pattern, files: list[Path]) -> list[str]:
+    """``path:line: text`` of every line of the existing ``files`` that ``pattern`` finds something in."""
+    found = []
+    for path in files:
+        if not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:160]}")
+    return found
+
+
 def test_the_docs_exist():
     assert {p.name for p in DOCS} >= {"measures.md", "pitfalls.md", "activations.md"}
 
@@ -34,14 +46,7 @@ def test_the_docs_exist():
 def test_no_tracked_file_cites_a_file_outside_the_repository():
     files = tracked_files("*.py", "*.md", "*.toml", "*.txt", "*.cfg", "*.json", ".ci/*")
     assert {ROOT / "README.md", ROOT / "repsim" / "metrics.py", ROOT / "pyproject.toml"} <= set(files)
-    offenders = []
-    for path in files:
-        if not path.is_file():
-            continue
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if OUTSIDE.search(line):
-                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
-    assert offenders == []
+    assert lines_matching(OUTSIDE, files) == []
 
 
 def test_the_pattern_catches_the_forms_citations_take():
@@ -103,14 +108,7 @@ def test_committed_results_hold_no_absolute_paths():
     """Results, figures' data and benchmark reports record paths relative to the repository."""
     files = tracked_files("figures/*", "examples/results/*", "benchmarks/*.md")
     assert any(p.suffix == ".csv" for p in files)
-    offenders = []
-    for path in files:
-        if path.suffix not in {".csv", ".json", ".txt", ".md"} or not path.is_file():
-            continue
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if ABSOLUTE_PATH.search(line):
-                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:120]}")
-    assert offenders == []
+    assert lines_matching(ABSOLUTE_PATH, [p for p in files if p.suffix in {".csv", ".json", ".txt", ".md"}]) == []
 
 
 def test_the_absolute_path_pattern_catches_machine_paths_only():
