@@ -82,6 +82,16 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
                    "1 is often fastest")
 
 
+# repsim.extract.POOLS, spelt here so that parsing arguments imports no model code (a test keeps the two equal)
+POOL_CHOICES = ("mean", "cls", "last", "tokens", "words")
+
+
+def _add_pool(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pool", default="mean", choices=POOL_CHOICES,
+                   help="rows: one per text (mean, cls, last), per token (tokens: same tokenizer on both sides) or "
+                   "per word (words: sub-tokens averaged into words, any two tokenizers)")
+
+
 _MAX_SAMPLES_HELP = "use a seeded random N of the texts (--seed), kept in their original order"
 
 # ------------------------------------------------------------------------------------ compare
@@ -107,9 +117,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--metrics", nargs="+", default=None, metavar="METRIC",
                    help="metric ids, e.g. procrustes gram_frobenius cka 'projection_residual[folds=5]' "
                    "(default: the four default metrics)")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens", "words"],
-                   help="rows: one per text (mean, cls, last), per token (tokens: same tokenizer on both sides) or "
-                   "per word (words: sub-tokens averaged into words, any two tokenizers)")
+    _add_pool(p)
     p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
                    help="layer indices for both models (0 = embeddings, -1 = last, ranges 0-6); "
                    "prefix t: or s: for one side, e.g. t:0-12 s:0-6")
@@ -185,9 +193,7 @@ def _add_extract(sub) -> None:
     p.add_argument("--label-column", default=None, help="column holding the labels (optional)")
     p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N", help=_MAX_SAMPLES_HELP)
     p.add_argument("--seed", type=_COUNT, default=0, help="seed for --max-samples sampling")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last", "tokens", "words"],
-                   help="rows: one per text (mean, cls, last), per token (tokens: same tokenizer on both sides) or "
-                   "per word (words: sub-tokens averaged into words, any two tokenizers)")
+    _add_pool(p)
     p.add_argument("--layers", nargs="+", default=None, metavar="SPEC",
                    help="layer indices (0 = embeddings, -1 = last, ranges 2-4; default all)")
     p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")

@@ -79,3 +79,10 @@ def test_ci_runs_the_readme_test_command_and_it_is_repeatable():
     assert "HYPOTHESIS_PROFILE" not in (root / ".ci" / "run").read_text()
     if "HYPOTHESIS_PROFILE" not in os.environ:
         assert settings.default.derandomize and settings.default.database is None
+
+
+def test_the_command_line_offers_exactly_the_pooling_modes_extraction_knows():
+    from repsim.cli import POOL_CHOICES
+    from repsim.extract import POOLS
+
+    assert POOL_CHOICES == POOLS
