@@ -1,9 +1,10 @@
 """Cost of the chance levels next to the plain metric pass on the embedded default (872 texts, 13 × 768 vs 7 × 384).
 
 In one process, alternating, ``--repeats`` times each:
-  1. the metric pass: ``repsim.layer_pairs.pairwise`` of the four default metrics (what `compare` times as
+  1. the metric pass: ``repsim.measures.allpairs.pairwise`` of the four default metrics (what `compare` times as
      "metrics"),
-  2. the chance pass: ``repsim.stats.permutation_replicates`` with K student-row permutations (default 4) of the
+  2. the chance pass: ``repsim.analysis.stats.permutation_replicates`` with K student-row permutations (default 4) of
+  the
      metrics that get chance levels by default (all but the k-fold residual), what `compare` adds by default.
 Reads the activations from the cache (extracting them on a cold cache). Prints seconds and the ratio chance/metrics.
 
@@ -28,12 +29,13 @@ def main() -> None:
 
     import torch
 
-    from repsim import assets, stats
-    from repsim.comparison import check_stats_metrics
-    from repsim.data import load_texts
-    from repsim.extract import extract
-    from repsim.layer_pairs import pairwise
-    from repsim.metrics import DEFAULT_METRICS
+    from repsim.activations import assets
+    from repsim.activations.data import load_texts
+    from repsim.activations.extract import extract
+    from repsim.analysis import stats
+    from repsim.analysis.comparison import check_stats_metrics
+    from repsim.measures.allpairs import pairwise
+    from repsim.measures.functions import DEFAULT_METRICS
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from repsim.layer_pairs import pairwise
+from repsim.measures.allpairs import pairwise
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -38,8 +38,8 @@ def synthetic(device: str, replicates: int, generic_replicates: int) -> None:
     import numpy as np
     import torch
 
-    from repsim import stats
-    from repsim.layer_pairs import pairwise
+    from repsim.analysis import stats
+    from repsim.measures.allpairs import pairwise
 
     rng = np.random.default_rng(0)
     T = torch.as_tensor(rng.standard_normal((13, 872, 768)), dtype=torch.float64, device=device)

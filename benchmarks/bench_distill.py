@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from repsim import distill as D
+from repsim.distill import core as D
 
 
 def main() -> None:

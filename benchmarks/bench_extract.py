@@ -1,7 +1,8 @@
 """Extraction benchmarks on the real all-MiniLM-L6-v2 and the 872-text SST-like set, each against a baseline
 measured in the same run (medians of interleaved repeats).
 
-1. overhead: ``repsim.extract`` (cache off) vs a hand-written transformers loop doing the same work (same batch
+1. overhead: ``repsim.activations.extract`` (cache off) vs a hand-written transformers loop doing the same work (same
+batch
    size, same length-sorted batches, masked mean of every hidden state); also vs the naive hand loop
    (batches in input order). Target: overhead <= 10 %.
 2. batching: length-sorted vs input-order batches (dynamic padding) through repsim. Target: >= 1.3x.
@@ -72,10 +73,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from repsim import store
-    from repsim.assets import load_model
-    from repsim.data import load_texts
-    from repsim.extract import extract
+    from repsim.activations import store
+    from repsim.activations.assets import load_model
+    from repsim.activations.data import load_texts
+    from repsim.activations.extract import extract
 
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
@@ -142,8 +143,8 @@ def main() -> None:
 
 def stream(args, pair, tok) -> None:
     """4: streaming moments memory."""
-    from repsim.data import load_texts
-    from repsim.extract import extract_moments
+    from repsim.activations.data import load_texts
+    from repsim.activations.extract import extract_moments
 
     bs, ml = args.batch_size, args.max_length
     train = load_texts("sst2", split="train")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from repsim.losses import CKALoss, GramFrobeniusLoss, ProcrustesLoss, ProjectionLoss
+from repsim.measures.losses import CKALoss, GramFrobeniusLoss, ProcrustesLoss, ProjectionLoss
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from repsim import metrics
+from repsim.measures import functions as metrics
 
 
 def normalised(A: np.ndarray) -> np.ndarray:

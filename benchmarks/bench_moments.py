@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from repsim.moments import CrossMoments
+from repsim.measures.moments import CrossMoments
 
 
 def rss_bytes() -> int:

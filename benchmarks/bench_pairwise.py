@@ -8,7 +8,8 @@ Measured in one run, each timing the median of --repeats runs:
 - floor: the time torch needs only for the p×q cross products X̃_tᵀỸ_s of all pairs, on already centred and
   scaled float64 inputs (the faster of one big GEMM and a loop of per-pair matmuls), timed in alternation with
   pairwise (floor, pairwise, floor, …); the ratio reported is the median of the per-round ratios;
-- per-pair metric calls: the four ``repsim.metrics`` functions called pair by pair (each re-prepares its inputs);
+- per-pair metric calls: the four ``repsim.measures.functions`` functions called pair by pair (each re-prepares its
+inputs);
 - slow formulas: per pair, explicit n×n Gram matrices (Gram-Frobenius, CKA), svdvals of X̃ᵀỸ, lstsq.
 The two per-pair baselines are timed on the first --baseline-pairs pairs and scaled linearly to all pairs
 (every pair costs the same: equal widths); the scaling is printed.
@@ -26,8 +27,8 @@ import time
 
 import torch
 
-from repsim import metrics
-from repsim.layer_pairs import pairwise
+from repsim.measures import functions as metrics
+from repsim.measures.allpairs import pairwise
 
 LINEAR4 = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "projection_residual[in_sample]")
 
@@ -154,7 +155,7 @@ def main() -> None:
     print(f"GEMM floor (cross products only):      {t_floor:8.3f} s   runs {[round(t, 3) for t in floors]} "
           f"(faster of one GEMM {t_big:.3f} s and a per-pair loop {t_loop:.3f} s, timed alternately with pairwise)")
     scale = f"×{pairs}/{k}"
-    print(f"per-pair repsim.metrics calls:         {t_calls_all:8.3f} s   ({k} pairs timed: {t_calls:.3f} s, {scale})")
+    print(f"per-pair metric function calls:        {t_calls_all:8.3f} s   ({k} pairs timed: {t_calls:.3f} s, {scale})")
     print(f"per-pair slow formulas (n×n Grams):    {t_slow_all:8.3f} s   ({k} pairs timed: {t_slow:.3f} s, {scale})")
     print(f"max |pairwise − slow formulas| on the timed pairs: {worst:.2e}")
     print(f"RATIO pairwise / GEMM floor:          {statistics.median(ratios):6.2f}×  (median of the per-round ratios "

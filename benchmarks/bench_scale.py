@@ -35,8 +35,8 @@ def rss_bytes() -> int:
 def child(n: int, which: str, threads: int) -> None:
     import torch
 
-    from repsim.layer_pairs import pairwise
-    from repsim.metrics import DEFAULT_METRICS
+    from repsim.measures.allpairs import pairwise
+    from repsim.measures.functions import DEFAULT_METRICS
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

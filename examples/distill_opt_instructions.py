@@ -4,7 +4,7 @@ Needs a GPU and the Hugging Face hub (or local copies); nothing here has been ru
 numbers are committed. Configuration: ``examples/distill_opt_instructions.json`` (every field is
 documented there). Per loss and seed: the repsim trainer with ``task="causal-lm"`` (next-token CE + T²-scaled
 token-level KL to the teacher + β · feature loss on token-level hidden states of the mapped blocks), then greedy
-generation on each evaluation set and the mean ROUGE-L F1 (:func:`repsim.evaluate.rouge_l`) against the
+generation on each evaluation set and the mean ROUGE-L F1 (:func:`repsim.distill.evaluation.rouge_l`) against the
 references. Results: ``OUT/runs/LOSS/seedK/rouge.json``, ``OUT/runs.csv``, ``OUT/summary.md`` and paired tests
 of the mean ROUGE-L across seeds (against ``none`` and ``cka``).
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from repsim import distill as D
-from repsim.evaluate import rouge_l, summarize_grid
+from repsim.distill import core as D
+from repsim.distill.evaluation import rouge_l, summarize_grid
 
 TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
             "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n")

@@ -31,11 +31,11 @@ def main() -> None:
                              "pair, last <-> last)")
     args = parser.parse_args()
 
-    from repsim import assets
-    from repsim.comparison import Comparison
-    from repsim.curve import convergence, curve_figure
-    from repsim.data import load_texts
-    from repsim.extract import extract
+    from repsim.activations import assets
+    from repsim.activations.data import load_texts
+    from repsim.activations.extract import extract
+    from repsim.analysis.comparison import Comparison
+    from repsim.analysis.curve import convergence, curve_figure
 
     texts = load_texts("sst2")
     t_act = extract(assets.DEFAULT_TEACHER, texts, pool="mean", progress=False)

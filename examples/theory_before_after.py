@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from repsim.assets import DEFAULT_STUDENT, DEFAULT_TEACHER  # noqa: E402
+from repsim.activations.assets import DEFAULT_STUDENT, DEFAULT_TEACHER  # noqa: E402
 from repsim.theory import geometry_before_after  # noqa: E402
 
 

@@ -11,31 +11,34 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from repsim.moved import MOVED, install
+
+install()
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first use, so `import repsim` stays light)
 _LAZY = {
-    "procrustes": "repsim.metrics",
-    "gram_frobenius": "repsim.metrics",
-    "cka": "repsim.metrics",
-    "projection_residual": "repsim.metrics",
-    "METRICS": "repsim.metrics",
-    "DEFAULT_METRICS": "repsim.metrics",
-    "MetricSpec": "repsim.metrics",
-    "get_metric": "repsim.metrics",
-    "pairwise": "repsim.layer_pairs",
-    "CrossMoments": "repsim.moments",
-    "LayerMoments": "repsim.moments",
-    "compare": "repsim.comparison",
-    "Comparison": "repsim.comparison",
-    "compare_saved": "repsim.comparison",
-    "UserError": "repsim.errors",
+    "procrustes": "repsim.measures.functions",
+    "gram_frobenius": "repsim.measures.functions",
+    "cka": "repsim.measures.functions",
+    "projection_residual": "repsim.measures.functions",
+    "METRICS": "repsim.measures.functions",
+    "DEFAULT_METRICS": "repsim.measures.functions",
+    "MetricSpec": "repsim.measures.functions",
+    "get_metric": "repsim.measures.functions",
+    "pairwise": "repsim.measures.allpairs",
+    "CrossMoments": "repsim.measures.moments",
+    "LayerMoments": "repsim.measures.moments",
+    "compare": "repsim.analysis.comparison",
+    "Comparison": "repsim.analysis.comparison",
+    "compare_saved": "repsim.analysis.comparison",
+    "UserError": "repsim.system.errors",
 }
-_SUBMODULES = {"losses", "metrics", "moments", "layer_pairs", "stats", "data", "extract", "store", "assets",
-               "comparison", "plot", "theory", "distill", "evaluate", "errors", "arrays",
-               "saved", "threads"}
-
-__all__ = sorted(_LAZY) + sorted(_SUBMODULES) + ["__version__"]
+_PACKAGES = {"measures", "activations", "analysis", "theory", "distill", "system", "cli"}
+# subpackages, and old module names that resolve to their new place (repsim/moved.py)
+_SUBMODULES = _PACKAGES | {old.removeprefix("repsim.") for old in MOVED}
+__all__ = sorted(_LAZY) + sorted(_PACKAGES) + ["losses", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

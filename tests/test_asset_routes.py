@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from repsim import assets
-from repsim.assets import RegistryFile
+from repsim.activations import assets
+from repsim.activations.assets import RegistryFile
 
 
 def _wheel(folder: Path, package: str, version: str, members: dict[str, bytes]) -> RegistryFile:

@@ -1,4 +1,5 @@
-"""repsim.assets: pinned registry files, atomic locked cache entries, model specs, loading, real defaults."""
+"""repsim.activations.assets: pinned registry files, atomic locked cache entries, model specs, loading, real
+defaults."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repsim import assets
-from repsim.assets import (
+from repsim.activations import assets
+from repsim.activations.assets import (
     DEFAULT_DECODER,
     DEFAULT_STUDENT,
     DEFAULT_TEACHER,
@@ -30,7 +31,7 @@ from repsim.assets import (
     resolve_model,
     weights_fingerprint,
 )
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 # ------------------------------------------------------------------------------------ locations
 
@@ -176,7 +177,7 @@ def test_damaged_entry_is_rebuilt(private_assets):
 _RACER = textwrap.dedent("""
     import sys, time, hashlib
     from pathlib import Path
-    from repsim.assets import ensure_entry
+    from repsim.activations.assets import ensure_entry
     def build(folder):
         with open(sys.argv[1], "a") as log:
             log.write("built\\n")

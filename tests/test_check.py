@@ -12,8 +12,10 @@ import pytest
 from markupsafe import escape
 from tiny_models import WORDS
 
-from repsim import cli, metrics, theory
-from repsim.errors import UserError
+from repsim import cli
+from repsim.measures import functions as metrics
+from repsim.system.errors import UserError
+from repsim.theory import core as theory
 
 
 def _texts(n, seed=0):
@@ -80,7 +82,7 @@ def test_check_flags_on_procrustes_alone():
 def test_check_thresholds_are_fractions_of_the_way_to_chance():
     """The chance levels are the means over the documented seeded student-row permutations, and the Procrustes
     criterion flips exactly where the threshold crosses d / d_chance (not at a fixed distance)."""
-    from repsim.stats import permutation_indices
+    from repsim.analysis.stats import permutation_indices
 
     th = theory.theorem1(256, 256, 1.0)
     res = theory.check(th.teacher, th.student, eps=0.05, seed=3, chance_permutations=3)

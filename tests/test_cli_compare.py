@@ -16,9 +16,9 @@ import pytest
 from test_compare import png_size
 from tiny_models import WORDS
 
-from repsim import metrics as M
+from repsim.analysis.plot import DPI, HEATMAP_FIGSIZE
 from repsim.cli import main
-from repsim.plot import DPI, HEATMAP_FIGSIZE
+from repsim.measures import functions as M
 
 HEATMAP_PX = (round(HEATMAP_FIGSIZE[0] * DPI), round(HEATMAP_FIGSIZE[1] * DPI))
 
@@ -44,8 +44,8 @@ def pair(tiny_model):
 
 def _check_csv_against_features(table: pd.DataFrame, teacher: str, student: str, data) -> None:
     """Every value in results.csv equals the metric function on the features in the activation store."""
-    from repsim.data import load_texts
-    from repsim.extract import extract
+    from repsim.activations.data import load_texts
+    from repsim.activations.extract import extract
 
     texts = load_texts(str(data))
     t_act = extract(teacher, texts, pool="mean", progress=False)
@@ -191,9 +191,9 @@ def test_default_pair_end_to_end(tmp_path):
     assert report["teacher"]["width"] == 768 and report["student"]["width"] == 384
     assert report["data"]["n_texts"] == 64
     # the values are the metric functions on the stored features
-    from repsim import assets
-    from repsim.data import load_texts
-    from repsim.extract import extract
+    from repsim.activations import assets
+    from repsim.activations.data import load_texts
+    from repsim.activations.extract import extract
 
     texts = load_texts("sst2", max_samples=64, seed=0)
     t_act = extract(assets.DEFAULT_TEACHER, texts, layers=[0, 12], progress=False)

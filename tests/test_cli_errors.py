@@ -223,8 +223,8 @@ def test_compare_ignores_labels_it_never_uses(world, tmp_path, capsys):
     status = main(["compare", world["t"], world["s"], "--data", str(path), "--metrics", "procrustes",
                    "--no-cache"])
     assert status == 0, capsys.readouterr().err
-    from repsim.data import load_texts
-    from repsim.errors import UserError
+    from repsim.activations.data import load_texts
+    from repsim.system.errors import UserError
 
     assert load_texts(path, labels=False).labels is None
     with pytest.raises(UserError, match="must hold integers; row 1 has"):
@@ -233,8 +233,8 @@ def test_compare_ignores_labels_it_never_uses(world, tmp_path, capsys):
 
 def test_jsonl_texts_and_labels_by_line(tmp_path):
     """Blank lines are skipped; errors count lines of the file, not rows of the table."""
-    from repsim.data import load_texts
-    from repsim.errors import UserError
+    from repsim.activations.data import load_texts
+    from repsim.system.errors import UserError
 
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join([json.dumps({"text": "a", "label": 1}), "", json.dumps({"text": "b", "label": 0}),
@@ -257,7 +257,7 @@ def test_help_still_exits_0(capsys):
 def test_counterexample_projection_writes_what_it_says(tmp_path, capsys):
     import pandas as pd
 
-    from repsim import theory
+    from repsim.theory import core as theory
 
     out = tmp_path / "out"
     assert main(["counterexample", "projection", "--out", str(out)]) == 0

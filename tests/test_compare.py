@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repsim import metrics as M
-from repsim.comparison import Comparison, monotone_map, parse_layers
-from repsim.errors import UserError
-from repsim.plot import DPI, HEATMAP_FIGSIZE
+from repsim.analysis.comparison import Comparison, monotone_map, parse_layers
+from repsim.analysis.plot import DPI, HEATMAP_FIGSIZE
+from repsim.measures import functions as M
+from repsim.system.errors import UserError
 
 DEFAULTS = list(M.DEFAULT_METRICS)
 
@@ -142,8 +142,8 @@ def test_chance_level_is_the_mean_over_the_first_permutations_of_the_student(syn
     """chance = mean of the metric over K seeded student-row permutations, computed here independently with
     pairwise on the permuted rows; the same K shuffles open the permutation test (asking for p-values does not
     change the chance level); K = 0 leaves the column empty."""
-    from repsim.layer_pairs import pairwise
-    from repsim.stats import permutation_indices
+    from repsim.analysis.stats import permutation_indices
+    from repsim.measures.allpairs import pairwise
 
     teacher, student = synthetic
     ids = ["procrustes", "gram_frobenius", "cka"]
@@ -305,7 +305,7 @@ def test_plot_returns_a_figure_with_labelled_colour_bar(synthetic):
     boxes = [p for p in heat_ax.patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0)]
     assert len(boxes) == 3  # one best-match box per teacher layer
     # every other patch hatches a cell whose value is within CHANCE_SPREADS chance sd of its chance level
-    from repsim.plot import within_chance
+    from repsim.analysis.plot import within_chance
 
     near = within_chance(*(comp.matrix("procrustes", c) for c in ("value", "chance", "chance_sd")))
     hatched = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in heat_ax.patches if p.get_hatch()}

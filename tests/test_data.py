@@ -1,4 +1,4 @@
-"""repsim.data: data specs, file formats, the offline SST-like sample, fingerprints, and bad input."""
+"""repsim.activations.data: data specs, file formats, the offline SST-like sample, fingerprints, and bad input."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repsim.data import SST2_VALIDATION_SIZE, TextData, fingerprint_texts, load_texts
-from repsim.errors import UserError
+from repsim.activations.data import SST2_VALIDATION_SIZE, TextData, fingerprint_texts, load_texts
+from repsim.system.errors import UserError
 
 # ------------------------------------------------------------------------------------ fingerprint
 
@@ -198,7 +198,7 @@ def offline_sst2(monkeypatch):
 
 def _snippets_by_text() -> dict[str, float]:
     """The snippet file parsed independently: text → human sentiment score (first occurrence)."""
-    from repsim.assets import snippets_file
+    from repsim.activations.assets import snippets_file
 
     frame = pd.read_csv(snippets_file(), sep="\t", header=None, names=["id", "score", "text"], quoting=3,
                         dtype={"text": str}, keep_default_na=False)
@@ -210,7 +210,7 @@ def _snippets_by_text() -> dict[str, float]:
 
 @pytest.mark.real
 def test_offline_sst2_fallback_is_the_documented_sample(offline_sst2, caplog):
-    with caplog.at_level(logging.WARNING, logger="repsim.data"):
+    with caplog.at_level(logging.WARNING, logger="repsim.activations.data"):
         validation = load_texts("sst2")
     assert "offline SST-like sample" in caplog.text  # announced
     train = load_texts("sst2", split="train")

@@ -16,9 +16,9 @@ import torch
 from scipy import stats
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from repsim import distill as D
-from repsim.errors import UserError
-from repsim.evaluate import classification_metrics, paired_table, paired_test
+from repsim.distill import core as D
+from repsim.distill.evaluation import classification_metrics, paired_table, paired_test
+from repsim.system.errors import UserError
 
 POS = "good great funny charming beautiful smart loved".split()
 NEG = "bad terrible boring dull ugly awful hated".split()
@@ -447,7 +447,7 @@ def test_grid_writes_tables_and_figure_resumes_and_refuses_other_settings(teache
 
 
 def test_rouge_l_on_hand_examples():
-    from repsim.evaluate import rouge_l
+    from repsim.distill.evaluation import rouge_l
 
     # LCS("the cat sat on the mat", "the cat is on the mat") = the cat on the mat = 5 of 6 tokens each side
     assert rouge_l("The cat sat on the mat.", "the cat is on the mat") == pytest.approx(5 / 6)

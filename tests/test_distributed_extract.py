@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from repsim.extract import extract, extract_moments
+from repsim.activations.extract import extract, extract_moments
 
 WORDS = "the a movie film is was good bad great terrible funny boring and but not very plot acting story".split()
 METRICS = ("procrustes[distance]", "cka[linear,biased]", "gram_frobenius")

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from repsim.moments import CrossMoments, LayerMoments
+from repsim.measures.moments import CrossMoments, LayerMoments
 
 WORLD = 2
 SPLIT = 37  # rank 0 gets rows [0, 37), rank 1 the rest: uneven shards

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import repsim
-from repsim.errors import UserError
-from repsim.layer_pairs import pairwise
-from repsim.metrics import get_metric
+from repsim.measures.allpairs import pairwise
+from repsim.measures.functions import get_metric
+from repsim.system.errors import UserError
 
 
 def _latent_model(rng, k=3, p=60, q=40, noise=1.0):

@@ -12,8 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModel, AutoTokenizer
 
-from repsim.errors import UserError
-from repsim.extract import (
+from repsim.activations.extract import (
     check_same_tokenizer,
     extract,
     extract_moments,
@@ -23,6 +22,7 @@ from repsim.extract import (
     same_tokenizer,
     tokenizer_fingerprint,
 )
+from repsim.system.errors import UserError
 
 TEXTS = [
     "the movie was good",
@@ -267,7 +267,7 @@ def test_unknown_layer_and_empty_data_are_user_errors(tiny_model):
 
 
 def test_device_choice():
-    from repsim.extract import resolve_device
+    from repsim.activations.extract import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -334,7 +334,7 @@ def test_same_tokenizer_check(tiny_model):
 def test_extract_moments_matches_stored_features(tiny_model):
     """Streaming teacher/student features into LayerMoments gives the same metric matrices as moments
     built from the full extracted feature matrices in one update."""
-    from repsim.moments import LayerMoments
+    from repsim.measures.moments import LayerMoments
 
     t, s = str(tiny_model("bert")), str(tiny_model("bert", seed=1))
     texts = TEXTS * 3
@@ -365,7 +365,7 @@ def test_extract_moments_tokens_needs_same_tokenizer(tiny_model):
 def test_real_default_models_shapes(name, n_layers, width):
     """The embedded defaults load offline: MiniLM 6 blocks (7 hidden states) of width 384, MPNet 12 blocks
     (13) of width 768; post-norm encoders, so no final norm; every value finite."""
-    from repsim.data import load_texts
+    from repsim.activations.data import load_texts
 
     data = load_texts("sst2", max_samples=24)
     acts = extract(name, data, batch_size=8, progress=False)

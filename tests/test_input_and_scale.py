@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import repsim
-from repsim import losses, metrics
-from repsim.errors import UserError
-from repsim.layer_pairs import pairwise
-from repsim.moments import CrossMoments
+from repsim.measures import functions as metrics
+from repsim.measures import losses
+from repsim.measures.allpairs import pairwise
+from repsim.measures.moments import CrossMoments
+from repsim.system.errors import UserError
 
 FUNCTION_IDS = ["procrustes[distance]", "procrustes[angular]", "procrustes[squared]", "gram_frobenius",
                 "cka[linear,biased]", "cka[linear,debiased]", "cka[rbf,sigma=0.5]", "projection_residual[in_sample]",
@@ -116,7 +117,7 @@ def test_identical_rows_are_zero_variance_at_every_scale_and_entry_point(k, n, s
 def test_tiny_genuine_spread_on_a_large_offset_is_not_zero_variance():
     """The rule is relative to the data's size: a spread of 1e-9 on an offset of 1 (well above τ ≈ 1e-13) is data,
     and its values are those of the spread alone (translation invariance), to the digits the offset leaves."""
-    from repsim.arrays import variance_tolerance
+    from repsim.measures.arrays import variance_tolerance
 
     X, Y = data()
     spread = (X - X.mean(axis=0)) * 1e-9
@@ -287,7 +288,7 @@ def test_a_state_saved_without_scale_exponents_loads_as_unscaled():
 def test_bootstrap_and_permutation_replicates_are_scale_invariant(scale):
     """The resampling engine sees the same rows, scaled: every replicate equals the unscaled one (it raised a raw
     eigh failure at 1e-200 and gave wrong Procrustes replicates at 1e200)."""
-    from repsim import stats
+    from repsim.analysis import stats
 
     X, Y = data(n=60)
     ids = ["procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "cka[linear,debiased]"]

@@ -1,4 +1,5 @@
-"""Facts about repsim.losses: values equal the metric definitions, gradients are exact (float64 gradcheck) also on
+"""Facts about repsim.measures.losses: values equal the metric definitions, gradients are exact (float64 gradcheck)
+also on
 degenerate inputs, masks are honoured, the losses train, and the projection loss has the blind spot the geometry
 losses do not."""
 
@@ -19,8 +20,7 @@ from slow_formulas import (
     slow_unbiased_hsic,
 )
 
-from repsim.errors import UserError
-from repsim.losses import (
+from repsim.measures.losses import (
     CKALoss,
     GramFrobeniusLoss,
     ProcrustesLoss,
@@ -28,6 +28,7 @@ from repsim.losses import (
     make_feature_loss,
     nuclear_norm,
 )
+from repsim.system.errors import UserError
 
 DT = torch.float64
 
@@ -142,8 +143,8 @@ METRIC_CALLS = {
 @pytest.mark.parametrize("loss_name", GEOMETRY)
 @pytest.mark.parametrize("n,p,q", [(50, 12, 7), (9, 16, 20)])
 def test_values_equal_repsim_metrics(loss_name, n, p, q):
-    """The loss is the value `repsim.metrics` reports (1 − CKA for the CKA loss)."""
-    metrics = pytest.importorskip("repsim.metrics")
+    """The loss is the value `repsim.measures.functions` reports (1 − CKA for the CKA loss)."""
+    metrics = pytest.importorskip("repsim.measures.functions")
     X, Y = _rand(2, n, p), _rand(3, n, q) + _rand(2, n, p)[:, :1]
     func, kwargs, to_loss = METRIC_CALLS[loss_name]
     expected = to_loss(float(getattr(metrics, func)(X.numpy(), Y.numpy(), **kwargs)))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repsim.metrics import (
+from repsim.measures.functions import (
     DEFAULT_METRICS,
     METRICS,
     TRANSFORMS,

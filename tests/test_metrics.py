@@ -1,4 +1,4 @@
-"""repsim.metrics against published numbers, closed forms and slow formulas written from the definitions."""
+"""repsim.measures.functions against published numbers, closed forms and slow formulas written from the definitions."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from slow_formulas import (
     slow_unbiased_hsic,
 )
 
-from repsim import metrics
-from repsim.errors import UserError
-from repsim.metrics import cka, gram_frobenius, procrustes, projection_residual
+from repsim.measures import functions as metrics
+from repsim.measures.functions import cka, gram_frobenius, procrustes, projection_residual
+from repsim.system.errors import UserError
 
 # slow formulas written from the definitions (n × n matrices, explicit H, explicit minimisation over Q, lstsq):
 # tests/slow_formulas.py

@@ -16,9 +16,9 @@ from slow_formulas import (
     slow_u_centered_hsic,
 )
 
-from repsim import metrics
-from repsim.errors import UserError
-from repsim.moments import CrossMoments, LayerMoments
+from repsim.measures import functions as metrics
+from repsim.measures.moments import CrossMoments, LayerMoments
+from repsim.system.errors import UserError
 
 LINEAR_IDS = ["procrustes[distance]", "procrustes[angular]", "procrustes[squared]", "gram_frobenius",
               "gram_frobenius[squared]", "cka[linear,biased]", "cka[linear,debiased]", "projection_residual[in_sample]",

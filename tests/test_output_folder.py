@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from repsim.comparison import Comparison
-from repsim.errors import UserError
-from repsim.outputs import is_output_file, replace_folder
+from repsim.analysis.comparison import Comparison
+from repsim.system.errors import UserError
+from repsim.system.outputs import is_output_file, replace_folder
 
 _SAVER = textwrap.dedent("""
     import os, shutil, signal, sys
     from pathlib import Path
-    import repsim.outputs as outputs
+    import repsim.system.outputs as outputs
 
     out, crash_at, new_set = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     count = [0]
@@ -50,8 +50,8 @@ _SAVER = textwrap.dedent("""
 _PLOT_KILLER = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
-    import repsim.plot as plot
-    from repsim.comparison import Comparison
+    import repsim.analysis.plot as plot
+    from repsim.analysis.comparison import Comparison
 
     rng = np.random.default_rng(1)
     comp = Comparison.from_layers([rng.standard_normal((12, 3))], [rng.standard_normal((12, 3))], ["cka"])

@@ -9,10 +9,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_moments import slow_values
 
-from repsim import metrics
-from repsim.errors import UserError
-from repsim.layer_pairs import pairwise
-from repsim.moments import LayerMoments
+from repsim.measures import functions as metrics
+from repsim.measures.allpairs import pairwise
+from repsim.measures.moments import LayerMoments
+from repsim.system.errors import UserError
 
 ALL_IDS = ["procrustes[distance]", "procrustes[angular]", "procrustes[squared]", "gram_frobenius",
            "gram_frobenius[squared]", "cka[linear,biased]", "cka[linear,debiased]", "projection_residual[in_sample]",
@@ -148,7 +148,7 @@ def test_bad_input():
 
 
 def test_nuclear_norm_fast_path_and_fallback_agree_with_svdvals():
-    from repsim.layer_pairs import _nuclear_norms
+    from repsim.measures.allpairs import _nuclear_norms
 
     g = torch.Generator().manual_seed(0)
     well = torch.randn(6, 40, 12, generator=g, dtype=torch.float64)
@@ -189,7 +189,7 @@ HELD_OUT = ["projection_residual[folds=5]", "projection_residual[folds=3,ridge=0
 def test_leave_fold_out_form_is_chosen_for_wide_layers_and_equals_fold_by_fold_fits():
     """Wide layers and few texts (the default comparison's regime): the n × n leave-fold-out identity is the
     cheaper form, is chosen, and gives the fold-by-fold value of every pair."""
-    from repsim import layer_pairs
+    from repsim.measures import allpairs as layer_pairs
 
     T, S = stacks(60, [50] * 4, [20] * 3, seed=21)
     assert layer_pairs._dual_held_out_fits(60, [50] * 4, [20] * 3, [5], torch.device("cpu"))
@@ -202,7 +202,7 @@ def test_leave_fold_out_form_is_chosen_for_wide_layers_and_equals_fold_by_fold_f
 def test_leave_fold_out_form_falls_back_where_its_certificate_fails(monkeypatch, case):
     """Forced onto the leave-fold-out form, student layers whose training fits are rank-deficient (n − n/k ≤ q,
     or exactly collinear columns) are refitted fold by fold; every value still equals the metric's."""
-    from repsim import layer_pairs
+    from repsim.measures import allpairs as layer_pairs
 
     monkeypatch.setattr(layer_pairs, "_dual_held_out_fits", lambda *a: True)
     if case == "student wider than the training folds":
@@ -222,7 +222,7 @@ def test_leave_fold_out_form_falls_back_where_its_certificate_fails(monkeypatch,
        sw=st.lists(st.integers(1, 30), min_size=1, max_size=3), folds=st.integers(2, 5), seed=st.integers(0, 999))
 @example(n=28, tw=[28], sw=[20], folds=4, seed=0)  # a residual of 8.2e4 (21 training rows, 20 columns): relative
 def test_leave_fold_out_form_agrees_for_any_shapes(n, tw, sw, folds, seed):
-    from repsim import layer_pairs
+    from repsim.measures import allpairs as layer_pairs
 
     T, S = stacks(n, tw, sw, seed=seed)
     ids = [f"projection_residual[folds={folds}]", f"projection_residual[folds={folds},ridge=0.01]"]
@@ -267,7 +267,7 @@ def test_threads_do_not_change_the_values():
 
 def test_wide_nuclear_norms_through_numpy_lapack_agree_with_svdvals():
     """Batches of ≥ 64-wide Grams go through numpy's eigvalsh split over threads: same values as svdvals."""
-    from repsim.layer_pairs import _nuclear_norms
+    from repsim.measures.allpairs import _nuclear_norms
 
     g = torch.Generator().manual_seed(1)
     well = torch.randn(5, 150, 80, generator=g, dtype=torch.float64)
@@ -297,7 +297,7 @@ def test_nan_input_is_named_and_overflowing_squares_are_rescaled():
 def test_nuclear_norm_probe_paths_agree_with_svdvals(kind):
     """With a probe (the first slice decides whether the rest goes straight to SVDs), 3-D and 4-D (strided)
     batches give svdvals' nuclear norms, and the Grams returned equal DᵀD whichever path was taken."""
-    from repsim.layer_pairs import _nuclear_norms
+    from repsim.measures.allpairs import _nuclear_norms
 
     g = torch.Generator().manual_seed(2)
     well = torch.randn(4, 5, 150, 80, generator=g, dtype=torch.float64)
@@ -316,7 +316,7 @@ def test_nuclear_norm_probe_paths_agree_with_svdvals(kind):
 
 
 def _primal(monkeypatch):
-    from repsim import layer_pairs
+    from repsim.measures import allpairs as layer_pairs
 
     monkeypatch.setattr(layer_pairs, "_dual_held_out_fits", lambda *a: False)
 
@@ -350,7 +350,7 @@ def test_primal_held_out_form_on_hard_students(monkeypatch, case):
     """A teacher that is an exact linear map of the student (held-out residual ~0: the error expansion cancels and
     is recomputed from the rows), exactly collinear or strongly graded student columns (directions at and near
     the lstsq cutoff), and a student wider than n: every value equals the metric's."""
-    from repsim import layer_pairs
+    from repsim.measures import allpairs as layer_pairs
 
     _primal(monkeypatch)
     T, S = stacks(120, [10, 30], [8, 12], seed=13)
@@ -375,7 +375,7 @@ def test_primal_held_out_form_on_hard_students(monkeypatch, case):
 def test_large_n_default_metrics_take_the_primal_held_out_form():
     """Where the n × n matrices exceed the memory budget the primal form is chosen, and it is not the per-fold
     SVD path for well-conditioned students."""
-    from repsim import layer_pairs
+    from repsim.measures import allpairs as layer_pairs
 
     assert not layer_pairs._dual_held_out_fits(20000, [768] * 13, [384] * 7, [5], torch.device("cpu"))
     assert layer_pairs._dual_held_out_fits(872, [768] * 13, [384] * 7, [5], torch.device("cpu"))

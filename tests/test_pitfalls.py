@@ -26,8 +26,8 @@ from slow_formulas import (
 )
 
 import repsim
-from repsim.errors import UserError
-from repsim.metrics import cka, gram_frobenius, procrustes
+from repsim.measures.functions import cka, gram_frobenius, procrustes
+from repsim.system.errors import UserError
 
 #: the published values on Kornblith's demo data (docs/pitfalls.md, "Numbers that mean different things")
 DEBIASED_SONG = 0.5134564895
@@ -174,7 +174,7 @@ def test_extraction_adds_no_hooks_and_reads_layers_by_index(tiny_model):
     installs its own output-capturing hooks on the first forward pass that asks for hidden states)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from repsim.extract import extract
+    from repsim.activations.extract import extract
 
     folder = tiny_model("bert")
     model, tok = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from repsim import metrics as M
-from repsim.comparison import Comparison
-from repsim.plot import MAX_TICK_LABELS, best_match_curve, heatmap, tick_positions
+from repsim.analysis.comparison import Comparison
+from repsim.analysis.plot import MAX_TICK_LABELS, best_match_curve, heatmap, tick_positions
+from repsim.measures import functions as M
 
 
 def _table(n_teacher: int, n_student: int, metrics=("procrustes[distance]", "cka[linear,biased]"), seed=0):

@@ -39,7 +39,7 @@ def test_public_names_and_return_types():
     assert set(repsim.pairwise([X], [Y])) == set(repsim.DEFAULT_METRICS)
     assert callable(repsim.compare) and isinstance(repsim.Comparison, type)
     for loss in ("ProcrustesLoss", "GramFrobeniusLoss", "CKALoss", "ProjectionLoss"):
-        assert issubclass(getattr(repsim.losses, loss), torch.nn.Module)
+        assert issubclass(getattr(repsim.measures.losses, loss), torch.nn.Module)
 
 
 def _subcommand_helps(command: str) -> dict[str, str]:
@@ -51,9 +51,10 @@ def _subcommand_helps(command: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("command", ["compare", "extract", "check"])
 def test_help_says_what_the_data_options_do(command):
-    """--max-samples keeps a seeded random subset (repsim.data.subsample), and --data takes every file format
-    repsim.data reads."""
-    from repsim.data import FILE_FORMATS
+    """--max-samples keeps a seeded random subset (repsim.activations.data.subsample), and --data takes every file
+    format
+    repsim.activations.data reads."""
+    from repsim.activations.data import FILE_FORMATS
 
     helps = _subcommand_helps(command)
     assert "random" in helps["max_samples"] and "--seed" in helps["max_samples"]
@@ -82,7 +83,7 @@ def test_ci_runs_the_readme_test_command_and_it_is_repeatable():
 
 
 def test_the_command_line_offers_exactly_the_pooling_modes_extraction_knows():
+    from repsim.activations.extract import POOLS
     from repsim.cli import POOL_CHOICES
-    from repsim.extract import POOLS
 
     assert POOL_CHOICES == POOLS

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from browser import chromium, open_page
 
-from repsim import report
+from repsim.analysis import report
+from repsim.analysis.comparison import Comparison
 from repsim.cli import main
-from repsim.comparison import Comparison
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +110,7 @@ def test_plot_into_a_folder_that_cannot_be_written_is_one_line(tmp_path, capsys)
 
 
 def test_unwritable_report_path_is_a_user_error(tmp_path):
-    from repsim.errors import UserError
+    from repsim.system.errors import UserError
 
     with pytest.raises(UserError, match="cannot write the report"):
         report.write(tmp_path / "no-such-folder" / "report.html", "<html></html>")

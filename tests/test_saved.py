@@ -17,10 +17,10 @@ from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch
 
 from repsim import cli
-from repsim.comparison import Comparison, compare_saved
-from repsim.data import sample_rows
-from repsim.errors import UserError
-from repsim.saved import layer_numbers, load_saved_layers, natural_key
+from repsim.activations.data import sample_rows
+from repsim.activations.saved import layer_numbers, load_saved_layers, natural_key
+from repsim.analysis.comparison import Comparison, compare_saved
+from repsim.system.errors import UserError
 
 N = 40
 

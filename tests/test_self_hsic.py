@@ -1,5 +1,5 @@
 """Debiased CKA when a side's self-HSIC is 0 in exact arithmetic: every engine raises the same UserError instead of
-returning a ratio of rounding noise, and the rounding rule (repsim.arrays.check_self_hsic) changes nothing on
+returning a ratio of rounding noise, and the rounding rule (repsim.measures.arrays.check_self_hsic) changes nothing on
 ordinary or nearly degenerate but valid data."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repsim import cka
-from repsim.arrays import HSIC_ROUNDING_FACTOR
-from repsim.errors import UserError
-from repsim.layer_pairs import pairwise
-from repsim.losses import CKALoss
-from repsim.moments import CrossMoments
-from repsim.stats import bootstrap_replicates, resample_indices
+from repsim.analysis.stats import bootstrap_replicates, resample_indices
+from repsim.measures.allpairs import pairwise
+from repsim.measures.arrays import HSIC_ROUNDING_FACTOR
+from repsim.measures.losses import CKALoss
+from repsim.measures.moments import CrossMoments
+from repsim.system.errors import UserError
 
 DEBIASED = "cka[linear,debiased]"
 MESSAGE = "debiased HSIC of .* with itself is not positive beyond rounding"
@@ -38,7 +38,7 @@ def exact_self_hsic(X) -> Fraction:
 
 
 def magnitude(X) -> Fraction:
-    """M = ‖K‖²_F + n/(n−2)·Σ‖x_i‖⁴ + (Σ‖x_i‖²)²/((n−1)(n−2)) of the centred rows, exactly (repsim.arrays)."""
+    """M = ‖K‖²_F + n/(n−2)·Σ‖x_i‖⁴ + (Σ‖x_i‖²)²/((n−1)(n−2)) of the centred rows, exactly (repsim.measures.arrays)."""
     R = [[Fraction(float(v)) for v in row] for row in X]
     n, p = len(R), len(R[0])
     mean = [sum((r[j] for r in R), Fraction(0)) / n for j in range(p)]

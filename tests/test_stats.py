@@ -1,4 +1,4 @@
-"""Bootstrap intervals and permutation p-values (repsim.stats): exactness of the Gram shortcut against the
+"""Bootstrap intervals and permutation p-values (repsim.analysis.stats): exactness of the Gram shortcut against the
 metric functions on resampled rows, coverage of the point estimate, shrinkage with n, null calibration."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from repsim import metrics as M
-from repsim import stats
+from repsim.analysis import stats
+from repsim.measures import functions as M
 
 FAST_IDS = ["gram_frobenius", "gram_frobenius[squared]", "cka[linear,biased]", "procrustes[distance]",
             "procrustes[angular]", "procrustes[squared]"]

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from transformers import AutoModel, AutoTokenizer
 
-from repsim import store
-from repsim.extract import extract
-from repsim.store import DamagedEntry, Store, open_entry, verify_entry
+from repsim.activations import store
+from repsim.activations.extract import extract
+from repsim.activations.store import DamagedEntry, Store, open_entry, verify_entry
 
 WORDS = ("the a movie film is was good bad great terrible funny boring and but not very really quite plot acting "
          "story characters long short it this that i loved hated scene music ending slow fast beautiful").split()
@@ -47,7 +47,7 @@ import hashlib, json, sys, time
 import torch
 torch.set_num_threads(1)
 from transformers import AutoModel, AutoTokenizer
-from repsim.extract import extract
+from repsim.activations.extract import extract
 folder, slow, out, texts_file, pool = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 stall = int(sys.argv[6])  # > 0: the forward pass number `stall` waits forever (a process to kill at a known point)
 texts = json.load(open(texts_file))

@@ -17,10 +17,10 @@ import pytest
 from filelock import FileLock
 from test_store import _stop_after, _texts, _worker
 
-from repsim import assets, store
+from repsim.activations import assets, store
+from repsim.activations.extract import extract
+from repsim.activations.store import DamagedEntry, Store, open_entry, verify_entry
 from repsim.cli import main
-from repsim.extract import extract
-from repsim.store import DamagedEntry, Store, open_entry, verify_entry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

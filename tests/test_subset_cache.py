@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from transformers import AutoModel, AutoTokenizer
 
-from repsim import store
-from repsim.data import TextData, load_texts, subsample
-from repsim.extract import extract
+from repsim.activations import store
+from repsim.activations.data import TextData, load_texts, subsample
+from repsim.activations.extract import extract
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,5 @@
-"""Theorems and counterexamples of repsim.theory, checked against repsim.metrics and independent formulas."""
+"""Theorems and counterexamples of repsim.theory, checked against repsim.measures.functions and independent
+formulas."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repsim import cli, metrics, theory
-from repsim.errors import UserError
+from repsim import cli
+from repsim.measures import functions as metrics
+from repsim.system.errors import UserError
+from repsim.theory import core as theory
 
 TOL = 1e-9
 
@@ -113,7 +116,7 @@ def test_projection_counterexample_zero_loss_and_cosine():
     assert pc.teacher_cos_12 == 0.0
     assert abs(pc.student_cos_12 - 0.99 / math.sqrt(1 + 0.99**2)) < 1e-15
     assert f"{pc.student_cos_12:.4f}" == "0.7035"
-    # the normalised residual of repsim.metrics agrees, while the geometric metrics see the distortion
+    # the normalised residual of repsim.measures.functions agrees, while the geometric metrics see the distortion
     assert metrics.projection_residual(pc.teacher, pc.student) < 1e-28
     assert pc.metrics["procrustes[distance]"] > 0.3 and pc.metrics["gram_frobenius"] > 0.4
 

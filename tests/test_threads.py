@@ -7,9 +7,9 @@ import pytest
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from repsim import cli
-from repsim.errors import UserError
-from repsim.threads import set_threads
+from repsim.cli import app as cli
+from repsim.system.errors import UserError
+from repsim.system.threads import set_threads
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import BertTokenizerFast, GPT2TokenizerFast, PreTrainedTokenizerFast
 
-from repsim.comparison import Comparison, compare
-from repsim.data import TextData
-from repsim.errors import UserError
-from repsim.extract import extract
-from repsim.words import encode_words, pool_words, split_words, words
+from repsim.activations.data import TextData
+from repsim.activations.extract import extract
+from repsim.activations.words import encode_words, pool_words, split_words, words
+from repsim.analysis.comparison import Comparison, compare
+from repsim.system.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,7 +210,7 @@ def test_word_level_comparison_streams_to_the_in_memory_values_and_self_is_ident
 
 
 def test_pool_tokens_with_different_tokenizers_refuses_before_extracting(tiny_model, monkeypatch):
-    import repsim.extract as E
+    import repsim.activations.extract as E
 
     def no_extraction(*a, **k):
         raise AssertionError("extracted although the tokenizers differ")

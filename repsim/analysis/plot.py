@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 HEATMAP_FIGSIZE = (7.0, 5.5)  # inches
 DPI = 100  # → heatmap PNGs are 700 × 550 pixels
@@ -24,7 +24,7 @@ REQUIRED_COLUMNS = ("teacher_layer", "student_layer", "metric", "value")
 
 
 def _spec(metric: str):
-    from repsim.metrics import get_metric
+    from repsim.measures.functions import get_metric
 
     return get_metric(metric)
 

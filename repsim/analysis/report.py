@@ -1,7 +1,7 @@
 """``report.html``: one self-contained page of a comparison (or a geometry check), readable in any browser.
 
 The page is rendered with Jinja2 (autoescaping on) from the package template ``templates/report.html.j2``.
-Figures are inline SVG drawn by :mod:`repsim.plot`; the page loads nothing (a Content-Security-Policy of
+Figures are inline SVG drawn by :mod:`repsim.analysis.plot`; the page loads nothing (a Content-Security-Policy of
 ``default-src 'none'`` forbids every request). Every measure id on the page links to its definition at the
 bottom (formula, range, direction, invariances), taken from the measure registry.
 
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 TEMPLATE = "report.html.j2"
 
@@ -41,14 +41,14 @@ FORMULAS = {
 
 
 def _spec(metric: str):
-    from repsim.metrics import get_metric
+    from repsim.measures.functions import get_metric
 
     return get_metric(metric)
 
 
 def anchor(metric: str) -> str:
     """The page anchor of a measure's definition, e.g. ``def-cka_linear_biased``."""
-    from repsim.plot import file_stem
+    from repsim.analysis.plot import file_stem
 
     return "def-" + file_stem(metric)
 
@@ -104,7 +104,7 @@ def render(context: dict[str, Any]) -> str:
 
     import repsim
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("repsim", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("repsim.analysis", "templates"),
                              autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
                              trim_blocks=True, lstrip_blocks=True)
     ctx = {"warnings": [], "subtitle": "", "version": repsim.__version__, **context}
@@ -193,7 +193,7 @@ def comparison_provenance(comp: Any) -> list[tuple[str, str]]:
 
 def map_figure(comp: Any, metric: str) -> Any:
     """The heatmap of ``metric`` with the suggested monotone teacher → student map drawn as a white path."""
-    from repsim.plot import heatmap
+    from repsim.analysis.plot import heatmap
 
     fig = heatmap(comp.table, metric, **comp.figure_labels())
     ax = fig.axes[0]
@@ -243,7 +243,7 @@ def best_table(comp: Any, metric: str) -> dict[str, Any]:
 
 
 def comparison_context(comp: Any) -> dict[str, Any]:
-    from repsim.plot import best_match_curve
+    from repsim.analysis.plot import best_match_curve
 
     meta = comp.meta
     t_name = _short((meta.get("teacher") or {}).get("name", "teacher"))
@@ -277,7 +277,7 @@ def comparison_context(comp: Any) -> dict[str, Any]:
 
 
 def comparison_html(comp: Any) -> str:
-    """The report page of a :class:`repsim.comparison.Comparison`."""
+    """The report page of a :class:`repsim.analysis.comparison.Comparison`."""
     return render(comparison_context(comp))
 
 

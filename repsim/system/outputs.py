@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 _OUTPUT_FILE = re.compile(r"(results|curve)\.csv|report\.(json|html)|(heatmap_.+|best_match|curve)\.(png|svg|pdf)")
 _FIGURE_FILE = re.compile(r"(heatmap_.+|best_match)\.(png|svg|pdf)")

@@ -7,7 +7,7 @@ Total loss per batch (classification, ``task="sequence-classification"``)::
         + beta  · Σ_{(t, s) in layer map} feature_loss(teacher hidden state t, student hidden state s)
 
 ``feature_loss`` is one of ``none`` (no term), ``projection``, ``cka``, ``procrustes``, ``gram_frobenius``
-(:func:`repsim.losses.make_feature_loss`; one module per mapped pair, so the projection baseline learns one
+(:func:`repsim.measures.losses.make_feature_loss`; one module per mapped pair, so the projection baseline learns one
 linear map per pair). Features are either mean-pooled over real tokens (``features="mean"``, attention-mask
 weighted) or token level (``features="tokens"``, (batch, tokens, width) with the mask; needs identical
 tokenizers, checked on the data). Layer ``k`` is ``hidden_states[k]``: 0 = embeddings, k = output of block k.
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from repsim.errors import UserError, naming_path
+from repsim.system.errors import UserError, naming_path
 
 TASKS = ("sequence-classification", "causal-lm")
 FEATURE_LOSSES = ("none", "projection", "cka", "procrustes", "gram_frobenius")
@@ -112,7 +112,7 @@ class DistillConfig:
                 raise UserError(f"{name} must be a finite number ≥ 0, got {value}")
         if self.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be ≥ 0, got {self.checkpoint_every}")
-        from repsim.data import check_seed  # noqa: PLC0415
+        from repsim.activations.data import check_seed  # noqa: PLC0415
 
         check_seed(self.seed)
         resolve_device(self.device)
@@ -152,11 +152,12 @@ class DistillResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu; anything else is checked by :func:`repsim.extract.resolve_device`
+    """``auto`` -> cuda if available, else cpu; anything else is checked by
+    :func:`repsim.activations.extract.resolve_device`
     (an unknown or unavailable device is a UserError)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from repsim.extract import resolve_device as checked_device  # noqa: PLC0415
+    from repsim.activations.extract import resolve_device as checked_device  # noqa: PLC0415
 
     return checked_device(device)
 
@@ -340,8 +341,9 @@ def _read_layer_map_file(path: Path) -> list[tuple[int, int]]:
 
 
 def load(spec: str, task: str, num_labels: int | None = None) -> tuple[nn.Module, Any]:
-    """A model and its tokenizer through :func:`repsim.assets.load_model` (hub id, short name or local folder)."""
-    from repsim.assets import load_model
+    """A model and its tokenizer through :func:`repsim.activations.assets.load_model` (hub id, short name or local
+    folder)."""
+    from repsim.activations.assets import load_model
 
     kwargs: dict[str, Any] = {"task": task}
     if task == "sequence-classification" and num_labels is not None:
@@ -521,7 +523,7 @@ def check_same_tokenization(teacher_tok: Any, student_tok: Any, texts: Sequence[
 def pooled_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real tokens: Σ_t mask·h / Σ_t mask, shape (batch, width), in the hidden states' own precision
     (the extraction's mask-aware mean pooling, so training and comparison pool the same way)."""
-    from repsim.extract import pool_hidden
+    from repsim.activations.extract import pool_hidden
 
     return pool_hidden(hidden, mask, "mean", accumulate=hidden.dtype)
 
@@ -538,7 +540,7 @@ def _model_digest(model: nn.Module) -> str:
 
 
 def _cache_root() -> Path:
-    from repsim.assets import cache_dir
+    from repsim.activations.assets import cache_dir
 
     return Path(cache_dir()) / "distill-teacher"
 
@@ -636,7 +638,7 @@ class DistillTrainer:
         torch.manual_seed(config.seed)
         self.feature_losses = nn.ModuleList()
         if self.layer_map:
-            from repsim.losses import make_feature_loss
+            from repsim.measures.losses import make_feature_loss
 
             for _pair in self.layer_map:
                 self.feature_losses.append(make_feature_loss(config.loss, hidden_width(teacher), hidden_width(student)))
@@ -910,7 +912,7 @@ def perplexity(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: i
 
 def evaluate(model: nn.Module, tokenizer: Any, encoded: Encoded, task: str, batch_size: int = 128) -> dict[str, float]:
     """Validation metrics: accuracy, MCC, F1 (classification) or perplexity (causal LM)."""
-    from repsim.evaluate import classification_metrics
+    from repsim.distill.evaluation import classification_metrics
 
     if task == "causal-lm":
         return {"perplexity": perplexity(model, tokenizer, encoded, batch_size=max(1, batch_size // 8))}
@@ -931,8 +933,9 @@ def _texts_labels(data: Any) -> tuple[list[str], list[int] | None]:
 
 
 def load_split(spec: str, split: str, *, max_samples: int | None = None, seed: int = 0) -> Any:
-    """``repsim.data.load_texts`` with ``split`` for specs that have splits (sst2, hf:NAME without @SPLIT)."""
-    from repsim.data import load_texts
+    """``repsim.activations.data.load_texts`` with ``split`` for specs that have splits (sst2, hf:NAME without
+    @SPLIT)."""
+    from repsim.activations.data import load_texts
 
     has_splits = spec.lower() == "sst2" or (spec.lower().startswith("hf:") and "@" not in spec)
     return load_texts(spec, split=split if has_splits else None, max_samples=max_samples, seed=seed)
@@ -1052,9 +1055,9 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
     interrupted grid continues where it stopped. Student weights are deleted after evaluation unless
     ``keep_students`` (then ``.../seedK/student`` is a loadable model folder, e.g. for geometry checks).
     Returns one row per run (loss, seed, metrics, seconds) and writes the summary files of
-    :func:`repsim.evaluate.summarize_grid` into ``out``.
+    :func:`repsim.distill.evaluation.summarize_grid` into ``out``.
     """
-    from repsim.evaluate import summarize_grid
+    from repsim.distill.evaluation import summarize_grid
 
     config = config or DistillConfig()
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -1105,9 +1108,9 @@ def load_train_validation(data: str, val_data: str | None = None, *, max_train: 
     ``sst2``: the ``train`` and ``validation`` splits (offline: the fixed, disjoint SST-like splits). Another
     spec with ``val_data``: both as given. Otherwise a fixed random ``holdout`` fraction of ``data``
     (seed 0) becomes the validation set. ``max_train`` / ``max_val`` keep a fixed random subset of N
-    (``repsim.data.subsample`` with seed 0: the same texts for every training seed, nested across sizes).
+    (``repsim.activations.data.subsample`` with seed 0: the same texts for every training seed, nested across sizes).
     """
-    from repsim.data import fingerprint_texts, subsample
+    from repsim.activations.data import fingerprint_texts, subsample
 
     if data == "sst2" and val_data is None:
         train = load_split(data, "train")
@@ -1150,7 +1153,7 @@ def _loss_list(losses: Sequence[str]) -> list[str]:
 def finetune_command(model: str, *, data: str = "sst2", val_data: str | None = None, max_train: int | None = None,
                      max_val: int | None = None, out: str | Path = "finetune-out", **options: Any) -> str:
     """``repsim finetune``: fine-tune ``model`` on ``data``; saves ``out/model``; returns a one-paragraph report."""
-    from repsim.comparison import check_out_dir  # noqa: PLC0415
+    from repsim.analysis.comparison import check_out_dir  # noqa: PLC0415
 
     config = DistillConfig(**options)
     config.validate()
@@ -1168,7 +1171,7 @@ def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data:
                     teacher_lr: float | None = None, teacher_batch_size: int | None = None,
                     out: str | Path = "distill-out", keep_students: bool = False, **options: Any) -> str:
     """``repsim distill``: every loss × seeds (seed, seed+1, ...) into ``out``; returns the summary (markdown)."""
-    from repsim.comparison import check_out_dir  # noqa: PLC0415
+    from repsim.analysis.comparison import check_out_dir  # noqa: PLC0415
 
     config = DistillConfig(**options)
     if not _loss_list(losses):

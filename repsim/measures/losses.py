@@ -8,7 +8,7 @@ Every loss takes ``forward(teacher, student, attention_mask=None)``:
   0 (padding) are dropped before anything is computed, so they never touch the value or the gradient.
 
 Token inputs are flattened to the n real token rows X (n×p, teacher) and Y (n×q, student), then the metric
-conventions of :mod:`repsim.metrics` apply: centre the columns, divide by the Frobenius norm
+conventions of :mod:`repsim.measures.functions` apply: centre the columns, divide by the Frobenius norm
 (X̃ = Xc/‖Xc‖_F, Ỹ = Yc/‖Yc‖_F). The geometry losses compute in float64 by default (``compute_dtype``; float32
 is allowed, e.g. on GPUs with slow float64), whatever the input dtype (bf16 hidden states included) and with
 autocast switched off inside; the returned scalar is float32 (float64 when an input is float64), so it adds
@@ -32,7 +32,7 @@ Gradient safety:
   gradient is defined as 0, a valid subgradient at a minimum. Away from 0 it is the exact derivative.
   The ``squared`` forms are smooth everywhere; prefer them when you want a gradient that shrinks near the optimum.
 - Too few rows (n < 2; n < 4 for the debiased estimator), zero variance and NaN/inf inputs raise
-  :class:`repsim.errors.UserError` with one line naming the problem, never a NaN loss.
+  :class:`repsim.system.errors.UserError` with one line naming the problem, never a NaN loss.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from repsim.arrays import centred_unit, check_self_hsic, debiased_self_hsic
-from repsim.errors import UserError
+from repsim.measures.arrays import centred_unit, check_self_hsic, debiased_self_hsic
+from repsim.system.errors import UserError
 
 __all__ = [
     "CKALoss",
@@ -277,7 +277,7 @@ class ProcrustesLoss(_GeometryLoss):
     """Procrustes loss from ρ = ‖X̃ᵀỸ‖_* (nuclear norm of the p×q cross-product; no zero padding for p ≠ q).
 
     ``output="distance"`` (default): √max(0, 2 − 2ρ) = min over orthogonal Q of ‖X̃ − [Ỹ, 0]Q‖_F, in [0, √2],
-    equal to ``repsim.metrics.procrustes(X, Y, output="distance")``; gradient 0 at distance 0.
+    equal to ``repsim.measures.functions.procrustes(X, Y, output="distance")``; gradient 0 at distance 0.
     ``output="squared"``: 2 − 2ρ in [0, 2], smooth (no square root). ``output="angular"``: arccos(min(ρ, 1)),
     in [0, π/2] (Williams et al. 2021); gradient 0 at ρ ≥ 1.
     Invariant to translation, isotropic scaling and orthogonal maps of either side; not to general linear maps.
@@ -317,7 +317,7 @@ class GramFrobeniusLoss(_GeometryLoss):
 
     Never forms n×n for large n: ‖X̃X̃ᵀ − ỸỸᵀ‖²_F = ‖X̃ᵀX̃‖²_F + ‖ỸᵀỸ‖²_F − 2‖X̃ᵀỸ‖²_F with p×p, q×q and p×q
     products, unless n(p + q) < p² + q² + pq, where the n×n form is cheaper (and has no cancellation).
-    In [0, √2]; equal to ``repsim.metrics.gram_frobenius``; gradient 0 at distance 0 (``squared=False``).
+    In [0, √2]; equal to ``repsim.measures.functions.gram_frobenius``; gradient 0 at distance 0 (``squared=False``).
     """
 
     def __init__(self, squared: bool = False, compute_dtype: torch.dtype = torch.float64) -> None:
@@ -354,9 +354,10 @@ class CKALoss(_GeometryLoss):
     """1 − linear CKA: 1 − HSIC(K, L)/√(HSIC(K, K)·HSIC(L, L)), K = X̃X̃ᵀ, L = ỸỸᵀ (Kornblith et al. 2019).
 
     ``estimator="biased"`` (default): ⟨K, L⟩/(‖K‖_F‖L‖_F) on centred features, in [0, 1]; equal to
-    1 − ``repsim.metrics.cka(X, Y, estimator="biased")``. ``estimator="debiased"``: Song et al.'s unbiased HSIC
+    1 − ``repsim.measures.functions.cka(X, Y, estimator="biased")``. ``estimator="debiased"``: Song et al.'s unbiased
+    HSIC
     (Kornblith's debiased CKA); needs n ≥ 4 non-masked rows, and raises when a self-HSIC estimate is not positive
-    beyond rounding (repsim.arrays.check_self_hsic) rather than returning NaN. Computed with p×p, q×q, p×q
+    beyond rounding (repsim.measures.arrays.check_self_hsic) rather than returning NaN. Computed with p×p, q×q, p×q
     products, or n×n ones when cheaper.
     Blind spot (the paper's Theorem 1): CKA can approach 1 (loss → 0) while the student's geometry stays far
     from the teacher's (Procrustes distance → √(2 − √2)).

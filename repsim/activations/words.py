@@ -25,7 +25,8 @@ The word's row is the plain mean of its tokens' hidden states (in the accumulati
 also in the truncated one (``max_length``), and it has at least one token. Words a model cuts (truncation) or
 never sees (a character its normaliser removes) are dropped for BOTH sides when a pair is compared, and counted.
 
-Word-level comparison streams: rows are read in chunks into :class:`repsim.moments.LayerMoments`, so memory does
+Word-level comparison streams: rows are read in chunks into :class:`repsim.measures.moments.LayerMoments`, so memory
+does
 not grow with the number of words; only measures computable from second moments are available
 (:func:`streamable`).
 """
@@ -39,7 +40,7 @@ import numpy as np
 import regex
 import torch
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 WORD_RULE = "words-v1: runs of L/M/N with internal ' ’ -, each Han ideograph, each other non-space grapheme"
 _RUN = r"[[\p{L}\p{M}\p{N}]--\p{Han}]+"
@@ -144,7 +145,7 @@ def pool_words(hidden: torch.Tensor, plan: Any, accumulate: torch.dtype = torch.
 
 def streamable(metric: str) -> bool:
     """True when a measure is computed exactly from pooled second moments (word-level comparison streams)."""
-    from repsim.metrics import get_metric  # noqa: PLC0415
+    from repsim.measures.functions import get_metric  # noqa: PLC0415
 
     spec = get_metric(metric)
     return bool(spec.linear) and dict(spec.kwargs).get("folds") is None
@@ -160,12 +161,13 @@ def check_streamable(metric_ids: Sequence[str]) -> None:
 
 
 def paired_moments(teacher: Any, student: Any, *, chunk_rows: int = 8192, device: Any = None) -> tuple[Any, dict]:
-    """Stream the word rows both models kept into :class:`repsim.moments.LayerMoments`.
+    """Stream the word rows both models kept into :class:`repsim.measures.moments.LayerMoments`.
 
-    ``teacher``/``student``: word-pooled :class:`repsim.extract.Activations` of the same texts (same offsets).
+    ``teacher``/``student``: word-pooled :class:`repsim.activations.extract.Activations` of the same texts (same
+    offsets).
     Rows are read ``chunk_rows`` at a time (memory-mapped from the store). Returns (moments, counts) with
     counts = {n_words, n_used, dropped_teacher, dropped_student, dropped}."""
-    from repsim.moments import LayerMoments  # noqa: PLC0415
+    from repsim.measures.moments import LayerMoments  # noqa: PLC0415
 
     for side, act in (("teacher", teacher), ("student", student)):
         if act.meta.get("pool") != "words" or act.token_ids is None:

@@ -21,7 +21,8 @@ Pooling (docs/activations.md §2) uses the attention mask: padding side and batc
 * ``tokens``: every real token is one row; ``Activations.offsets[i]:offsets[i+1]`` are the rows of text ``i`` and
   ``Activations.token_ids`` the token ids of those rows. Rows of two models pair token by token only when both
   use the same tokenizer (:func:`check_same_tokenizer`).
-* ``words``: every word of the text (the tokenizer-independent rule of :mod:`repsim.words`) is one row, the mean
+* ``words``: every word of the text (the tokenizer-independent rule of :mod:`repsim.activations.words`) is one row,
+the mean
   of the sub-tokens overlapping it (fast tokenizers' character offsets; special tokens excluded); ``offsets`` delimit
   the words of each text and ``token_ids`` holds the number of tokens averaged into each word, 0 for a word this
   model dropped (truncated by ``max_length``, or without any token). Rows of two models pair word by word whatever
@@ -49,9 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.data import fingerprint_texts
-from repsim.errors import UserError
-from repsim.words import WORD_RULE, check_offsets, encode_words, pool_words, word_counts
+from repsim.activations.data import fingerprint_texts
+from repsim.activations.words import WORD_RULE, check_offsets, encode_words, pool_words, word_counts
+from repsim.system.errors import UserError
 
 POOLS = ("mean", "cls", "last", "tokens", "words")
 ROW_POOLS = ("tokens", "words")  # pools with several rows per text (offsets per text)
@@ -257,7 +258,7 @@ def _local_revision(path: Path) -> str:
 def load(model: Any, *, device: torch.device, dtype: torch.dtype, device_map: str | dict | None = None) -> LoadedModel:
     """Resolve ``model`` to (model, tokenizer, name, revision).
 
-    ``model`` is a spec string (hub id, local folder, embedded default; through :mod:`repsim.assets`), a
+    ``model`` is a spec string (hub id, local folder, embedded default; through :mod:`repsim.activations.assets`), a
     :class:`LoadedModel`, or a ``(model, tokenizer)`` pair of objects (its revision is a weights hash).
     """
     if isinstance(model, LoadedModel):
@@ -269,7 +270,7 @@ def load(model: Any, *, device: torch.device, dtype: torch.dtype, device_map: st
     if not isinstance(model, (str, os.PathLike)):
         raise UserError(f"model must be a spec string, a folder, or a (model, tokenizer) pair; got {type(model)}")
     try:
-        from repsim import assets  # noqa: PLC0415
+        from repsim.activations import assets  # noqa: PLC0415
         loader = getattr(assets, "load_model", None)
     except ImportError:
         loader = None
@@ -282,10 +283,10 @@ def load(model: Any, *, device: torch.device, dtype: torch.dtype, device_map: st
         m, tok, src = loader(str(model), **kw)
         return LoadedModel(m.eval(), tok, str(getattr(src, "name", model)), str(getattr(src, "revision", "")),
                            bool(getattr(src, "offline_default", False)))
-    # fallback while repsim.assets is not available: local folders only
+    # fallback while repsim.activations.assets is not available: local folders only
     path = Path(model)
     if not path.is_dir():
-        raise UserError(f"model {model!r} is not a local folder (and repsim.assets is not available)")
+        raise UserError(f"model {model!r} is not a local folder (and repsim.activations.assets is not available)")
     from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
 
     kw = {"dtype": dtype}
@@ -345,7 +346,7 @@ def prepare_model(model: Any) -> ModelHandle:
     from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
 
     try:
-        from repsim.assets import resolve_model  # noqa: PLC0415
+        from repsim.activations.assets import resolve_model  # noqa: PLC0415
     except ImportError:
         resolve_model = None
     if resolve_model is not None:
@@ -472,7 +473,8 @@ def resolve_layers(layers: Sequence[int] | int | str | None, n_blocks: int | Non
 def as_texts(data: Any) -> tuple[list[str], str | None, str]:
     """(texts, fingerprint-from-data-or-None, name) from a TextData, a list of strings or a single string."""
     if isinstance(data, str):
-        raise UserError("data must be a TextData (repsim.data.load_texts) or a list of texts, not one string")
+        raise UserError("data must be a TextData (repsim.activations.data.load_texts) or a list of texts, "
+                        "not one string")
     texts = getattr(data, "texts", data)
     try:
         texts = list(texts)
@@ -675,10 +677,10 @@ def extract(
     """Hidden states of ``model`` on ``data``, pooled per text (or per token), from the cache when present.
 
     model: spec string (hub id, local folder, embedded default name), or a ``(model, tokenizer)`` pair.
-    data: :class:`repsim.data.TextData` or a list of texts. layers: None (all, 0..L), ints, or "0,3,6".
+    data: :class:`repsim.activations.data.TextData` or a list of texts. layers: None (all, 0..L), ints, or "0,3,6".
     pool: mean | cls | last | tokens. dtype: the model's compute dtype (float32, bfloat16, float16); pooled
     features are accumulated in ``accumulate`` (float32 or float64) and stored as float32.
-    cache: read/write the activation store (:mod:`repsim.store`); ``False`` keeps everything in memory.
+    cache: read/write the activation store (:mod:`repsim.activations.store`); ``False`` keeps everything in memory.
     device_map: passed to the loader (``"auto"`` spreads a big model over the available GPUs).
     Under ``torch.distributed`` each rank extracts its shard of the batches; every rank returns the whole result.
     chunk_size: texts per resumable chunk of a store entry. verify: check checksums of a cached entry
@@ -747,7 +749,7 @@ def extract(
     sources = superset_rows(data, meta["texts_sha256"])
     found = None
     if cache:
-        from repsim import store  # noqa: PLC0415
+        from repsim.activations import store  # noqa: PLC0415
 
         if sources:  # where these texts sit in the lists they were drawn from, for later subsets
             meta["drawn_from"] = [{"fingerprint": fp, "n_texts": n, "rows_mask": store.rows_mask(rows, n)}
@@ -758,7 +760,7 @@ def extract(
     if found is not None:
         acts = subset_of(found[0], chosen, found[1], meta)
     elif cache:
-        from repsim import store  # noqa: PLC0415
+        from repsim.activations import store  # noqa: PLC0415
 
         acts = store.get_or_build(meta, texts, rows_per_text, make_runner, batches, progress=progress,
                                   chunk_size=chunk_size, verify=verify, on_batch=on_batch)
@@ -775,7 +777,8 @@ def extract(
 
 def superset_rows(data: Any, texts_sha256: str) -> list[tuple[str, int, np.ndarray]]:
     """(texts_sha256, n_texts, rows) of the larger text lists ``data`` was drawn from (recorded by
-    :func:`repsim.data.subsample` in ``data.extra["supersets"]``): text j of ``data`` is text ``rows[j]`` there.
+    :func:`repsim.activations.data.subsample` in ``data.extra["supersets"]``): text j of ``data`` is text ``rows[j]``
+    there.
     A record counts only when the fingerprint it was made for equals ``texts_sha256``, the hash of the texts now
     being extracted, so a changed text list never takes rows from a superset."""
     records = (getattr(data, "extra", None) or {}).get("supersets", [])
@@ -892,17 +895,17 @@ def extract_moments(
     on_batch: Callable[[int], None] | None = None,
     **unused: Any,
 ) -> Any:
-    """Stream teacher and student features into :class:`repsim.moments.LayerMoments`, storing nothing.
+    """Stream teacher and student features into :class:`repsim.measures.moments.LayerMoments`, storing nothing.
 
     Both models see the same batches of texts; memory depends on widths and batch size, not on the number of
     texts or tokens. ``pool="tokens"`` pairs tokens one by one and so needs identical tokenizers;
-    ``pool="words"`` pairs words (:mod:`repsim.words`) and streams only the words both models kept
+    ``pool="words"`` pairs words (:mod:`repsim.activations.words`) and streams only the words both models kept
     (``meta["n_words"]``, ``meta["n_words_used"]``).
     Under ``torch.distributed`` each rank streams its shard and the moments are summed with ``all_reduce``.
     ``layers`` selects teacher layers, ``student_layers`` student layers (default: same as ``layers`` when
     that is given as indices, else all). ``on_batch(rows_so_far)`` is called after each batch on this rank.
     """
-    from repsim.moments import LayerMoments  # noqa: PLC0415
+    from repsim.measures.moments import LayerMoments  # noqa: PLC0415
 
     for k in ("cache",):
         unused.pop(k, None)

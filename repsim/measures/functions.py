@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.arrays import (
+from repsim.measures.arrays import (
     ArrayLike,
     as_pair,
     check_self_hsic,
@@ -38,7 +38,7 @@ from repsim.arrays import (
     self_hsic_magnitude,
     to_output,
 )
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 __all__ = [
     "procrustes",
@@ -357,7 +357,7 @@ def _u_center_gram(K: torch.Tensor) -> torch.Tensor:
 
 
 def _u_centred_checked(K: torch.Tensor, side: str) -> torch.Tensor:
-    """U(K), refusing a self-HSIC ‖U(K)‖²_F that is 0 up to rounding (repsim.arrays.check_self_hsic), judged
+    """U(K), refusing a self-HSIC ‖U(K)‖²_F that is 0 up to rounding (repsim.measures.arrays.check_self_hsic), judged
     against K's terms ‖K‖²_F, ‖K̃1‖², (1ᵀK̃1)² (K̃ = K with a zero diagonal)."""
     n = K.shape[0]
     off_rows = K.sum(dim=1) - torch.diagonal(K)
@@ -610,7 +610,7 @@ class MetricSpec:
     range: tuple[float, float]
     invariances: frozenset[str]
     symmetric: bool
-    linear: bool  # linear kernel: exactly computable by repsim.moments from (per-fold) second moments
+    linear: bool  # linear kernel: exactly computable by repsim.measures.moments from (per-fold) second moments
     label: str  # for plot colour bars
     #: further invariances when only the student Y is transformed: the unregularised projection residual sees only
     #: the student's column space, so any invertible linear map of the student is invisible (its blind spot)
@@ -773,7 +773,7 @@ def get_metric(spec: str | MetricSpec) -> MetricSpec:
 
     Accepts every canonical id of :data:`METRICS` and parameterised forms such as ``cka[rbf,sigma=0.5]``,
     ``projection_residual[folds=10]`` or ``projection_residual[in_sample,ridge=0.01]``; raises
-    :class:`~repsim.errors.UserError` naming an unknown id.
+    :class:`~repsim.system.errors.UserError` naming an unknown id.
     """
     if isinstance(spec, MetricSpec):
         return spec

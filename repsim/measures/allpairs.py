@@ -17,7 +17,7 @@ a chunk of student layers is one GEMM, C = F_chunkᵀ G_chunk, whose (t, s) bloc
 - Procrustes ρ = ‖C_ts‖_* (σ = √eig of the small Gram CᵀC by batched eigenvalues where a rounding bound shows
   it exact to ``tol`` = 1e-9, else singular values; see ``_nuclear_norms``),
 - Gram-Frobenius² = ‖X̃ᵀX̃‖²_F + ‖ỸᵀỸ‖²_F − 2‖C_ts‖²_F, linear CKA = ‖C_ts‖²_F / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F),
-- debiased CKA from the same plus a_tᵀb_s (a = squared row norms; see :mod:`repsim.moments` for the formula),
+- debiased CKA from the same plus a_tᵀb_s (a = squared row norms; see :mod:`repsim.measures.moments` for the formula),
 - in-sample projection residual 1 − Σ_k ‖C_ts v_k‖²/σ_k² over the student's singular pairs (σ_k, v_k) above
   numpy's lstsq cutoff (with ridge λ: weights (σ_k² + 2λ)/(σ_k² + λ)²), read off CᵀC as ⟨CᵀC, V diag(w) Vᵀ⟩.
 
@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.arrays import (
+from repsim.measures.arrays import (
     as_matrix,
     check_self_hsic,
     check_spread,
@@ -56,7 +56,7 @@ from repsim.arrays import (
     scale_by_power_of_two,
     zero_variance_error,
 )
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 CPU_CHUNK_BUDGET_BYTES = 1 << 30
 
@@ -101,7 +101,7 @@ def _as_layers(layers: Any, name: str) -> list[Any]:
 def _centre_rows(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
                  exponent: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(X·2^−exponent − 1μᵀ in ``dtype``, n‖μ‖²), μ accumulated in ``dtype``, written into ``out`` when given (no
-    temporary). The power-of-two factor is exact (see repsim.arrays)."""
+    temporary). The power-of-two factor is exact (see repsim.measures.arrays)."""
     n = x.shape[0]
     if exponent:
         x = scale_by_power_of_two(x, -exponent, out=out if out is not None else
@@ -120,7 +120,7 @@ def _unit_scale(xc: torch.Tensor, centred_sq: torch.Tensor, offset_sq: torch.Ten
     """Divide the centred ``xc`` by ‖X_c‖_F (``centred_sq`` = ‖X_c‖²_F) in place and return True; or return False
     when its squares were computed outside the safe range (``rescaled`` False): the caller then redoes the layer
     divided by a power of two. Raises for NaN or inf in ``x`` and for zero variance (relative rule of
-    repsim.arrays)."""
+    repsim.measures.arrays)."""
     c, o = float(centred_sq), float(offset_sq)
     if not math.isfinite(c + o) and not bool(torch.isfinite(x).all()):
         raise UserError(f"{name} contains NaN or inf")
@@ -153,7 +153,8 @@ def _gather_rows(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, exponen
 
 
 def _exponent(x: torch.Tensor, name: str) -> int:
-    """The power-of-two exponent of max|x| (repsim.arrays.power_of_two_exponent); all zeros is zero variance."""
+    """The power-of-two exponent of max|x| (repsim.measures.arrays.power_of_two_exponent); all zeros is zero
+    variance."""
     exponent = power_of_two_exponent(x)
     if exponent is None:
         raise zero_variance_error(name, x.shape[0], torch.float64)
@@ -432,7 +433,7 @@ def _nuclear_from_gram(gram: torch.Tensor, scale: torch.Tensor | float, tol: flo
 
 def _gains(s: torch.Tensor, ridge: float, rows: int, width: int) -> torch.Tensor:
     """Least-squares gains g_k = s_k/(s_k² + λ); for λ = 0, 1/s_k above numpy's lstsq cutoff
-    eps·max(rows, width)·s_max and 0 below (the minimum-norm solution), as in repsim.metrics."""
+    eps·max(rows, width)·s_max and 0 below (the minimum-norm solution), as in repsim.measures.functions."""
     if ridge > 0:
         return s / (s * s + ridge)
     cutoff = torch.finfo(s.dtype).eps * max(rows, width) * s.max()
@@ -477,8 +478,8 @@ def pairwise(
         teacher_layers: sequence of (n, p_t) arrays/tensors or one (Lt, n, p) array; rows paired across all
             layers of both sides.
         student_layers: sequence of (n, q_s) arrays/tensors or one (Ls, n, q) array.
-        metrics: metric ids (any spelling ``repsim.metrics.get_metric`` accepts); default
-            ``repsim.metrics.DEFAULT_METRICS``.
+        metrics: metric ids (any spelling ``repsim.measures.functions.get_metric`` accepts); default
+            ``repsim.measures.functions.DEFAULT_METRICS``.
         device: where to compute (e.g. "cuda"); default: the inputs' GPU, else CUDA when available, else CPU.
         chunk_size: layer pairs per batched GEMM; chosen from a memory budget when omitted.
         dtype: compute dtype (float64 by default).
@@ -489,7 +490,7 @@ def pairwise(
     Returns:
         value[t, s] = metric(teacher_layers[t], student_layers[s]) exactly as the in-memory function defines it.
     """
-    from repsim.metrics import DEFAULT_METRICS, get_metric
+    from repsim.measures.functions import DEFAULT_METRICS, get_metric
 
     if metrics is None:
         metrics = DEFAULT_METRICS
@@ -514,7 +515,8 @@ def pairwise(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was requested but CUDA is not available")
     # finiteness is checked where the layers are centred (one pass fewer over the data); pairwise is not
-    # differentiable, so tensors that require grad are read through detached views (repsim.losses has gradients)
+    # differentiable, so tensors that require grad are read through detached views (repsim.measures.losses has
+    # gradients)
     t_in = [as_matrix(x, f"teacher layer {i}", dtype=None, check_finite=False).detach() for i, x in enumerate(t_raw)]
     s_in = [as_matrix(y, f"student layer {i}", dtype=None, check_finite=False).detach() for i, y in enumerate(s_raw)]
     rows = {x.shape[0] for x in t_in} | {y.shape[0] for y in s_in}
@@ -549,7 +551,7 @@ def _memory_budget(device: torch.device) -> int:
 
 def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: list, device: torch.device,
                      chunk_size: int | None, dtype: torch.dtype, tol: float = 1e-9) -> dict[str, np.ndarray]:
-    from repsim.moments import _clamp_rounding, _gram_output, _procrustes_output
+    from repsim.measures.moments import _clamp_rounding, _gram_output, _procrustes_output
 
     n = t_in[0].shape[0]
     families = {s.family for s in specs}
@@ -569,7 +571,7 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
     dual = bool(held_out) and _dual_held_out_fits(n, ranks_t, ranks_s, fold_counts, device)
     rows = order = None
     if held_out and not dual:  # the primal form: student factors in their singular basis, rows in fold order
-        from repsim.metrics import fold_assignment
+        from repsim.measures.functions import fold_assignment
 
         singular = "rotate"
         order = np.argsort(fold_assignment(n, fold_counts[0], 0), kind="stable")
@@ -637,7 +639,7 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
             out[spec.id] = _clamp_rounding(1.0 - explained[spec.id], 0.0, 1.0, "projection residual")
         elif spec in held_out:  # the n × n form computed above, else the primal form on fold-ordered rows
             if spec.id not in held:
-                from repsim.metrics import fold_assignment
+                from repsim.measures.functions import fold_assignment
 
                 held[spec.id] = _held_out_residual(
                     teacher, student, _Folds(fold_assignment(n, int(kw["folds"]), 0)[order], device),
@@ -729,7 +731,8 @@ class _Folds:
 
 def _held_out_residual(teacher: _Side, student: _Side, folds: _Folds, ridge: float, device: torch.device,
                        margin: float = 1e3) -> torch.Tensor:
-    """k-fold held-out residual of all pairs, exactly as ``repsim.metrics.projection_residual(folds=k)``, from
+    """k-fold held-out residual of all pairs, exactly as ``repsim.measures.functions.projection_residual(folds=k)``,
+    from
     per-fold sums of the full-data factors (no training-row copies). Returns (Lt, Ls).
 
     Student layer j's factor is G = U diag(s) (rotated, see ``_prepare_side``), so U = G diag(1/s) column by
@@ -948,7 +951,7 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
     MIN_LEAVE_OUT_EIGENVALUE, gets its N from its k training SVDs instead (``fold_form``: the fits themselves,
     still one n × n matrix and n² per pair).
     """
-    from repsim.metrics import fold_assignment
+    from repsim.measures.functions import fold_assignment
 
     n = teacher.factors.shape[0]
     dtype = teacher.factors.dtype

@@ -41,7 +41,7 @@ the teacher rows and l in the student rows by 2^(−kΔ_t − lΔ_s)), exact up 
 scale's rounding. Merging and ``all_reduce`` first bring both sides to the larger exponents the same way. The
 metrics are scale invariant, so they read the scaled statistics directly.
 
-Zero variance is judged as in :mod:`repsim.arrays`: a layer is refused when ‖X_c‖²_F = A ≤ τ²·(A + n‖x̄‖²)
+Zero variance is judged as in :mod:`repsim.measures.arrays`: a layer is refused when ‖X_c‖²_F = A ≤ τ²·(A + n‖x̄‖²)
 (‖X‖²_F, from the running mean), τ = 16·√n·eps.
 
 Metrics (docs/measures.md §3; X̃ = centred X / ‖centred X‖_F, so X̃ᵀỸ = cross/√(AB), A = tr cov_x, B = tr cov_y):
@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.arrays import (
+from repsim.measures.arrays import (
     as_matrix,
     check_self_hsic,
     debiased_self_hsic,
@@ -76,7 +76,7 @@ from repsim.arrays import (
     scale_by_power_of_two,
     variance_tolerance,
 )
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 _PAIR_KEYS = ("cross", "s_ab", "t_ay", "t_bx")
 #: the scale exponent of a layer that has seen only zeros (below every float64 exponent)
@@ -523,8 +523,8 @@ class LayerMoments:
 
     def _nuclear(self) -> torch.Tensor:
         """‖cross_ts‖_* for every pair, (Lt, Ls), batched where the student widths agree (√eig of the small Gram
-        where provably exact to 1e-9 relative to ‖cross‖, else svdvals; see repsim.layer_pairs._nuclear_norms)."""
-        from repsim.layer_pairs import _nuclear_norms
+        where provably exact to 1e-9 relative to ‖cross‖, else svdvals; see repsim.measures.allpairs._nuclear_norms)."""
+        from repsim.measures.allpairs import _nuclear_norms
 
         A, B = self._scales()
         out = self._zeros(self.n_teacher_layers, self.n_student_layers)
@@ -609,7 +609,8 @@ class LayerMoments:
         return _clamp_rounding(out, 0.0, 1.0, "projection residual")
 
     def matrix(self, metric_id: str) -> np.ndarray:
-        """(Lt, Ls) float64 array of the metric ``metric_id`` (any id accepted by ``repsim.metrics.get_metric``
+        """(Lt, Ls) float64 array of the metric ``metric_id`` (any id accepted by
+        ``repsim.measures.functions.get_metric``
         whose metric is linear, i.e. computable from second moments)."""
         family, kwargs = _linear_metric(metric_id)
         if family == "procrustes":
@@ -632,7 +633,7 @@ class CrossMoments(LayerMoments):
 
     ``update(Xb, Yb)``, ``merge``, ``all_reduce``, ``state_dict``/``from_state_dict`` as for
     :class:`LayerMoments`; each metric method returns a Python float, equal (to rounding) to the in-memory
-    ``repsim.metrics`` function on all rows seen.
+    ``repsim.measures.functions`` function on all rows seen.
     """
 
     def __init__(self, p: int, q: int, dtype: torch.dtype = torch.float64,
@@ -687,7 +688,7 @@ class CrossMoments(LayerMoments):
 
 # ---------------------------------------------------------------------- shared output conventions
 def _exponent(x: torch.Tensor) -> int:
-    """Power-of-two exponent of max|x| (repsim.arrays), _NO_SCALE for all zeros."""
+    """Power-of-two exponent of max|x| (repsim.measures.arrays), _NO_SCALE for all zeros."""
     e = power_of_two_exponent(x)
     return _NO_SCALE if e is None else e
 
@@ -733,7 +734,7 @@ def _gram_output(sq: torch.Tensor, squared: bool) -> torch.Tensor:
 
 def _linear_metric(metric_id: str) -> tuple[str, dict[str, Any]]:
     """(family, kwargs) of a metric id that the moments can compute; UserError otherwise."""
-    from repsim.metrics import get_metric
+    from repsim.measures.functions import get_metric
 
     spec = get_metric(metric_id)
     if not spec.linear:

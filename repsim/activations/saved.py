@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 SUFFIXES = (".npy", ".safetensors")
 HASH_BLOCK_BYTES = 1 << 24  # rows hashed and checked for finiteness per block (16 MiB)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 LOSS_ORDER = ("none", "projection", "cka", "procrustes", "gram_frobenius")
 

@@ -2,14 +2,14 @@
 
 `compare(teacher, student, data)` extracts (or reads from the cache) one pooled hidden-state matrix per layer
 for each model, computes every metric for every (teacher layer, student layer) pair with
-:func:`repsim.layer_pairs.pairwise`, optionally adds bootstrap intervals and permutation p-values
-(:mod:`repsim.stats`), and returns a :class:`Comparison`. Layer k is the output of block k; layer 0 is the
-embedding output (the convention of :mod:`repsim.extract`).
+:func:`repsim.measures.allpairs.pairwise`, optionally adds bootstrap intervals and permutation p-values
+(:mod:`repsim.analysis.stats`), and returns a :class:`Comparison`. Layer k is the output of block k; layer 0 is the
+embedding output (the convention of :mod:`repsim.activations.extract`).
 
 A :class:`Comparison` holds one long table (columns ``teacher_layer, student_layer, metric, value, ci_low,
 ci_high, p_value``; ``metric`` is the canonical id with its convention, e.g. ``procrustes[distance]``) and
 provenance (``meta``). ``save(dir)`` writes results.csv, heatmaps, a best-match plot and report.json as one
-set (:mod:`repsim.outputs`): a reader, or a run killed midway, sees the previous set or the new one, never a mix.
+set (:mod:`repsim.system.outputs`): a reader, or a run killed midway, sees the previous set or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from repsim.errors import UserError, naming_path
+from repsim.system.errors import UserError, naming_path
 
 COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low", "ci_high", "p_value"]
 POOLS = ("mean", "cls", "last", "tokens", "words")
@@ -45,14 +45,14 @@ Echo = Callable[[str], None]
 
 
 def _spec(metric: str):
-    from repsim.metrics import get_metric
+    from repsim.measures.functions import get_metric
 
     return get_metric(metric)
 
 
 def resolve_metrics(metrics: Sequence[str] | str | None) -> list[str]:
     """User metric names/aliases → canonical ids (unique, in order); None → the default four."""
-    from repsim.metrics import DEFAULT_METRICS
+    from repsim.measures.functions import DEFAULT_METRICS
 
     if metrics is None:
         metrics = DEFAULT_METRICS
@@ -157,7 +157,7 @@ class Comparison:
 
     table: pd.DataFrame
     meta: dict[str, Any] = field(default_factory=dict)
-    #: the convergence curve (:func:`repsim.curve.convergence`) when asked for, else None
+    #: the convergence curve (:func:`repsim.analysis.curve.convergence`) when asked for, else None
     curve: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ construction
@@ -182,9 +182,10 @@ class Comparison:
         pass serves both: P ≥ K shuffles give the p-values, their first K the chance level). 0 disables it.
 
         ``curve``: also compute :attr:`curve`, every metric of the best-matching pairs (:meth:`curve_pairs`) on
-        ``curve_subsamples`` seeded subsamples at each of ``curve_sizes`` texts (:func:`repsim.curve.convergence`).
+        ``curve_subsamples`` seeded subsamples at each of ``curve_sizes`` texts
+        (:func:`repsim.analysis.curve.convergence`).
         """
-        from repsim.layer_pairs import pairwise
+        from repsim.measures.allpairs import pairwise
 
         ids = resolve_metrics(metrics)
         teacher, student = [_writable(x) for x in teacher_layers], [_writable(y) for y in student_layers]
@@ -214,7 +215,7 @@ class Comparison:
 
         lows = highs = pvals = chance = chance_sd = None
         if bootstrap:
-            from repsim import stats
+            from repsim.analysis import stats
 
             t0 = time.perf_counter()
             with _bar(progress, bootstrap, "bootstrap") as tick:
@@ -225,7 +226,7 @@ class Comparison:
             timings["bootstrap"] = time.perf_counter() - t0
         shuffles = max(permutations, chance_permutations)
         if shuffles:
-            from repsim import stats
+            from repsim.analysis import stats
 
             t0 = time.perf_counter()
             with _bar(progress, shuffles, "permutations" if permutations else "chance levels") as tick:
@@ -264,7 +265,7 @@ class Comparison:
                 warnings.append(w)
         comp = cls(table=table, meta=meta)
         if curve:
-            from repsim.curve import convergence
+            from repsim.analysis.curve import convergence
 
             t0 = time.perf_counter()
             comp.curve = convergence(teacher, student, ids, comp.curve_pairs(), teacher_layer_ids=t_ids,
@@ -284,11 +285,11 @@ class Comparison:
     def from_moments(cls, moments: Any, metrics: Sequence[str] | str | None = None, *,
                      teacher_layer_ids: Sequence[int] | None = None, student_layer_ids: Sequence[int] | None = None,
                      meta: dict[str, Any] | None = None) -> Comparison:
-        """Compare from streamed :class:`repsim.moments.LayerMoments` (every teacher × student layer pair).
+        """Compare from streamed :class:`repsim.measures.moments.LayerMoments` (every teacher × student layer pair).
 
         Only measures computable from second moments are available (no intervals or p-values: those resample
         rows). Used for word-level comparison, whose rows are never all in memory."""
-        from repsim.words import check_streamable
+        from repsim.activations.words import check_streamable
 
         ids = resolve_metrics(metrics)
         check_streamable(ids)
@@ -318,7 +319,7 @@ class Comparison:
     @classmethod
     def from_csv(cls, path: str | Path) -> Comparison:
         """A Comparison from a results.csv (and the report.json beside it, when present)."""
-        from repsim.plot import read_results
+        from repsim.analysis.plot import read_results
 
         table = read_results(path)
         for c in COLUMNS:
@@ -350,7 +351,7 @@ class Comparison:
 
     def matrix(self, metric: str, column: str = "value") -> np.ndarray:
         """(L_t, L_s) array of one metric: rows = teacher layers, columns = student layers (sorted)."""
-        from repsim.plot import pivot
+        from repsim.analysis.plot import pivot
 
         return pivot(self.table, self._metric_id(metric), column).to_numpy(dtype=float)
 
@@ -394,7 +395,7 @@ class Comparison:
 
     def plot(self, metric: str):
         """The heatmap of one metric as a matplotlib Figure (``fig.savefig(...)`` to write it)."""
-        from repsim.plot import heatmap
+        from repsim.analysis.plot import heatmap
 
         return heatmap(self.table, self._metric_id(metric), **self.figure_labels())
 
@@ -416,7 +417,7 @@ class Comparison:
         """Write curve.csv and curve.png/.svg of :attr:`curve` into ``folder``; return the paths."""
         import matplotlib
 
-        from repsim.curve import curve_figure
+        from repsim.analysis.curve import curve_figure
 
         folder = Path(folder)
         self.curve.to_csv(folder / "curve.csv", index=False, float_format="%.10g")
@@ -430,15 +431,15 @@ class Comparison:
 
     def save(self, out: str | Path) -> Path:
         """Write results.csv, heatmap_<metric>.png/.svg, best_match.png/.svg, report.json and report.html (one
-        self-contained page, :mod:`repsim.report`) into ``out``.
+        self-contained page, :mod:`repsim.analysis.report`) into ``out``.
 
-        The set is replaced as a whole (:func:`repsim.outputs.replace_folder`): ``out`` shows either the previous
+        The set is replaced as a whole (:func:`repsim.system.outputs.replace_folder`): ``out`` shows either the previous
         run's set or this one, never a mix, also when the process is killed; a failure leaves it untouched.
         Other files in ``out`` are kept; files of a previous set that this one does not write (the heatmap of a
         metric not computed now) go.
         """
-        from repsim.outputs import is_output_file, replace_folder
-        from repsim.plot import save_figures
+        from repsim.analysis.plot import save_figures
+        from repsim.system.outputs import is_output_file, replace_folder
 
         out = check_out_dir(out)
 
@@ -736,7 +737,7 @@ def _parse_layer_token(tok: str) -> list[int]:
                 lo, hi = int(head + a), int(b)
                 if hi < lo:
                     raise ValueError
-                from repsim.extract import check_layer_range
+                from repsim.activations.extract import check_layer_range
 
                 return list(check_layer_range(lo, hi, tok))
         raise ValueError
@@ -762,7 +763,7 @@ def resolve_layer_ids(requested: Sequence[int] | None, available: int, who: str)
 
 def _model_shape(spec: str) -> dict[str, Any]:
     """Width and number of hidden-state layers (embeddings + blocks) from the model's config, when readable."""
-    from repsim import assets
+    from repsim.activations import assets
 
     resolve = getattr(assets, "resolve_model", None)
     if resolve is not None:
@@ -779,11 +780,11 @@ def _model_shape(spec: str) -> dict[str, Any]:
 
 def _config_shape(path: Path) -> tuple[int | None, int | None]:
     """(hidden width, hidden-state layers = blocks + 1) from a model folder's config; the block count is the
-    extraction's own (:func:`repsim.extract.num_layers_of_config`).
+    extraction's own (:func:`repsim.activations.extract.num_layers_of_config`).
 
     Read from config.json when it names them in the common spellings (a warm run then never imports
     transformers); otherwise through ``transformers.AutoConfig``, which knows every model's attribute names."""
-    from repsim.extract import num_layers_of_config
+    from repsim.activations.extract import num_layers_of_config
 
     try:
         raw = json.loads((path / "config.json").read_text())
@@ -830,13 +831,13 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
             out: str | Path | None = None, progress: bool = False, echo: Echo | None = None) -> Comparison:
     """Compare a teacher and a student layer by layer on ``data``; see the module docstring.
 
-    ``teacher``/``student``: model specs for :func:`repsim.assets.load_model` (None → the embedded default
+    ``teacher``/``student``: model specs for :func:`repsim.activations.assets.load_model` (None → the embedded default
     all-mpnet-base-v2 teacher and all-MiniLM-L6-v2 student). ``data``: ``"sst2"``, a local file, ``hf:NAME``
-    or a :class:`repsim.data.TextData`. ``layers``: CLI-style tokens (see :func:`parse_layers`);
+    or a :class:`repsim.activations.data.TextData`. ``layers``: CLI-style tokens (see :func:`parse_layers`);
     ``teacher_layers``/``student_layers`` override per side. ``echo``: a callable that receives the
     terminal header lines (the CLI passes ``print``). ``out``: when given, :meth:`Comparison.save` into it.
     """
-    from repsim import assets
+    from repsim.activations import assets
 
     say: Echo = echo or (lambda _line: None)
     if pool not in POOLS:
@@ -848,7 +849,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
                          bootstrap, permutations, out, chance_permutations, seed)
     _check_curve(curve_sizes, curve_subsamples)
     if words:
-        from repsim.words import check_streamable
+        from repsim.activations.words import check_streamable
 
         check_streamable(ids)
         if bootstrap or permutations or curve:
@@ -866,7 +867,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    from repsim.data import TextData, load_texts
+    from repsim.activations.data import TextData, load_texts
 
     texts = data if isinstance(data, TextData) else load_texts(
         data, text_column=text_column, label_column=label_column, max_samples=max_samples, seed=seed, labels=False)
@@ -890,7 +891,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     say(f"data     {texts.name}: {len(texts.texts)} texts{fallback} — {texts.source}")
     say(f"pooling  {pool}   max length {max_length}   device {device}   metrics {', '.join(ids)}")
 
-    from repsim.extract import check_same_tokenizer, extract, prepare_model
+    from repsim.activations.extract import check_same_tokenizer, extract, prepare_model
 
     if pool == "tokens":  # before any extraction: token rows pair only under one tokenizer
         check_same_tokenizer(prepare_model(teacher).tokenizer, prepare_model(student).tokenizer)
@@ -924,7 +925,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
                                  _built_otherwise("student", s_act.meta, batch_size, device)) if w],
     }
     if words:
-        from repsim.words import paired_moments
+        from repsim.activations.words import paired_moments
 
         t0 = time.perf_counter()
         moments, counts = paired_moments(t_act, s_act, device=device)
@@ -950,7 +951,7 @@ def _check_options(metrics: Sequence[str] | str | None, stats_metrics: Sequence[
                    max_samples: int | None, bootstrap: int, permutations: int, out: str | Path | None,
                    chance_permutations: int = 0, seed: int = 0) -> list[str]:
     """The options every comparison shares, checked before any work; returns the canonical metric ids."""
-    from repsim.data import check_seed
+    from repsim.activations.data import check_seed
 
     ids = resolve_metrics(metrics)
     check_stats_metrics(stats_metrics, ids)
@@ -980,14 +981,15 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
                   curve: bool = False, curve_sizes: Sequence[int] | None = None,
                   curve_subsamples: int = 5) -> Comparison:
     """Compare activations saved as files (``.npy`` / ``.safetensors`` per layer, a folder of them, or a
-    (layers, n, width) stack; see :mod:`repsim.saved`): row i of every layer on both sides must come from text i.
+    (layers, n, width) stack; see :mod:`repsim.activations.saved`): row i of every layer on both sides must come
+    from text i.
 
     ``layers``: the same tokens as :func:`compare` (layer numbers as read from the file names; negatives count
     from the end). ``max_samples``: the same seeded subset of rows that ``compare --max-samples`` takes of the
     texts. ``meta`` records each array's file, tensor, shape, dtype and sha256.
     """
-    from repsim.data import sample_rows
-    from repsim.saved import load_saved_layers
+    from repsim.activations.data import sample_rows
+    from repsim.activations.saved import load_saved_layers
 
     say: Echo = echo or (lambda _line: None)
     ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations,
@@ -1051,7 +1053,7 @@ def _built_otherwise(side: str, act_meta: dict, batch_size: int, device: str) ->
 
 
 def _word_meta(counts: dict[str, int]) -> dict[str, Any]:
-    from repsim.words import WORD_RULE
+    from repsim.activations.words import WORD_RULE
 
     return {"rule": WORD_RULE, **counts, "streamed": True}
 
@@ -1065,8 +1067,8 @@ def _word_line(counts: dict[str, int]) -> str:
 def _compare_words_streaming(teacher, student, texts, data, ids, t_ids, s_ids, t_info, s_info, opts, timings,
                              seed, out, say) -> Comparison:
     """--pool words without the cache: both models run batch by batch and only the moments are kept."""
-    from repsim.data import TextData
-    from repsim.extract import extract_moments
+    from repsim.activations.data import TextData
+    from repsim.activations.extract import extract_moments
 
     t0 = time.perf_counter()
     moments = extract_moments(teacher, student, texts, layers=t_ids if t_ids is not None else "all",
@@ -1100,7 +1102,7 @@ def _versions() -> dict[str, str]:
     import torch
 
     import repsim
-    from repsim.extract import _transformers_version
+    from repsim.activations.extract import _transformers_version
 
     return {"repsim": repsim.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
             "numpy": np.__version__, "pandas": pd.__version__, "python": platform.python_version()}
@@ -1147,7 +1149,7 @@ def run_compare_cli(args: Any) -> int:
     echo("")
     echo(format_summary(comp, warnings=False))
     if comp.curve is not None:
-        from repsim.curve import format_curve
+        from repsim.analysis.curve import format_curve
 
         echo("")
         echo(format_curve(comp.curve))
@@ -1165,8 +1167,8 @@ def run_compare_cli(args: Any) -> int:
 
 
 def write_report(comp: Comparison, path: str | Path) -> Path:
-    """Write ``comp``'s report.html (:mod:`repsim.report`) to ``path``."""
-    from repsim import report
+    """Write ``comp``'s report.html (:mod:`repsim.analysis.report`) to ``path``."""
+    from repsim.analysis import report
 
     return report.write(path, report.comparison_html(comp))
 
@@ -1184,8 +1186,8 @@ def format_timings(timings: dict[str, float]) -> str:
 
 def run_plot_cli(args: Any) -> int:
     """The `repsim plot DIR|RESULTS.csv` command: redraw the figures and report.html from the file alone."""
-    from repsim.outputs import is_figure_file, replace_folder
-    from repsim.plot import save_figures
+    from repsim.analysis.plot import save_figures
+    from repsim.system.outputs import is_figure_file, replace_folder
 
     results = Path(args.results)
     if results.is_dir():

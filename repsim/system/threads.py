@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 
 def set_threads(n: int) -> None:
     """Use ``n`` CPU threads from now on: ``torch.set_num_threads(n)`` and, through threadpoolctl, every BLAS
     and OpenMP library loaded in the process (numpy's OpenBLAS, MKL, ...). Per-layer work in
-    :mod:`repsim.layer_pairs` sizes its thread pool from torch's thread count, so it follows.
+    :mod:`repsim.measures.allpairs` sizes its thread pool from torch's thread count, so it follows.
 
     One thread is the faster choice when the cores are busy with other jobs (intra-op threads spin-wait for
     a core); ``benchmarks/RESULTS.md`` has the measurements."""

@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from repsim.errors import UserError, naming_path
-from repsim.outputs import pid_alive, remove_path
+from repsim.system.errors import UserError, naming_path
+from repsim.system.outputs import pid_alive, remove_path
 
 FORMAT_VERSION = 1  # part of the entry key: a change of layout gives new keys
 MANIFEST_FORMAT = 2  # 2: the manifest carries its own checksum and ``built_with``; older manifests are rebuilt
@@ -65,9 +65,10 @@ class DamagedEntry(Exception):
 
 
 def cache_root() -> Path:
-    """repsim's cache folder: ``repsim.assets.cache_dir()`` ($REPSIM_CACHE, $XDG_CACHE_HOME/repsim, ~/.cache/repsim)."""
+    """repsim's cache folder: ``repsim.activations.assets.cache_dir()`` ($REPSIM_CACHE, $XDG_CACHE_HOME/repsim,
+    ~/.cache/repsim)."""
     try:
-        from repsim.assets import cache_dir  # noqa: PLC0415
+        from repsim.activations.assets import cache_dir  # noqa: PLC0415
 
         return Path(cache_dir())
     except ImportError:
@@ -311,13 +312,13 @@ def verify_entry(path: Path) -> list[str]:
 
 
 def open_entry(path: Path, verify: bool | None = None, expect: dict | None = None) -> Any:
-    """Open a finished entry as :class:`repsim.extract.Activations` (memory-mapped, read-only).
+    """Open a finished entry as :class:`repsim.activations.extract.Activations` (memory-mapped, read-only).
 
     verify: True = check every checksum; False = manifest and array headers only; None = checksums on first
     open in this process. expect: the key fields the caller asked for (see :func:`key_fields`); the entry must
     have been built for exactly those. Raises :class:`DamagedEntry` when anything does not match.
     """
-    from repsim.extract import Activations  # noqa: PLC0415
+    from repsim.activations.extract import Activations  # noqa: PLC0415
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -442,7 +443,7 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
     """Extract this rank's batches into ``partial/shard-RRR``, resuming after its last complete chunk.
 
     Returns the number of chunks that were already done (resumed)."""
-    from repsim.extract import run_batches  # noqa: PLC0415
+    from repsim.activations.extract import run_batches  # noqa: PLC0415
 
     runner = make_runner()
     tokens = runner.pool in ("tokens", "words")  # several rows per text: offsets + one int64 per row
@@ -562,7 +563,7 @@ def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarr
 def _assemble(partial: Path, names: Sequence[str], shards: Sequence[tuple[int, list[np.ndarray]]],
               widths: dict[int, int], n_rows: int, offsets: np.ndarray | None) -> None:
     """Write each layer's array (and token ids) in input order from the ranks' shard files."""
-    from repsim.extract import _rows_of  # noqa: PLC0415
+    from repsim.activations.extract import _rows_of  # noqa: PLC0415
 
     for name in names:
         if name == "token_ids.npy":
@@ -629,8 +630,8 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_run
     other layers, a stray file) is reported in one warning line, removed and rebuilt."""
     import torch  # noqa: PLC0415
 
-    from repsim.assets import acquire_lock  # noqa: PLC0415
-    from repsim.extract import dist_info  # noqa: PLC0415
+    from repsim.activations.assets import acquire_lock  # noqa: PLC0415
+    from repsim.activations.extract import dist_info  # noqa: PLC0415
 
     rank, world = dist_info()
     key = entry_key(meta)
@@ -846,7 +847,7 @@ class Store:
 
     def rm(self, key: str) -> Path:
         """Remove one entry, waiting for a build that holds its lock."""
-        from repsim.assets import acquire_lock  # noqa: PLC0415
+        from repsim.activations.assets import acquire_lock  # noqa: PLC0415
 
         path = self.find(key)
         lock = self._lock(path.name)
@@ -975,11 +976,11 @@ def cache_command(args: Any) -> int:
 
 def extract_command(args: Any) -> int:
     """`repsim extract MODEL --data ...`: extract (or find in the cache) and print a summary."""
-    from repsim.data import load_texts  # noqa: PLC0415
+    from repsim.activations.data import load_texts  # noqa: PLC0415
 
     data = load_texts(args.data, text_column=args.text_column, label_column=args.label_column,
                       max_samples=args.max_samples, seed=args.seed, labels=False)
-    from repsim.extract import extract  # noqa: PLC0415
+    from repsim.activations.extract import extract  # noqa: PLC0415
 
     if getattr(data, "offline_fallback", False):
         print(f"data: {getattr(data, 'source', '')}")

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ def subsample(data: TextData, max_samples: int | None, *, seed: int = 0) -> Text
     """A seeded random subset of ``max_samples`` texts, kept in their original order (nested across sizes).
 
     ``extra["supersets"]`` records, for ``data`` and each list ``data`` was itself drawn from, its fingerprint,
-    size and the rows taken, plus the subset's own fingerprint, so :func:`repsim.extract.extract` can serve the
+    size and the rows taken, plus the subset's own fingerprint, so :func:`repsim.activations.extract.extract` can
+    serve the
     subset from a cached extraction of the larger list."""
     if max_samples is not None and max_samples < 1:
         raise UserError(f"max_samples must be at least 1, got {max_samples}")
@@ -178,7 +179,7 @@ def sample_rows(n: int, k: int, seed: int = 0) -> np.ndarray:
 
 
 def _load_sst2(split: str) -> TextData:
-    from repsim.assets import hub_reachable
+    from repsim.activations.assets import hub_reachable
 
     if split not in {"validation", "train", "test"}:
         raise UserError(f"unknown sst2 split {split!r}; use validation or train")
@@ -202,7 +203,7 @@ def _load_sst2(split: str) -> TextData:
 
 def sst_like_sample(split: str = "validation", *, reason: str | None = None) -> TextData:
     """The offline SST-like sample (see module docstring): ``validation`` (872) or ``train`` (the rest)."""
-    from repsim.assets import snippets_file
+    from repsim.activations.assets import snippets_file
 
     if split not in {"validation", "train"}:
         raise UserError(f"the offline SST-like sample has splits validation and train, not {split!r}")
@@ -270,7 +271,7 @@ _HF_SPEC = re.compile(r"^hf:(?P<name>[^:@]+)(:(?P<config>[^@]+))?(@(?P<split>.+)
 
 def _load_hf(spec: str, *, text_column: str | None, label_column: str | None, split: str | None,
              labels: bool = True) -> TextData:
-    from repsim.assets import hub_reachable
+    from repsim.activations.assets import hub_reachable
 
     match = _HF_SPEC.match(spec.strip())
     if not match:

@@ -32,7 +32,7 @@ centred Grams: ⟨K_c, L_c⟩ = tr(K_c L_c), with
 (X̃X̃ᵀ = K_c / tr K_c because ‖X_c‖²_F = tr K_c). This is exact, costs O((L_t + L_s + L_t·L_s)·n²) per
 replicate instead of O(L_t·L_s·p·q·n), and is used when that is cheaper (:func:`gram_is_cheaper`: wide layers,
 n ≤ GRAM_MAX_N). Every other metric (Procrustes, projection residual, debiased or RBF CKA) is recomputed per
-replicate by :func:`repsim.layer_pairs.pairwise` on the resampled rows (on the comparison's device).
+replicate by :func:`repsim.measures.allpairs.pairwise` on the resampled rows (on the comparison's device).
 ``method="fast"`` also offers an exact distinct-row Procrustes path (Z = √w ∘ (X − μ_w) gives ZᵀZ' = the
 resample's centred cross product on ~0.63·n rows, then singular values); at the default's shapes on CPU it
 measured ~2× slower than ``pairwise`` (18.5 s vs 9.2 s per replicate), so "auto" does not use it.
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from repsim.arrays import as_matrix, power_of_two_exponent, scale_by_power_of_two
-from repsim.errors import UserError
+from repsim.measures.arrays import as_matrix, power_of_two_exponent, scale_by_power_of_two
+from repsim.system.errors import UserError
 
 GRAM_MAX_N = 4096  # above this, n×n Gram matrices per layer cost more memory than they save
 DEFAULT_ALPHA = 0.05
@@ -91,7 +91,7 @@ def _check_rows(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> int
 
 
 def _specs(metrics: Sequence[str]):
-    from repsim.metrics import get_metric
+    from repsim.measures.functions import get_metric
 
     return [get_metric(m) for m in metrics]
 
@@ -166,7 +166,7 @@ def _gram_values(spec, cross: torch.Tensor, t_sq, t_tr, s_sq, s_tr) -> np.ndarra
 
 
 def _generic_values(teacher, student, specs, tol: float = 1e-9) -> dict[str, np.ndarray]:
-    from repsim.layer_pairs import pairwise
+    from repsim.measures.allpairs import pairwise
 
     ids = [s.id for s in specs]
     res = pairwise(teacher, student, metrics=ids, device=teacher[0].device, tol=tol)
@@ -230,9 +230,9 @@ def _procrustes_values(specs, teacher_units: list[torch.Tensor], student_units: 
     """ρ = ‖X̃ᵀỸ‖_* for every pair from unit-norm centred (weighted) features, then each Procrustes output.
 
     Per teacher layer one matrix product against all student layers side by side (Ỹ_allᵀX̃_t: each pair's
-    block contiguous), then the batched nuclear norms of :func:`repsim.layer_pairs._nuclear_norms` to ``tol``.
+    block contiguous), then the batched nuclear norms of :func:`repsim.measures.allpairs._nuclear_norms` to ``tol``.
     """
-    from repsim.layer_pairs import _nuclear_norms
+    from repsim.measures.allpairs import _nuclear_norms
 
     S_all = torch.cat(student_units, dim=1)
     widths = [y.shape[1] for y in student_units]
@@ -286,7 +286,7 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
     """Metric values on B bootstrap resamples of the rows: {metric id: array (B, L_t, L_s)}.
 
     ``method``: "fast" (Gram-matrix gathers for Gram-Frobenius and linear CKA, weighted distinct rows for
-    Procrustes), "generic" (:func:`repsim.layer_pairs.pairwise` on the resampled rows for every metric), or
+    Procrustes), "generic" (:func:`repsim.measures.allpairs.pairwise` on the resampled rows for every metric), or
     "auto" (the Gram path when :func:`gram_is_cheaper`, the distinct-row path for Procrustes, pairwise for the
     rest). All methods use the same indices for the same seed and agree to REPLICATE_TOL (Procrustes, and the
     k-fold residual's leave-fold-out form, are computed to that accuracy per replicate, not to 1e-9).

@@ -2,7 +2,8 @@
 
 Everything here is about one question: when does a similarity score say "similar" while the geometry (inner
 products, angles) of the student differs from the teacher's? All metric values come from
-:mod:`repsim.metrics` (centred, unit-Frobenius convention of docs/measures.md §2); this module only builds inputs,
+:mod:`repsim.measures.functions` (centred, unit-Frobenius convention of docs/measures.md §2); this module only builds
+inputs,
 states closed forms, and reads the results.
 
 Precise statements (what is exact and what is a limit):
@@ -37,25 +38,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from repsim.arrays import ArrayLike, as_matrix, as_pair, prepare
-from repsim.comparison import check_out_dir
-from repsim.data import check_seed
-from repsim.distill import layer_map_pairs
-from repsim.distill import parse_layer_map as parse_layer_pairs
-from repsim.errors import UserError, naming_path
+from repsim.activations.data import check_seed
+from repsim.analysis.comparison import check_out_dir
+from repsim.distill.core import layer_map_pairs
+from repsim.distill.core import parse_layer_map as parse_layer_pairs
+from repsim.measures.arrays import ArrayLike, as_matrix, as_pair, prepare
+from repsim.system.errors import UserError, naming_path
 
 METRIC_IDS = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]")
 SYNTHETIC_LOSSES = ("cka", "projection", "procrustes", "gram_frobenius")
 
 
 def _metrics() -> Any:
-    from repsim import metrics
+    from repsim.measures import functions as metrics
 
     return metrics
 
 
 def _three_metrics(X: ArrayLike, Y: ArrayLike) -> dict[str, float]:
-    """Procrustes distance, Gram-Frobenius and biased linear CKA from :mod:`repsim.metrics`."""
+    """Procrustes distance, Gram-Frobenius and biased linear CKA from :mod:`repsim.measures.functions`."""
     m = _metrics()
     return {
         "procrustes[distance]": float(m.procrustes(X, Y, output="distance")),
@@ -110,7 +111,7 @@ class Theorem1:
         return theorem1_closed_form(self.n, self.m, self.eps)
 
     def measured(self) -> dict[str, float]:
-        """The metrics of (b) against (c), computed by :mod:`repsim.metrics` on the matrices."""
+        """The metrics of (b) against (c), computed by :mod:`repsim.measures.functions` on the matrices."""
         values = _three_metrics(self.teacher, self.student)
         values["procrustes_rho"] = 1.0 - float(_metrics().procrustes(self.teacher, self.student, output="squared")) / 2
         return values
@@ -167,7 +168,8 @@ def theorem1_sweep(ms: Sequence[int] = (4, 8, 16, 32, 64, 128, 256), ratio: int 
     """The sweep of docs/measures.md §6: n = ratio·m, ε² = n/m (so E = n), m growing.
 
     Closed forms give CKA = (n + 2)/√(n² + 4n + 2n²/m) → 1, ρ → 1/√2 so Procrustes → √(2 − √2) ≈ 0.765, and
-    Gram-Frobenius → √(1/4) = 0.5. Rows with n ≤ ``measure_up_to`` are also measured with :mod:`repsim.metrics`.
+    Gram-Frobenius → √(1/4) = 0.5. Rows with n ≤ ``measure_up_to`` are also measured with
+    :mod:`repsim.measures.functions`.
     """
     rows = []
     for m in ms:
@@ -432,7 +434,7 @@ def check(teacher_feats: ArrayLike, student_feats: ArrayLike, *, eps: float = 0.
     and CKA drift with n against the widths): Procrustes "differs" when d / d_chance > ``procrustes_threshold``
     (the fraction of the way from identical, 0, to unpaired texts), CKA "says similar" when
     (c − c_chance)/(1 − c_chance) ≥ ``cka_threshold``. The chance levels are the means over
-    ``chance_permutations`` seeded row permutations of the student (:func:`repsim.stats.permutation_indices`,
+    ``chance_permutations`` seeded row permutations of the student (:func:`repsim.analysis.stats.permutation_indices`,
     seed + 1, as ``compare`` uses); with 0 the ends of the ranges (√2 and 0) stand in for them.
     Memory is O(n²) (pairwise cosines); subsample rows for n beyond a few thousand.
     """
@@ -492,7 +494,7 @@ def _chance_levels(T: np.ndarray, S: np.ndarray, permutations: int, seed: int) -
         raise UserError(f"chance_permutations must be ≥ 0, got {permutations}")
     if permutations == 0:
         return {"procrustes[distance]": math.sqrt(2), "cka[linear,biased]": 0.0}
-    from repsim.stats import permutation_indices
+    from repsim.analysis.stats import permutation_indices
 
     m = _metrics()
     perms = permutation_indices(T.shape[0], permutations, seed + 1)
@@ -510,7 +512,7 @@ def parse_layer_map(spec: str, teacher_layers: Sequence[int], student_layers: Se
     student block j ↔ teacher block round(j·Lt/Ls), or a file: CSV, JSON or the line ``--suggest-map`` prints),
     then check each pair against the layers available here.
 
-    Layer 0 is the embedding output, layer k the k-th block (repsim.extract's numbering).
+    Layer 0 is the embedding output, layer k the k-th block (repsim.activations.extract's numbering).
     """
     tl, sl = sorted(set(int(x) for x in teacher_layers)), sorted(set(int(x) for x in student_layers))
     pairs = parse_layer_pairs(spec, max(tl), max(sl))
@@ -525,7 +527,7 @@ def parse_layer_map(spec: str, teacher_layers: Sequence[int], student_layers: Se
 def check_layers(teacher_layers: Any, student_layers: Any, layer_map: str | Sequence[tuple[int, int]],
                  **options: Any) -> list[GeometryCheck]:
     """Run :func:`check` at each mapped pair. ``teacher_layers``/``student_layers``: a mapping layer → (n, width)
-    array, or an object with ``.layers`` and ``[layer]`` (repsim.extract's Activations)."""
+    array, or an object with ``.layers`` and ``[layer]`` (repsim.activations.extract's Activations)."""
     t_ids = list(teacher_layers.layers) if hasattr(teacher_layers, "layers") else list(teacher_layers.keys())
     s_ids = list(student_layers.layers) if hasattr(student_layers, "layers") else list(student_layers.keys())
     pairs = parse_layer_map(layer_map, t_ids, s_ids) if isinstance(layer_map, str) else list(layer_map)
@@ -572,8 +574,8 @@ class CheckResult:
         return out
 
     def html(self) -> str:
-        """The check as one self-contained page (:mod:`repsim.report`)."""
-        from repsim.report import check_html
+        """The check as one self-contained page (:mod:`repsim.analysis.report`)."""
+        from repsim.analysis.report import check_html
 
         return check_html(self.table, self.meta, verdicts=[f"layer {c.teacher_layer} ↔ {c.student_layer}: "
                                                            f"{c.verdict}." for c in self.checks])
@@ -583,15 +585,16 @@ def check_models(teacher: str, student: str, data: Any = "sst2", layer_map: str 
                  max_samples: int | None = None, pool: str = "mean", batch_size: int = 32, max_length: int = 128,
                  device: str = "auto", seed: int = 0, cache: bool = True, progress: bool = True,
                  out: str | Path | None = None, **check_options: Any) -> CheckResult:
-    """Extract both models' hidden states on ``data`` (repsim.data / repsim.extract) and check each mapped pair.
+    """Extract both models' hidden states on ``data`` (repsim.activations.data / repsim.activations.extract) and
+    check each mapped pair.
 
     ``student`` may be a saved folder (e.g. a distilled student), so the same call gives "before" and "after".
     ``max_samples`` (default: all texts, as ``compare``) and ``seed`` pick the same texts ``compare`` picks.
     """
     if pool == "tokens":
         raise UserError("check compares paired rows per text: use --pool mean, cls or last, not tokens")
-    from repsim.data import load_texts
-    from repsim.extract import extract
+    from repsim.activations.data import load_texts
+    from repsim.activations.extract import extract
 
     eps = check_options.get("eps", 0.1)
     if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
@@ -652,7 +655,7 @@ def geometry_before_after(teacher: str, student: str, data: str = "sst2", *,
     """
     import json
 
-    from repsim import distill as distill_mod
+    from repsim.distill import core as distill_mod
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -695,7 +698,7 @@ def geometry_before_after(teacher: str, student: str, data: str = "sst2", *,
         frames.append(t)
     table = pd.concat(frames, ignore_index=True)
     _atomic_write_text(out / "geometry_before_after.csv", table.to_csv(index=False))
-    from repsim.report import check_html
+    from repsim.analysis.report import check_html
 
     _atomic_write_text(out / "report.html", check_html(
         table, {"teacher": teacher_ref, "student": student, "data": data, "layer_map": str(pairs),
@@ -727,7 +730,7 @@ def synthetic_teacher(k: int, d_t: int, *, kind: str = "random", seed: int = 0) 
 def synthetic_distill(teacher: np.ndarray, d_s: int, loss: str, *, steps: int = 300, lr: float = 0.01,
                       seed: int = 0, eps: float = 0.1, log_every: int = 1) -> pd.DataFrame:
     """Optimise k free student vectors in d_s dims (Gaussian init, std 1/√d_s) with Adam under one loss from
-    :mod:`repsim.losses` (any name ``make_feature_loss`` accepts, e.g. "procrustes[squared]"; the projection
+    :mod:`repsim.measures.losses` (any name ``make_feature_loss`` accepts, e.g. "procrustes[squared]"; the projection
     loss learns its map jointly). Logs at step 0 (init) and every
     ``log_every`` steps: the loss, Procrustes, Gram-Frobenius, CKA, in-sample projection residual, the number of
     teacher ε-orthogonal pairs (centred cosines) still ε-orthogonal in the student, and the max inner-product error.
@@ -742,7 +745,7 @@ def synthetic_distill(teacher: np.ndarray, d_s: int, loss: str, *, steps: int = 
 
 def _synthetic_distill(teacher: np.ndarray, d_s: int, loss: str, *, steps: int, lr: float, seed: int, eps: float,
                        log_every: int) -> pd.DataFrame:
-    from repsim.losses import make_feature_loss
+    from repsim.measures.losses import make_feature_loss
 
     k, d_t = teacher.shape
     T = torch.as_tensor(teacher, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """The `repsim` command line: it parses arguments and calls the library, nothing else.
 
-Errors a user can cause (`repsim.errors.UserError`, missing files, ...) print one line on stderr and exit
+Errors a user can cause (`repsim.system.errors.UserError`, missing files, ...) print one line on stderr and exit
 with status 2; anything else is a bug and keeps its traceback (exit 1).
 
 Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and sets
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from repsim import __version__
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 # ------------------------------------------------------------------------------------ argument types
 
@@ -82,7 +82,8 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
                    "1 is often fastest")
 
 
-# repsim.extract.POOLS, spelt here so that parsing arguments imports no model code (a test keeps the two equal)
+# repsim.activations.extract.POOLS, spelt here so that parsing arguments imports no model code (a test keeps the two
+# equal)
 POOL_CHOICES = ("mean", "cls", "last", "tokens", "words")
 
 
@@ -155,7 +156,7 @@ def _add_compare(sub) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from repsim.comparison import run_compare_cli
+    from repsim.analysis.comparison import run_compare_cli
 
     return run_compare_cli(args)
 
@@ -173,7 +174,7 @@ def _add_plot(sub) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from repsim.comparison import run_plot_cli
+    from repsim.analysis.comparison import run_plot_cli
 
     return run_plot_cli(args)
 
@@ -208,7 +209,7 @@ def _add_extract(sub) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from repsim.store import extract_command
+    from repsim.activations.store import extract_command
 
     if args.layers is not None:
         if any(not tok.strip(" ,") for tok in args.layers):
@@ -245,7 +246,7 @@ def _add_cache(sub) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from repsim.store import cache_command
+    from repsim.activations.store import cache_command
 
     return cache_command(args)
 
@@ -477,7 +478,7 @@ def os_error_line(exc: OSError) -> str:
         return f"file not found: {where}" if where else line
     hint = _HINTS.get(exc.errno)
     if exc.filename is not None and exc.errno in _HINTS:
-        from repsim.assets import cache_dir  # noqa: PLC0415 - only on this error path
+        from repsim.activations.assets import cache_dir  # noqa: PLC0415 - only on this error path
 
         root = str(cache_dir())
         if str(exc.filename) == root or str(exc.filename).startswith(root.rstrip("/") + "/"):
@@ -485,7 +486,7 @@ def os_error_line(exc: OSError) -> str:
     return f"{line} ({hint})" if hint else line
 
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def _warning_printer(fallback):  # noqa: ANN001, ANN202
@@ -518,7 +519,7 @@ def _run(argv: Sequence[str] | None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(warnings.showwarning)
             if getattr(args, "threads", None) is not None:
-                from repsim.threads import set_threads
+                from repsim.system.threads import set_threads
 
                 set_threads(args.threads)
             result = args.func(args)

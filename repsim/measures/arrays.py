@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 ArrayLike = Any  # np.ndarray | torch.Tensor
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repsim.errors import UserError
+from repsim.system.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Hidden states: data, embedded assets, model loading, pooling, layer grammar, extraction and the cache store."""

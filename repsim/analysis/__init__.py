@@ -1,0 +1,1 @@
+"""Layer-by-layer comparison of two models: statistics, convergence curves, heatmaps and reports."""
