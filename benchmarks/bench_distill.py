@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from repsim.distill import core as D
+import repsim.distill as D
 
 
 def main() -> None:

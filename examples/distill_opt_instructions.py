@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from repsim.distill import core as D
+import repsim.distill as D
 from repsim.distill.evaluation import rouge_l, summarize_grid
 
 TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes the "

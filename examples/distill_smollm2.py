@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+import repsim.distill as D
 from repsim.activations.assets import DEFAULT_DECODER
-from repsim.distill import core as D
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+import repsim.distill as D
 from repsim.activations.assets import cache_dir
-from repsim.distill import core as D
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from repsim.theory import core as theory
+import repsim.theory as theory
 
 # Theorem 1: CKA -> 1 while Procrustes stays near sqrt(2 - sqrt 2)
 for m in (16, 256, 4096):

@@ -12,10 +12,10 @@ import pytest
 from markupsafe import escape
 from tiny_models import WORDS
 
+import repsim.theory as theory
 from repsim import cli
 from repsim.measures import functions as metrics
 from repsim.system.errors import UserError
-from repsim.theory import core as theory
 
 
 def _texts(n, seed=0):

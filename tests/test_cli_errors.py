@@ -257,7 +257,7 @@ def test_help_still_exits_0(capsys):
 def test_counterexample_projection_writes_what_it_says(tmp_path, capsys):
     import pandas as pd
 
-    from repsim.theory import core as theory
+    import repsim.theory as theory
 
     out = tmp_path / "out"
     assert main(["counterexample", "projection", "--out", str(out)]) == 0

@@ -16,7 +16,7 @@ import torch
 from scipy import stats
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from repsim.distill import core as D
+import repsim.distill as D
 from repsim.distill.evaluation import classification_metrics, paired_table, paired_test
 from repsim.system.errors import UserError
 

@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import repsim.theory as theory
 from repsim import cli
 from repsim.measures import functions as metrics
 from repsim.system.errors import UserError
-from repsim.theory import core as theory
+from repsim.theory.constructions import three_metrics
 
 TOL = 1e-9
 
@@ -58,7 +59,7 @@ def test_theorem1_construction_and_sign_convention():
     np.testing.assert_array_equal(b.mean(axis=0), np.zeros(3))
     assert b[0].tolist() == [1.0, 2.0, 0.0] and b[1].tolist() == [1.0, 0.0, 2.0] and b[2].tolist() == [1.0, 0.0, 0.0]
     # (a) and (c) are the same configuration up to zero padding: every metric says identical
-    a_vs_c = theory._three_metrics(th.teacher_unperturbed, th.student)
+    a_vs_c = three_metrics(th.teacher_unperturbed, th.student)
     assert a_vs_c["procrustes[distance]"] < 1e-7 and a_vs_c["gram_frobenius"] < TOL
     assert abs(a_vs_c["cka[linear,biased]"] - 1) < TOL
     # uncentred cosines that show the distortion

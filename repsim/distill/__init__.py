@@ -1,39 +1,39 @@
-"""Knowledge distillation with feature losses: configuration, students, teacher cache, training, grids, evaluation."""
+"""Knowledge distillation with feature losses: configuration, students, teacher cache, training, grids, evaluation.
 
-from repsim.distill.core import (  # noqa: F401
+Modules: :mod:`~repsim.distill.config` (settings and results), :mod:`~repsim.distill.students` (loading and model
+surgery), :mod:`~repsim.distill.data` (tokenised data and splits), :mod:`~repsim.distill.teacher_cache`,
+:mod:`~repsim.distill.trainer` (the loss and the loop), :mod:`~repsim.distill.grid` (runs and grids),
+:mod:`~repsim.distill.evaluation` (scores, tests, tables), :mod:`~repsim.distill.layers` (layer maps),
+:mod:`~repsim.distill.files` (atomic writes).
+"""
+
+from repsim.distill.config import (  # noqa: F401
     FEATURE_LOSSES,
     FEATURE_MODES,
     TASKS,
     DistillConfig,
     DistillResult,
-    DistillTrainer,
+    resolve_device,
+    teacher_finetune_config,
+)
+from repsim.distill.data import (  # noqa: F401
     Encoded,
     check_same_tokenization,
     collate,
-    distill,
-    distill_command,
-    drop_layers,
     encode,
-    evaluate,
-    finetune,
-    finetune_command,
-    has_trained_head,
-    hidden_width,
-    layer_map_pairs,
-    load,
     load_split,
     load_train_validation,
-    make_student,
-    narrow_model,
+    pooled_mean,
+)
+from repsim.distill.evaluation import evaluate, perplexity, predict  # noqa: F401
+from repsim.distill.grid import distill, distill_command, finetune, finetune_command, run_grid  # noqa: F401
+from repsim.distill.layers import (  # noqa: F401
+    hidden_width,
+    layer_map_pairs,
     num_layers,
     parse_layer_map,
-    perplexity,
-    pooled_mean,
-    predict,
-    resolve_device,
-    run_grid,
-    seed_everything,
-    teacher_finetune_config,
-    teacher_outputs,
     uniform_layer_map,
 )
+from repsim.distill.students import drop_layers, has_trained_head, load, make_student, narrow_model  # noqa: F401
+from repsim.distill.teacher_cache import teacher_outputs  # noqa: F401
+from repsim.distill.trainer import DistillTrainer, seed_everything  # noqa: F401

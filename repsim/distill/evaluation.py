@@ -1,4 +1,5 @@
-"""Scoring distilled students and comparing losses across seeds: metrics, paired tests, tables, a figure.
+"""Scoring distilled students and comparing losses across seeds: predictions, perplexity, metrics, paired tests,
+tables, a figure.
 
 - :func:`classification_metrics`: accuracy, Matthews correlation (MCC) and F1 (binary: of class 1;
   more classes: macro average), all in [0, 1] except MCC in [−1, 1].
@@ -16,11 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 from scipy import stats
+from torch import nn
 
+from repsim.distill.data import Encoded, collate
 from repsim.system.errors import UserError
 
 LOSS_ORDER = ("none", "projection", "cka", "procrustes", "gram_frobenius")
@@ -207,3 +213,50 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(a), lcs / len(b)
     return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int = 128,
+            device: torch.device | None = None) -> np.ndarray:
+    """Class predictions (argmax of logits) for every example, in order."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    preds = []
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded, range(start, min(len(encoded), start + batch_size)), pad,
+                        getattr(tokenizer, "padding_side", "right"))
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        preds.append(logits.argmax(-1).cpu().numpy())
+    return np.concatenate(preds)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer: Any, encoded: Encoded, batch_size: int = 16,
+               device: torch.device | None = None) -> float:
+    """exp(mean next-token negative log-likelihood over all predicted real tokens) (nats → perplexity)."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded, range(start, min(len(encoded), start + batch_size)), pad, "right")
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        valid = (mask[:, 1:] * mask[:, :-1]).bool()
+        total += float(F.cross_entropy(logits[valid], ids[:, 1:][valid], reduction="sum"))
+        count += int(valid.sum())
+    if count == 0:
+        raise UserError("no tokens to score: every text is shorter than 2 tokens")
+    return math.exp(total / count)
+
+
+def evaluate(model: nn.Module, tokenizer: Any, encoded: Encoded, task: str, batch_size: int = 128) -> dict[str, float]:
+    """Validation metrics: accuracy, MCC, F1 (classification) or perplexity (causal LM)."""
+
+    if task == "causal-lm":
+        return {"perplexity": perplexity(model, tokenizer, encoded, batch_size=max(1, batch_size // 8))}
+    if encoded.labels is None:
+        raise UserError("the validation data has no labels; classification needs a label column")
+    return classification_metrics(np.asarray(encoded.labels), predict(model, tokenizer, encoded, batch_size))

@@ -1,0 +1,127 @@
+"""What decides a distillation run (:class:`DistillConfig`, saved as ``config.json``), the teacher's own fine-tuning
+settings (:func:`teacher_finetune_config`), the device a run uses, and what a run returns (:class:`DistillResult`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from repsim.activations.data import check_seed
+from repsim.activations.extract import resolve_device as checked_device
+from repsim.distill.layers import layer_map_pairs
+from repsim.system.errors import UserError
+
+TASKS = ("sequence-classification", "causal-lm")
+
+
+FEATURE_LOSSES = ("none", "projection", "cka", "procrustes", "gram_frobenius")
+
+
+FEATURE_MODES = ("mean", "tokens")
+
+
+@dataclass
+class DistillConfig:
+    """Everything that decides a training run (saved as ``config.json`` next to the results).
+
+    ``alpha`` weights the KD term, ``beta`` the summed feature loss; ``temperature`` is T in the KD term.
+    ``layer_map`` is ``"uniform"``, ``"t:s,t:s,..."`` or a path to a file (see :func:`parse_layer_map`).
+    ``lr`` peaks after a linear warm-up over ``warmup_ratio`` of the steps and decays linearly to 0 (AdamW).
+    ``checkpoint_every`` (optimizer steps, 0 = only at the end of each epoch). ``stop_after`` halts this
+    invocation after that many optimizer steps in total (with a checkpoint), as an interruption would.
+    """
+
+    task: str = "sequence-classification"
+    loss: str = "none"
+    alpha: float = 1.0
+    beta: float = 1.0
+    temperature: float = 2.0
+    layer_map: str = "uniform"
+    features: str = "mean"
+    epochs: int = 3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: int = 64
+    seed: int = 0
+    checkpoint_every: int = 0
+    stop_after: int | None = None
+    device: str = "auto"
+    cache_teacher: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise UserError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.loss.split("[")[0].strip() not in FEATURE_LOSSES:
+            raise UserError(f"unknown feature loss {self.loss!r}; choose one of {', '.join(FEATURE_LOSSES)} "
+                            "(optionally with a convention, e.g. procrustes[squared])")
+        if self.features not in FEATURE_MODES:
+            raise UserError(f"unknown feature mode {self.features!r}; choose 'mean' or 'tokens'")
+        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 2:
+            raise UserError("epochs and batch size must be ≥ 1 and max length ≥ 2")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UserError(f"{name} must be a finite number ≥ 0, got {value}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"checkpoint_every must be ≥ 0, got {self.checkpoint_every}")
+
+        check_seed(self.seed)
+        resolve_device(self.device)
+        if isinstance(self.layer_map, str):
+            layer_map_pairs(self.layer_map)
+
+
+# what the teacher's fine-tuning shares with the student's run: the task, the data as tokenised, the machine
+_SHARED_WITH_TEACHER = ("task", "max_length", "device", "progress", "checkpoint_every", "eval_batch_size")
+
+
+def teacher_finetune_config(config: DistillConfig, *, epochs: int | None = None, lr: float | None = None,
+                            batch_size: int | None = None, seed: int = 0) -> DistillConfig:
+    """The settings of ``--finetune-teacher``: the teacher's own (DistillConfig's defaults, 3 epochs, lr 1e-4,
+    batch 32, seed 0, unless given), not the student's ``--epochs``/``--lr``/``--batch-size``/``--seed``, so the
+    student's settings can change between runs without refitting the teacher. Task, max length, device,
+    progress and checkpointing are shared with ``config``."""
+    base = DistillConfig()
+    return DistillConfig(**{k: getattr(config, k) for k in _SHARED_WITH_TEACHER}, loss="none",
+                         epochs=base.epochs if epochs is None else epochs, lr=base.lr if lr is None else lr,
+                         batch_size=base.batch_size if batch_size is None else batch_size, seed=seed)
+
+
+RUNTIME_ONLY = ("stop_after", "progress", "checkpoint_every", "device", "cache_teacher")
+
+
+@dataclass
+class DistillResult:
+    """What a run produced: validation metrics, the training curve, and where things were written."""
+
+    metrics: dict[str, float]
+    history: pd.DataFrame
+    student: nn.Module
+    tokenizer: Any
+    out: Path | None = None
+    layer_map: list[tuple[int, int]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu; anything else is checked by
+    :func:`repsim.activations.extract.resolve_device`
+    (an unknown or unavailable device is a UserError)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    return checked_device(device)
