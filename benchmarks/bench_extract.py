@@ -74,9 +74,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from repsim.activations import store
-    from repsim.activations.assets import load_model
     from repsim.activations.data import load_texts
     from repsim.activations.extract import extract
+    from repsim.activations.models import load_model
 
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")

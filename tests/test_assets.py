@@ -27,10 +27,10 @@ from repsim.activations.assets import (
     cache_dir,
     ensure_entry,
     fetch_registry_file,
-    load_model,
     resolve_model,
     weights_fingerprint,
 )
+from repsim.activations.models import load_model
 from repsim.system.errors import UserError
 
 # ------------------------------------------------------------------------------------ locations

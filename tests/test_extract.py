@@ -16,12 +16,11 @@ from repsim.activations.extract import (
     check_same_tokenizer,
     extract,
     extract_moments,
-    last_token_index,
-    pool_hidden,
-    resolve_layers,
     same_tokenizer,
     tokenizer_fingerprint,
 )
+from repsim.activations.layers import resolve_layers
+from repsim.activations.pooling import last_token_index, pool_hidden
 from repsim.system.errors import UserError
 
 TEXTS = [
@@ -267,7 +266,7 @@ def test_unknown_layer_and_empty_data_are_user_errors(tiny_model):
 
 
 def test_device_choice():
-    from repsim.activations.extract import resolve_device
+    from repsim.system.devices import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()

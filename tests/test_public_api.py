@@ -83,7 +83,7 @@ def test_ci_runs_the_readme_test_command_and_it_is_repeatable():
 
 
 def test_the_command_line_offers_exactly_the_pooling_modes_extraction_knows():
-    from repsim.activations.extract import POOLS
+    from repsim.activations.pooling import POOLS
     from repsim.cli import POOL_CHOICES
 
-    assert POOL_CHOICES == POOLS
+    assert POOL_CHOICES == tuple(POOLS)

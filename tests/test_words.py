@@ -13,7 +13,8 @@ from transformers import BertTokenizerFast, GPT2TokenizerFast, PreTrainedTokeniz
 
 from repsim.activations.data import TextData
 from repsim.activations.extract import extract
-from repsim.activations.words import encode_words, pool_words, split_words, words
+from repsim.activations.pooling import pool_words
+from repsim.activations.words import encode_words, split_words, words
 from repsim.analysis.comparison import Comparison, compare
 from repsim.system.errors import UserError
 

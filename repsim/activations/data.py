@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from repsim.system.errors import UserError
+from repsim.system.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def _hf_load(name: str, config: str | None, split: str | None, *, offline: bool)
     try:
         return datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        raise _HFUnavailable(_first_line(exc)) from exc
+        raise _HFUnavailable(first_line(exc)) from exc
     finally:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
         datasets.logging.set_verbosity(previous_level)
@@ -356,7 +356,7 @@ def _read_table(path: Path, suffix: str) -> tuple[dict[str, list[Any]], list[str
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the operating system's error (permissions, ...) names the file itself
-        raise UserError(f"cannot read {path} as {suffix[1:]}: {_first_line(exc)}") from exc
+        raise UserError(f"cannot read {path} as {suffix[1:]}: {first_line(exc)}") from exc
     return {str(c): frame[c].tolist() for c in frame.columns}, None
 
 
@@ -470,11 +470,6 @@ def _as_label(value: Any, row: int, where: str, label_name: str | None,
         shown = "no value" if value is _MISSING else repr(value)
         raise UserError(f"label column {label_name!r} in {where} must hold integers; {name} has {shown}") from None
     return number
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _env_flag(name: str) -> bool:

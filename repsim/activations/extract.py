@@ -39,142 +39,27 @@ import contextlib
 import hashlib
 import inspect
 import json
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from repsim.activations import store
 from repsim.activations.data import fingerprint_texts
-from repsim.activations.words import WORD_RULE, check_offsets, encode_words, pool_words, word_counts
+from repsim.activations.layers import num_layers, num_layers_of_config, resolve_layers
+from repsim.activations.models import LoadedModel, as_loaded, model_fingerprint, prepare_model
+from repsim.activations.pooling import POOLS, check_pool, pool_hidden, pool_words
+from repsim.activations.rows import Activations, rows_of
+from repsim.activations.words import WORD_RULE, check_offsets, encode_words, word_counts
+from repsim.system.devices import MODEL_DTYPES, dist_info, dtype_name, resolve_device, resolve_dtype
 from repsim.system.errors import UserError
 
-POOLS = ("mean", "cls", "last", "tokens", "words")
-ROW_POOLS = ("tokens", "words")  # pools with several rows per text (offsets per text)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ACCUMULATE = {"float32": torch.float32, "float64": torch.float64}
 FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "final_layernorm", "norm_f")
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-
-@dataclass
-class Activations:
-    """Hidden states of one model on one list of texts, one (rows, width) float32 array per layer.
-
-    ``act[k]`` is layer ``k`` (0 = embeddings, k = block k; negative k counts from the end); arrays from the
-    store are memory-mapped read-only. For ``pool="tokens"`` rows are tokens: ``offsets`` (n_texts + 1,)
-    delimits the rows of each text and ``token_ids`` (rows,) gives their ids. For ``pool="words"`` rows are words
-    and ``token_ids`` counts the tokens averaged into each word (0 = dropped by this model, see ``kept``).
-    """
-
-    layers: list[int]
-    arrays: dict[int, np.ndarray] = field(repr=False)
-    meta: dict[str, Any] = field(default_factory=dict)
-    offsets: np.ndarray | None = field(default=None, repr=False)
-    token_ids: np.ndarray | None = field(default=None, repr=False)
-    path: Path | None = None
-
-    def _resolve(self, layer: int) -> int:
-        layer = int(layer)
-        if layer < 0:
-            n_blocks = self.meta.get("num_layers") or max(self.layers)
-            layer += n_blocks + 1
-        if layer not in self.arrays:
-            raise UserError(f"layer {layer} was not extracted; available layers: {self.layers}")
-        return layer
-
-    def __getitem__(self, layer: int) -> np.ndarray:
-        return self.arrays[self._resolve(layer)]
-
-    def __contains__(self, layer: object) -> bool:
-        return layer in self.arrays
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self.arrays[k] for k in self.layers)
-
-    def stack(self, layers: Sequence[int] | None = None) -> np.ndarray:
-        """(L, rows, width) array of the given layers (all extracted layers by default), loaded in memory."""
-        chosen = self.layers if layers is None else [self._resolve(k) for k in layers]
-        return np.stack([np.asarray(self.arrays[k]) for k in chosen])
-
-    @property
-    def width(self) -> int:
-        return int(self.arrays[self.layers[0]].shape[1])
-
-    @property
-    def n(self) -> int:
-        """Number of rows: texts for pooled features, tokens for ``pool="tokens"``."""
-        return int(self.arrays[self.layers[0]].shape[0])
-
-    @property
-    def kept(self) -> np.ndarray | None:
-        """Word pooling: True for the words this model kept (not truncated, at least one token); else None."""
-        if self.meta.get("pool") != "words" or self.token_ids is None:
-            return None
-        return np.asarray(self.token_ids) > 0
-
-    @property
-    def n_texts(self) -> int:
-        return int(self.meta.get("n_texts", self.n))
-
-    def texts_rows(self, i: int) -> slice:
-        """Rows of text ``i`` (token pooling) or the single row ``i`` (pooled features)."""
-        if self.offsets is None:
-            return slice(i, i + 1)
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
-
-
-# ---------------------------------------------------------------------------------------------- options
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else mps if available, else cpu; other values are checked."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"device {device!r} requested but MPS is not available; use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise UserError(f"unsupported dtype {dtype}; use one of {sorted(DTYPES)}")
-        return dtype
-    if str(dtype) not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[str(dtype)]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def check_pool(pool: str) -> str:
-    if pool not in POOLS:
-        raise UserError(f"unknown pooling {pool!r}; use one of {', '.join(POOLS)}")
-    return pool
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
@@ -220,164 +105,7 @@ def check_same_tokenizer(a: Any, b: Any, names: tuple[str, str] = ("teacher", "s
         )
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over parameter and buffer names, dtypes, shapes and bytes (for models passed as objects)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------- model loading
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any
-    name: str
-    revision: str
-    offline_default: bool = False
-
-
-def _local_revision(path: Path) -> str:
-    h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf") and p.is_file())
-    if not files:
-        return "unknown"
-    for p in files:
-        h.update(p.name.encode())
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def load(model: Any, *, device: torch.device, dtype: torch.dtype, device_map: str | dict | None = None) -> LoadedModel:
-    """Resolve ``model`` to (model, tokenizer, name, revision).
-
-    ``model`` is a spec string (hub id, local folder, embedded default; through :mod:`repsim.activations.assets`), a
-    :class:`LoadedModel`, or a ``(model, tokenizer)`` pair of objects (its revision is a weights hash).
-    """
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, tuple) and len(model) == 2:
-        m, tok = model
-        name = getattr(getattr(m, "config", None), "_name_or_path", "") or type(m).__name__
-        return LoadedModel(m.eval(), tok, str(name), "")  # revision: see prepare_model (hashed when caching)
-    if not isinstance(model, (str, os.PathLike)):
-        raise UserError(f"model must be a spec string, a folder, or a (model, tokenizer) pair; got {type(model)}")
-    try:
-        from repsim.activations import assets  # noqa: PLC0415
-        loader = getattr(assets, "load_model", None)
-    except ImportError:
-        loader = None
-    if loader is not None:
-        kw: dict[str, Any] = {"task": "base", "dtype": dtype_name(dtype)}
-        if device_map is not None:
-            kw["device_map"] = device_map
-        else:
-            kw["device"] = str(device)
-        m, tok, src = loader(str(model), **kw)
-        return LoadedModel(m.eval(), tok, str(getattr(src, "name", model)), str(getattr(src, "revision", "")),
-                           bool(getattr(src, "offline_default", False)))
-    # fallback while repsim.activations.assets is not available: local folders only
-    path = Path(model)
-    if not path.is_dir():
-        raise UserError(f"model {model!r} is not a local folder (and repsim.activations.assets is not available)")
-    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415
-
-    kw = {"dtype": dtype}
-    if device_map is not None:
-        kw["device_map"] = device_map
-    m = AutoModel.from_pretrained(path, **kw)
-    if device_map is None:
-        m = m.to(device)
-    tok = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(m.eval(), tok, str(path), _local_revision(path))
-
-
-@dataclass
-class ModelHandle:
-    """A model known well enough for a cache key (name, revision, tokenizer, config) before its weights load."""
-
-    spec: Any
-    name: str
-    revision: str | None
-    tokenizer: Any
-    config: Any
-    offline_default: bool = False
-    loaded: LoadedModel | None = None
-
-    def load(self, *, device: torch.device, dtype: torch.dtype, device_map: str | dict | None = None
-             ) -> LoadedModel:
-        """The loaded model, with THIS handle's tokenizer (the one the cache key was computed from)."""
-        if self.loaded is None:
-            lm = load(self.spec, device=device, dtype=dtype, device_map=device_map)
-            self.loaded = LoadedModel(lm.model, self.tokenizer, self.name, self.revision or lm.revision,
-                                      self.offline_default)
-        return self.loaded
-
-
-def _set_pad_token(tok: Any) -> Any:
-    if getattr(tok, "pad_token", None) is None:
-        fallback = tok.eos_token or tok.unk_token
-        if fallback is not None:
-            tok.pad_token = fallback
-    return tok
-
-
-def prepare_model(model: Any) -> ModelHandle:
-    """Resolve a model spec to name, revision, tokenizer and config WITHOUT loading weights (a cache hit then
-    costs a tokenizer load). ``(model, tokenizer)`` pairs are used as they are; their revision (a weights
-    hash) is computed only when the cache needs it."""
-    if isinstance(model, LoadedModel):
-        return ModelHandle(model, model.name, model.revision, model.tokenizer, model.model.config,
-                           model.offline_default, model)
-    if isinstance(model, tuple) and len(model) == 2:
-        m, tok = model
-        name = str(getattr(getattr(m, "config", None), "_name_or_path", "") or type(m).__name__)
-        lm = LoadedModel(m.eval(), _set_pad_token(tok), name, "")
-        return ModelHandle(model, name, None, lm.tokenizer, m.config, False, lm)
-    if not isinstance(model, (str, os.PathLike)):
-        raise UserError(f"model must be a spec string, a folder, or a (model, tokenizer) pair; got {type(model)}")
-    from transformers import AutoConfig, AutoTokenizer  # noqa: PLC0415
-
-    try:
-        from repsim.activations.assets import resolve_model  # noqa: PLC0415
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        src = resolve_model(str(model))
-        path, name, revision, offline = Path(src.path), str(src.name), str(src.revision), bool(src.offline_default)
-    else:
-        path = Path(model)
-        if not path.is_dir():
-            raise UserError(f"model {model!r} is not a local folder")
-        name, revision, offline = str(path), _local_revision(path), False
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load the tokenizer/config of {name!r} from {path}: {first}") from exc
-    return ModelHandle(str(model), name, revision, _set_pad_token(tok), config, offline)
-
-
-def num_layers_of_config(cfg: Any) -> int | None:
-    """Number of blocks whose outputs are hidden states 1..L (encoder side for encoder-decoders)."""
-    if hasattr(cfg, "get_text_config"):
-        with contextlib.suppress(Exception):
-            cfg = cfg.get_text_config()
-    names = ("encoder_layers", "num_layers", "num_hidden_layers", "n_layer") if getattr(
-        cfg, "is_encoder_decoder", False) else ("num_hidden_layers", "n_layer", "num_layers")
-    for name in names:
-        v = getattr(cfg, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
+# ---------------------------------------------------------------------------------------------- model structure
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -386,11 +114,6 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return model.get_input_embeddings().weight.device
     except (AttributeError, NotImplementedError):
         return next(model.parameters()).device
-
-
-def num_layers(model: torch.nn.Module) -> int | None:
-    """Number of blocks of a loaded model (see :func:`num_layers_of_config`)."""
-    return num_layers_of_config(model.config)
 
 
 def final_norm_name(model: torch.nn.Module) -> str | None:
@@ -411,60 +134,6 @@ def _core(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
         return model.get_encoder()
     return getattr(model, "base_model", model)
-
-
-#: the longest layer range a selection may spell out (``0-1000000000`` would build a list of 10^9 indices)
-MAX_LAYER_RANGE = 100_000
-
-
-def check_layer_range(lo: int, hi: int, text: str) -> range:
-    """``range(lo, hi + 1)`` for a layer range ``lo-hi``, refused (UserError) beyond :data:`MAX_LAYER_RANGE`."""
-    if hi - lo >= MAX_LAYER_RANGE:
-        raise UserError(f"layer range {text!r} spans {hi - lo + 1} layers; no model has more than {MAX_LAYER_RANGE}")
-    return range(lo, hi + 1)
-
-
-def resolve_layers(layers: Sequence[int] | int | str | None, n_blocks: int | None) -> list[int] | None:
-    """Normalise a layer selection to sorted unique indices in 0..L; None means all layers.
-
-    Accepts ints (negative counts from the end: -1 = L), a list, or a string like ``"0,3,6"`` / ``"4-6"`` /
-    ``"all"``. Raises UserError for indices outside 0..L.
-    """
-    if layers is None or (isinstance(layers, str) and layers.strip().lower() in ("", "all")):
-        return None if n_blocks is None else list(range(n_blocks + 1))
-    if isinstance(layers, int):
-        items: list[int] = [layers]
-    elif isinstance(layers, str):
-        items = []
-        for part in layers.replace(" ", "").split(","):
-            if not part:
-                continue
-            try:
-                if "-" in part[1:]:
-                    lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                    items.extend(check_layer_range(int(lo), int(hi), part))
-                else:
-                    items.append(int(part))
-            except UserError:
-                raise
-            except ValueError as exc:
-                raise UserError(f"bad layer selection {layers!r}; use e.g. 0,3,6 or 2-4 or all") from exc
-    else:
-        items = [int(k) for k in layers]
-    if not items:
-        raise UserError("empty layer selection")
-    if n_blocks is None:
-        if any(k < 0 for k in items):
-            raise UserError("negative layer indices need a model config with a known number of layers")
-        return sorted(set(items))
-    out = []
-    for k in items:
-        kk = k + n_blocks + 1 if k < 0 else k
-        if not 0 <= kk <= n_blocks:
-            raise UserError(f"unknown layer index {k}: this model has layers 0..{n_blocks} "
-                            f"(0 = embeddings, k = block k)")
-        out.append(kk)
-    return sorted(set(out))
 
 
 # ---------------------------------------------------------------------------------------------- texts & batches
@@ -515,41 +184,6 @@ def plan_batches(lengths: np.ndarray, batch_size: int, sort: bool = True) -> lis
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(lengths))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------- pooling
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last real token of each row of a (b, T) 0/1 mask; right or left padding alike."""
-    T = mask.shape[1]
-    return T - 1 - torch.flip(mask.to(torch.int64), dims=[1]).argmax(dim=1)
-
-
-def first_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the first real token of each row of a (b, T) 0/1 mask."""
-    return mask.to(torch.int64).argmax(dim=1)
-
-
-def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pool: str,
-                accumulate: torch.dtype = torch.float32) -> torch.Tensor:
-    """Pool (b, T, w) hidden states with a (b, T) attention mask.
-
-    mean: Σ_t m_t h_t / Σ_t m_t; cls: h at the first real token; last: h at the last real token;
-    tokens: the real-token rows, concatenated row-major ((Σ m, w)). Computed in ``accumulate`` precision.
-    """
-    h = hidden.to(accumulate)
-    if pool == "mean":
-        m = mask.to(accumulate).unsqueeze(-1)
-        return (h * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
-    rows = torch.arange(h.shape[0], device=h.device)
-    if pool == "cls":
-        return h[rows, first_token_index(mask).to(h.device)]
-    if pool == "last":
-        return h[rows, last_token_index(mask).to(h.device)]
-    if pool == "tokens":
-        return h[mask.to(h.device).bool()]
-    raise UserError(f"unknown pooling {pool!r}")
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -633,16 +267,24 @@ class Runner:
         self.row_ids = plan[2] if plan is not None else ids[mask.bool()].numpy() if self.pool == "tokens" else None
         return out, mask, ids
 
+    def run_batches(self, texts: Sequence[str], batches: Sequence[np.ndarray], *, progress: bool,
+                    desc: str, on_batch: Callable[[int], None] | None = None, done: int = 0
+                    ) -> Iterator[tuple[int, np.ndarray, dict[int, np.ndarray], np.ndarray]]:
+        """Yield (batch number, input indices, {layer: float32 rows}, real token ids) for each batch."""
+        bar = _progress(sum(len(b) for b in batches) + done, desc, progress, initial=done)
+        try:
+            for j, idx in enumerate(batches):
+                feats, mask, ids = self.run([texts[i] for i in idx])
+                if on_batch is not None:
+                    on_batch(j)
+                tok_ids = self.row_ids
+                yield j, idx, {k: v.to("cpu", torch.float32).numpy() for k, v in feats.items()}, tok_ids
+                bar.update(len(idx))
+        finally:
+            bar.close()
+
 
 # ---------------------------------------------------------------------------------------------- distributed
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
@@ -692,7 +334,7 @@ def extract(
         raise UserError(f"unknown accumulate dtype {accumulate!r}; use float32 or float64")
     texts, data_fp, data_name = as_texts(data)
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, allowed=MODEL_DTYPES)
     if dev.type == "cpu" and torch_dtype == torch.float16 and device_map is None:
         warnings.warn("float16 on CPU is slow and may be inexact; consider bfloat16 or float32", stacklevel=2)
     t0 = time.perf_counter()
@@ -711,7 +353,7 @@ def extract(
         check_offsets(handle.tokenizer, handle.name)
         rows_per_text = word_counts(texts)
     if cache and handle.revision is None:
-        handle.revision = "sha256:" + weights_fingerprint(handle.loaded.model)
+        handle.revision = "sha256:" + model_fingerprint(handle.loaded.model)
     meta: dict[str, Any] = {
         "model": handle.name, "revision": handle.revision, "offline_default": handle.offline_default,
         "tokenizer": tokenizer_fingerprint(handle.tokenizer),
@@ -722,13 +364,13 @@ def extract(
         "layers": chosen, "num_layers": n_blocks, "model_type": getattr(handle.config, "model_type", None),
         "dtype": dtype_name(torch_dtype), "accumulate": accumulate, "storage_dtype": "float32",
         "batch_size": int(batch_size), "sort_by_length": bool(sort_by_length),
-        "transformers": _transformers_version(),
+        "transformers": transformers_version(),
         # how the features were computed, beyond the cache key: a cache hit reports the build's values
         "built_with": {"batch_size": int(batch_size), "sort_by_length": bool(sort_by_length),
                        "dtype": dtype_name(torch_dtype), "accumulate": accumulate, "storage_dtype": "float32",
                        "device": str(dev) if device_map is None else f"device_map={device_map}",
                        "world_size": dist_info()[1], "torch": torch.__version__,
-                       "transformers": _transformers_version()},
+                       "transformers": transformers_version()},
     }
     if pool == "words":
         meta.update(word_rule=WORD_RULE, n_words=int(rows_per_text.sum()))
@@ -749,8 +391,6 @@ def extract(
     sources = superset_rows(data, meta["texts_sha256"])
     found = None
     if cache:
-        from repsim.activations import store  # noqa: PLC0415
-
         if sources:  # where these texts sit in the lists they were drawn from, for later subsets
             meta["drawn_from"] = [{"fingerprint": fp, "n_texts": n, "rows_mask": store.rows_mask(rows, n)}
                                   for fp, n, rows in sources]
@@ -760,8 +400,6 @@ def extract(
     if found is not None:
         acts = subset_of(found[0], chosen, found[1], meta)
     elif cache:
-        from repsim.activations import store  # noqa: PLC0415
-
         acts = store.get_or_build(meta, texts, rows_per_text, make_runner, batches, progress=progress,
                                   chunk_size=chunk_size, verify=verify, on_batch=on_batch)
     else:
@@ -801,7 +439,7 @@ def subset_of(superset: Activations, layers: Sequence[int], rows: np.ndarray | N
     offsets = token_ids = None
     take = rows
     if superset.offsets is not None:
-        take = _rows_of(rows, np.asarray(superset.offsets))
+        take = rows_of(rows, np.asarray(superset.offsets))
         offsets = np.concatenate([[0], np.cumsum(np.diff(superset.offsets)[rows])]).astype(np.int64)
         token_ids = None if superset.token_ids is None else np.asarray(superset.token_ids[take])
     sub_meta["rows_of_superset"] = superset.n_texts
@@ -809,7 +447,7 @@ def subset_of(superset: Activations, layers: Sequence[int], rows: np.ndarray | N
                        token_ids, superset.path)
 
 
-def _transformers_version() -> str:
+def transformers_version() -> str:
     """The installed transformers version, read from its distribution metadata (importing it costs ~0.3 s, which
     a run served from the activation cache never needs)."""
     from importlib.metadata import version  # noqa: PLC0415
@@ -817,31 +455,14 @@ def _transformers_version() -> str:
     return version("transformers")
 
 
-def run_batches(runner: Runner, texts: Sequence[str], batches: Sequence[np.ndarray], *, progress: bool,
-                desc: str, on_batch: Callable[[int], None] | None = None, done: int = 0
-                ) -> Iterator[tuple[int, np.ndarray, dict[int, np.ndarray], np.ndarray]]:
-    """Yield (batch number, input indices, {layer: float32 rows}, real token ids) for each batch."""
-    bar = _progress(sum(len(b) for b in batches) + done, desc, progress, initial=done)
-    try:
-        for j, idx in enumerate(batches):
-            feats, mask, ids = runner.run([texts[i] for i in idx])
-            if on_batch is not None:
-                on_batch(j)
-            tok_ids = runner.row_ids
-            yield j, idx, {k: v.to("cpu", torch.float32).numpy() for k, v in feats.items()}, tok_ids
-            bar.update(len(idx))
-    finally:
-        bar.close()
-
-
 def _extract_in_memory(runner: Runner, texts: list[str], lengths: np.ndarray, batches: list[np.ndarray],
                        meta: dict, progress: bool, on_batch) -> Activations:
     rank, world = dist_info()
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) if runner.pool in ROW_POOLS else None
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64) if not POOLS[runner.pool].per_text else None
     mine = list(range(rank, len(batches), world))
     t0 = time.perf_counter()
     results: dict[int, tuple[dict[int, np.ndarray], np.ndarray | None]] = {}
-    for j, _idx, feats, tok_ids in run_batches(runner, texts, [batches[b] for b in mine], progress=progress,
+    for j, _idx, feats, tok_ids in runner.run_batches(texts, [batches[b] for b in mine], progress=progress,
                                                desc=f"extract {Path(meta['model']).name}", on_batch=on_batch):
         results[mine[j]] = (feats, tok_ids)
     if world > 1:
@@ -854,7 +475,7 @@ def _extract_in_memory(runner: Runner, texts: list[str], lengths: np.ndarray, ba
     arrays = {k: np.empty((rows, widths[k]), dtype=np.float32) for k in layers}
     token_ids = np.empty(rows, dtype=np.int64) if offsets is not None else None
     for b, (feats, tok_ids) in results.items():
-        dest = _rows_of(batches[b], offsets)
+        dest = rows_of(batches[b], offsets)
         for k in layers:
             arrays[k][dest] = feats[k]
         if token_ids is not None:
@@ -862,15 +483,6 @@ def _extract_in_memory(runner: Runner, texts: list[str], lengths: np.ndarray, ba
     meta = dict(meta, layers=layers, cache_hit=False, resumed_chunks=0, path=None,
                 timings={"forward_s": time.perf_counter() - t0})
     return Activations(layers, arrays, meta, offsets, token_ids, None)
-
-
-def _rows_of(idx: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
-    """Destination rows (input order) of a batch's output rows: the texts themselves, or their tokens."""
-    if offsets is None:
-        return np.asarray(idx, dtype=np.int64)
-    if len(idx) == 0:
-        return np.empty(0, dtype=np.int64)
-    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -914,10 +526,10 @@ def extract_moments(
     pool = check_pool(pool)
     texts, data_fp, _ = as_texts(data)
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, allowed=MODEL_DTYPES)
     acc = ACCUMULATE[accumulate]
-    t_lm = load(teacher, device=dev, dtype=torch_dtype, device_map=device_map)
-    s_lm = load(student, device=dev, dtype=torch_dtype, device_map=device_map)
+    t_lm = as_loaded(teacher, device=dev, dtype=torch_dtype, device_map=device_map)
+    s_lm = as_loaded(student, device=dev, dtype=torch_dtype, device_map=device_map)
     if pool == "tokens":
         check_same_tokenizer(t_lm.tokenizer, s_lm.tokenizer)
     if pool == "words":
@@ -987,7 +599,6 @@ def extract_moments(
 
 
 __all__ = [
-    "Activations", "LoadedModel", "POOLS", "check_same_tokenizer", "extract", "extract_moments", "load",
-    "pool_hidden", "resolve_layers", "same_tokenizer", "tokenizer_fingerprint",
-    "last_token_index", "first_token_index", "final_norm_name", "dist_info",
+    "Activations", "Runner", "check_same_tokenizer", "extract", "extract_moments", "final_norm_name",
+    "same_tokenizer", "tokenizer_fingerprint", "transformers_version",
 ]

@@ -47,7 +47,10 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
+from repsim.activations.assets import acquire_lock, cache_dir
+from repsim.activations.rows import Activations, rows_of
 from repsim.system.errors import UserError, naming_path
+from repsim.system.files import sha256_file, write_json_atomic
 from repsim.system.outputs import pid_alive, remove_path
 
 FORMAT_VERSION = 1  # part of the entry key: a change of layout gives new keys
@@ -67,16 +70,7 @@ class DamagedEntry(Exception):
 def cache_root() -> Path:
     """repsim's cache folder: ``repsim.activations.assets.cache_dir()`` ($REPSIM_CACHE, $XDG_CACHE_HOME/repsim,
     ~/.cache/repsim)."""
-    try:
-        from repsim.activations.assets import cache_dir  # noqa: PLC0415
-
-        return Path(cache_dir())
-    except ImportError:
-        if os.environ.get("REPSIM_CACHE"):
-            return Path(os.environ["REPSIM_CACHE"])
-        if os.environ.get("XDG_CACHE_HOME"):
-            return Path(os.environ["XDG_CACHE_HOME"]) / "repsim"
-        return Path.home() / ".cache" / "repsim"
+    return Path(cache_dir())
 
 
 def activations_root() -> Path:
@@ -113,23 +107,6 @@ def entry_key(meta: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- small file helpers
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with naming_path(tmp), open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _new_memmap(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
@@ -272,7 +249,7 @@ def _load_array(path: Path, name: str, spec: dict, checksum: bool) -> np.ndarray
         raise DamagedEntry(f"{name}: missing" if not os.path.lexists(f) else f"{name}: not a file")
     try:
         if checksum:
-            digest = _sha256_file(f)
+            digest = sha256_file(f)
             if digest != spec["sha256"]:
                 raise DamagedEntry(f"{name}: sha256 {digest[:12]}… != manifest {spec['sha256'][:12]}…")
         arr = np.load(f, mmap_mode="r", allow_pickle=False)
@@ -312,13 +289,12 @@ def verify_entry(path: Path) -> list[str]:
 
 
 def open_entry(path: Path, verify: bool | None = None, expect: dict | None = None) -> Any:
-    """Open a finished entry as :class:`repsim.activations.extract.Activations` (memory-mapped, read-only).
+    """Open a finished entry as :class:`repsim.activations.rows.Activations` (memory-mapped, read-only).
 
     verify: True = check every checksum; False = manifest and array headers only; None = checksums on first
     open in this process. expect: the key fields the caller asked for (see :func:`key_fields`); the entry must
     have been built for exactly those. Raises :class:`DamagedEntry` when anything does not match.
     """
-    from repsim.activations.extract import Activations  # noqa: PLC0415
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -443,8 +419,6 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
     """Extract this rank's batches into ``partial/shard-RRR``, resuming after its last complete chunk.
 
     Returns the number of chunks that were already done (resumed)."""
-    from repsim.activations.extract import run_batches  # noqa: PLC0415
-
     runner = make_runner()
     tokens = runner.pool in ("tokens", "words")  # several rows per text: offsets + one int64 per row
     shard = partial / f"shard-{rank:03d}"
@@ -476,7 +450,7 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
     todo = [j for c in chunks[resumed:] for j in c]
     chunk_end = {c[-1]: i + 1 for i, c in enumerate(chunks)}
     done_texts = sum(len(mine[j]) for c in chunks[:resumed] for j in c)
-    for pos, _idx, feats, tok_ids in run_batches(runner, texts, [mine[j] for j in todo], progress=progress,
+    for pos, _idx, feats, tok_ids in runner.run_batches(texts, [mine[j] for j in todo], progress=progress,
                                                  desc=desc, on_batch=on_batch, done=done_texts):
         j = todo[pos]
         if not arrays:
@@ -503,7 +477,7 @@ def _build_shard(partial: Path, rank: int, world: int, texts: Sequence[str], len
             if token_ids is not None:
                 token_ids.flush()
             prog["chunks_done"], prog["rows_done"] = chunk_end[j], cursor
-            _write_json_atomic(prog_path, prog)
+            write_json_atomic(prog_path, prog)
     for a in list(arrays.values()) + ([token_ids] if token_ids is not None else []):
         del a
     if not mine:
@@ -544,7 +518,7 @@ def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarr
     arrays = {}
     for name in names:
         arr = np.load(partial / name, mmap_mode="r", allow_pickle=False)
-        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": _sha256_file(partial / name),
+        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": sha256_file(partial / name),
                         "bytes": (partial / name).stat().st_size}
         del arr
     for r in range(world):
@@ -557,13 +531,12 @@ def _finalise(partial: Path, key: str, meta: dict, world: int, lengths: np.ndarr
                 "built_with": meta.get("built_with"), "meta": dict(meta, layers=sorted(widths), world_size=world)}
     manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))  # the digest is of what is read back
     manifest["manifest_sha256"] = _manifest_digest(manifest)
-    _write_json_atomic(partial / "manifest.json", manifest)
+    write_json_atomic(partial / "manifest.json", manifest)
 
 
 def _assemble(partial: Path, names: Sequence[str], shards: Sequence[tuple[int, list[np.ndarray]]],
               widths: dict[int, int], n_rows: int, offsets: np.ndarray | None) -> None:
     """Write each layer's array (and token ids) in input order from the ranks' shard files."""
-    from repsim.activations.extract import _rows_of  # noqa: PLC0415
 
     for name in names:
         if name == "token_ids.npy":
@@ -574,7 +547,7 @@ def _assemble(partial: Path, names: Sequence[str], shards: Sequence[tuple[int, l
             src = np.load(partial / f"shard-{r:03d}" / name, mmap_mode="r", allow_pickle=False)
             cursor = 0
             for idx in mine:
-                dest = _rows_of(idx, offsets)
+                dest = rows_of(idx, offsets)
                 final[dest] = src[cursor:cursor + len(dest)]
                 cursor += len(dest)
             del src
@@ -598,7 +571,7 @@ def _prepare_partial(partial: Path, plan: dict) -> None:
             _rmtree(partial)
     if not partial.exists():
         partial.mkdir(parents=True)
-        _write_json_atomic(partial / "plan.json", plan)
+        write_json_atomic(partial / "plan.json", plan)
 
 
 def _try_open(entry: Path, verify: bool | None, expect: dict) -> tuple[Any, str | None]:
@@ -628,10 +601,9 @@ def get_or_build(meta: dict, texts: Sequence[str], lengths: np.ndarray, make_run
 
     Anything at the entry's place that cannot be served for ``meta`` (damaged files or manifest, other options,
     other layers, a stray file) is reported in one warning line, removed and rebuilt."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - a build runs a model: torch is loaded by then; listing the cache never needs it
 
-    from repsim.activations.assets import acquire_lock  # noqa: PLC0415
-    from repsim.activations.extract import dist_info  # noqa: PLC0415
+    from repsim.system.devices import dist_info  # noqa: PLC0415 - the same
 
     rank, world = dist_info()
     key = entry_key(meta)
@@ -847,7 +819,6 @@ class Store:
 
     def rm(self, key: str) -> Path:
         """Remove one entry, waiting for a build that holds its lock."""
-        from repsim.activations.assets import acquire_lock  # noqa: PLC0415
 
         path = self.find(key)
         lock = self._lock(path.name)

@@ -132,17 +132,6 @@ def encode_words(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, plan
 
 
-def pool_words(hidden: torch.Tensor, plan: Any, accumulate: torch.dtype = torch.float32) -> torch.Tensor:
-    """(words, w) means of the tokens assigned to each word of the batch (zeros for dropped words).
-
-    ``hidden``: (b, T, w) hidden states; ``plan``: from :func:`encode_words`."""
-    rows, flat, counts = plan
-    h = hidden.to(accumulate).reshape(-1, hidden.shape[-1])
-    out = torch.zeros((len(counts), h.shape[1]), dtype=accumulate, device=h.device)
-    out.index_add_(0, rows.to(h.device), h[flat.to(h.device)])
-    return out / torch.as_tensor(counts, dtype=accumulate, device=h.device).clamp_min(1).unsqueeze(1)
-
-
 def streamable(metric: str) -> bool:
     """True when a measure is computed exactly from pooled second moments (word-level comparison streams)."""
     from repsim.measures.functions import get_metric  # noqa: PLC0415

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from repsim.activations.layers import num_layers_of_config, parse_layers, resolve_layer_ids
+from repsim.activations.pooling import check_pool
 from repsim.system.errors import UserError, naming_path
 
 COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low", "ci_high", "p_value"]
-POOLS = ("mean", "cls", "last", "tokens", "words")
 #: the defaults under --pool words: streamed from second moments, so the held-out residual (which needs the rows)
 #: gives way to the in-sample one; n is the number of words (thousands), far above the student's width
 WORD_DEFAULT_METRICS = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]",
@@ -698,69 +699,6 @@ def format_map(comp: Comparison, metric: str) -> str:
 # ------------------------------------------------------------------------------------------------ compare
 
 
-def parse_layers(tokens: Sequence[str] | None) -> tuple[list[int] | None, list[int] | None]:
-    """--layers tokens → (teacher layers, student layers); None = all.
-
-    Each token is an int (negative counts from the end), a range ``a-b`` (inclusive) or ``a:b``, optionally
-    prefixed ``t:``/``teacher:`` or ``s:``/``student:`` to apply to one side; unprefixed tokens apply to both.
-    Negative values are kept negative here and resolved against each model's layer count later.
-    """
-    if not tokens:
-        return None, None
-    sides: dict[str, list[int]] = {"t": [], "s": []}
-    for raw in tokens:
-        if not str(raw).strip(" ,"):
-            raise UserError(f"empty layer spec {raw!r}: use integers, ranges like 0-6, or t:/s: prefixes")
-        for tok in str(raw).split(","):
-            tok = tok.strip()
-            if not tok:
-                continue
-            targets = ("t", "s")
-            for prefix, side in (("teacher:", "t"), ("student:", "s"), ("t:", "t"), ("s:", "s")):
-                if tok.startswith(prefix):
-                    tok, targets = tok[len(prefix):], (side,)
-                    break
-            vals = _parse_layer_token(tok)
-            for side in targets:
-                sides[side].extend(vals)
-    return (sides["t"] or None), (sides["s"] or None)
-
-
-def _parse_layer_token(tok: str) -> list[int]:
-    try:
-        if tok.lstrip("-").isdigit():
-            return [int(tok)]
-        for sep in ("-", ":"):
-            if sep in tok.lstrip("-"):
-                head = "-" if tok.startswith("-") else ""
-                a, b = tok.lstrip("-").split(sep, 1)
-                lo, hi = int(head + a), int(b)
-                if hi < lo:
-                    raise ValueError
-                from repsim.activations.extract import check_layer_range
-
-                return list(check_layer_range(lo, hi, tok))
-        raise ValueError
-    except UserError:
-        raise
-    except ValueError:
-        raise UserError(f"bad layer spec {tok!r}: use integers, ranges like 0-6, or t:/s: prefixes") from None
-
-
-def resolve_layer_ids(requested: Sequence[int] | None, available: int, who: str) -> list[int] | None:
-    """Check requested layer indices against 0..available−1 (negatives count from the end)."""
-    if requested is None:
-        return None
-    out = []
-    for k in requested:
-        kk = k + available if k < 0 else k
-        if not 0 <= kk < available:
-            raise UserError(f"unknown {who} layer {k}: the {who} has layers 0..{available - 1} "
-                            f"(0 = embeddings, k = block k)")
-        out.append(kk)
-    return sorted(set(out))
-
-
 def _model_shape(spec: str) -> dict[str, Any]:
     """Width and number of hidden-state layers (embeddings + blocks) from the model's config, when readable."""
     from repsim.activations import assets
@@ -780,12 +718,10 @@ def _model_shape(spec: str) -> dict[str, Any]:
 
 def _config_shape(path: Path) -> tuple[int | None, int | None]:
     """(hidden width, hidden-state layers = blocks + 1) from a model folder's config; the block count is the
-    extraction's own (:func:`repsim.activations.extract.num_layers_of_config`).
+    extraction's own (:func:`repsim.activations.layers.num_layers_of_config`).
 
     Read from config.json when it names them in the common spellings (a warm run then never imports
     transformers); otherwise through ``transformers.AutoConfig``, which knows every model's attribute names."""
-    from repsim.activations.extract import num_layers_of_config
-
     try:
         raw = json.loads((path / "config.json").read_text())
         raw = raw.get("text_config") or raw
@@ -807,16 +743,11 @@ def _config_shape(path: Path) -> tuple[int | None, int | None]:
         return None, None
 
 
-def _resolve_device(device: str) -> str:
-    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
-    import torch
+def _compute_device(device: str) -> str:
+    """The device the metrics run on: cpu or cuda (they compute in float64, which MPS lacks)."""
+    from repsim.system.devices import resolve_device  # noqa: PLC0415 - torch loads only when something is computed
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA device is available")
-    return device
+    return str(resolve_device(device, kinds=("cpu", "cuda")))
 
 
 def compare(teacher: str | None = None, student: str | None = None, data: Any = "sst2", *,
@@ -840,8 +771,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     from repsim.activations import assets
 
     say: Echo = echo or (lambda _line: None)
-    if pool not in POOLS:
-        raise UserError(f"unknown pooling {pool!r}: use one of {', '.join(POOLS)}")
+    check_pool(pool)
     words = pool == "words"
     if words:  # streamed from moments: no rows in memory, so no resampling (chance levels are row permutations)
         chance_permutations = 0
@@ -858,7 +788,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
                             "use them with a pooled --pool mean run")
     if batch_size < 1 or max_length < 1:
         raise UserError("--batch-size and --max-length must be positive")
-    device = _resolve_device(device)
+    device = _compute_device(device)
     teacher = teacher or assets.DEFAULT_TEACHER
     student = student or assets.DEFAULT_STUDENT
     t_req, s_req = parse_layers(layers)
@@ -995,7 +925,7 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
     ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations,
                          seed)
     _check_curve(curve_sizes, curve_subsamples)
-    device = _resolve_device(device)
+    device = _compute_device(device)
     t_req, s_req = parse_layers(layers)
     t0 = time.perf_counter()
     sides = {}
@@ -1102,9 +1032,9 @@ def _versions() -> dict[str, str]:
     import torch
 
     import repsim
-    from repsim.activations.extract import _transformers_version
+    from repsim.activations.extract import transformers_version
 
-    return {"repsim": repsim.__version__, "torch": torch.__version__, "transformers": _transformers_version(),
+    return {"repsim": repsim.__version__, "torch": torch.__version__, "transformers": transformers_version(),
             "numpy": np.__version__, "pandas": pd.__version__, "python": platform.python_version()}
 
 

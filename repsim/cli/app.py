@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from repsim import __version__
+from repsim.activations.pooling import POOL_NAMES, TEXT_POOLS
 from repsim.system.errors import UserError
 
 # ------------------------------------------------------------------------------------ argument types
@@ -82,9 +83,8 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
                    "1 is often fastest")
 
 
-# repsim.activations.extract.POOLS, spelt here so that parsing arguments imports no model code (a test keeps the two
-# equal)
-POOL_CHOICES = ("mean", "cls", "last", "tokens", "words")
+#: the --pool choices: the pooling registry's modes (repsim.activations.pooling imports no torch)
+POOL_CHOICES = POOL_NAMES
 
 
 def _add_pool(p: argparse.ArgumentParser) -> None:
@@ -296,7 +296,7 @@ def _add_check(sub) -> None:
     p.add_argument("--max-samples", type=_POSITIVE, default=None, metavar="N",
                    help=_MAX_SAMPLES_HELP + " (default: all, the texts compare uses); pairwise angles cost O(N^2) "
                         "memory")
-    p.add_argument("--pool", default="mean", choices=["mean", "cls", "last"], help="pooling per text")
+    p.add_argument("--pool", default="mean", choices=TEXT_POOLS, help="pooling per text")
     p.add_argument("--batch-size", type=_POSITIVE, default=32, metavar="B")
     p.add_argument("--max-length", type=_POSITIVE, default=128, metavar="T", help="truncate texts to T tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -20,6 +20,13 @@ class UserError(ValueError):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what a one-line
+    error can quote of a library's multi-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @contextlib.contextmanager
 def naming_path(path: str | os.PathLike) -> Iterator[None]:
     """Give an :class:`OSError` raised inside the block the file name ``path`` when it has none.
