@@ -200,12 +200,11 @@ def parse_layer_map(spec: str | Sequence[tuple[int, int]], teacher_layers: int |
     if not pairs:
         raise UserError("the layer map is empty")
     for t, s in pairs:
-        for side, k, ids, count in (("teacher", t, t_ids, teacher_layers), ("student", s, s_ids, student_layers)):
-            if k in ids:
-                continue
-            if isinstance(count, int):
-                raise UserError(f"layer map pair {t}:{s}: {side} layer {k} out of range 0..{count}")
-            raise UserError(f"layer map: {side} has no layer {k} (layers {ids[0]}..{ids[-1]})")
+        for side, k, ids in (("teacher", t, t_ids), ("student", s, s_ids)):
+            if not 0 <= k <= ids[-1]:
+                raise UserError(f"layer map pair {t}:{s}: {side} layer {k} out of range 0..{ids[-1]}")
+            if k not in ids:
+                raise UserError(f"layer map: {side} has no layer {k} (layers {ids[0]}..{ids[-1]})")
     return pairs
 
 

@@ -107,6 +107,11 @@ def load_model(spec: str | Path, *, task: str = "base", device: str | torch.devi
     return model, tokenizer, source
 
 
+def hidden_width(model: torch.nn.Module) -> int:
+    """Width of a model's hidden states (``config.hidden_size``)."""
+    return int(model.config.hidden_size)
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over a loaded model's parameter and buffer names, dtypes, shapes and bytes (for models passed as
     objects, which have no file to hash)."""
@@ -199,5 +204,5 @@ def prepare_model(model: Any) -> ModelHandle:
                        bool(src.offline_default))
 
 
-__all__ = ["TASKS", "LoadedModel", "ModelHandle", "as_loaded", "load_model", "model_fingerprint", "prepare_model",
-           "quiet_transformers", "set_pad_token"]
+__all__ = ["TASKS", "LoadedModel", "ModelHandle", "as_loaded", "hidden_width", "load_model", "model_fingerprint",
+           "prepare_model", "quiet_transformers", "set_pad_token"]

@@ -3,10 +3,12 @@
 Modules: :mod:`~repsim.distill.config` (settings and results), :mod:`~repsim.distill.students` (loading and model
 surgery), :mod:`~repsim.distill.data` (tokenised data and splits), :mod:`~repsim.distill.teacher_cache`,
 :mod:`~repsim.distill.trainer` (the loss and the loop), :mod:`~repsim.distill.grid` (runs and grids),
-:mod:`~repsim.distill.evaluation` (scores, tests, tables), :mod:`~repsim.distill.layers` (layer maps),
-:mod:`~repsim.distill.files` (atomic writes).
+:mod:`~repsim.distill.evaluation` (scores, tests, tables). Layer maps come from :mod:`repsim.activations.layers`,
+model loading from :mod:`repsim.activations.models`, atomic writes from :mod:`repsim.system.files`.
 """
 
+from repsim.activations.layers import layer_map_pairs, num_layers, parse_layer_map, uniform_layer_map  # noqa: F401
+from repsim.activations.models import hidden_width  # noqa: F401
 from repsim.distill.config import (  # noqa: F401
     FEATURE_LOSSES,
     FEATURE_MODES,
@@ -27,13 +29,6 @@ from repsim.distill.data import (  # noqa: F401
 )
 from repsim.distill.evaluation import evaluate, perplexity, predict  # noqa: F401
 from repsim.distill.grid import distill, distill_command, finetune, finetune_command, run_grid  # noqa: F401
-from repsim.distill.layers import (  # noqa: F401
-    hidden_width,
-    layer_map_pairs,
-    num_layers,
-    parse_layer_map,
-    uniform_layer_map,
-)
 from repsim.distill.students import drop_layers, has_trained_head, load, make_student, narrow_model  # noqa: F401
 from repsim.distill.teacher_cache import teacher_outputs  # noqa: F401
 from repsim.distill.trainer import DistillTrainer, seed_everything  # noqa: F401

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from repsim.activations.data import check_seed
-from repsim.activations.extract import resolve_device as checked_device
-from repsim.distill.layers import layer_map_pairs
+from repsim.activations.layers import layer_map_pairs
+from repsim.system import devices
 from repsim.system.errors import UserError
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -118,10 +118,6 @@ class DistillResult:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available, else cpu; anything else is checked by
-    :func:`repsim.activations.extract.resolve_device`
-    (an unknown or unavailable device is a UserError)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    return checked_device(device)
+    """``auto`` -> cuda if available, else cpu (training never picks MPS by itself); anything else is checked by
+    :func:`repsim.system.devices.resolve_device` (an unknown or unavailable device is a UserError)."""
+    return devices.resolve_device(device, auto=("cuda",))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from repsim.activations.data import fingerprint_texts, load_texts, subsample
-from repsim.activations.extract import pool_hidden
+from repsim.activations.pooling import pool_hidden
 from repsim.system.errors import UserError
 
 

@@ -19,10 +19,10 @@ from repsim.analysis.comparison import check_out_dir
 from repsim.distill.config import FEATURE_LOSSES, RUNTIME_ONLY, DistillConfig, DistillResult, teacher_finetune_config
 from repsim.distill.data import encode, label_count, load_train_validation, texts_labels
 from repsim.distill.evaluation import evaluate, summarize_grid
-from repsim.distill.files import atomic_write_text, writing
 from repsim.distill.students import has_trained_head, load, make_student
 from repsim.distill.trainer import DistillTrainer, seed_everything
 from repsim.system.errors import UserError
+from repsim.system.files import write_text_atomic, writing
 
 
 def finetune(model: str | tuple[nn.Module, Any], train: Any, validation: Any = None, *,
@@ -81,7 +81,7 @@ def _run(teacher: nn.Module | None, student: nn.Module, tokenizer: Any, texts: l
     trainer = DistillTrainer(teacher, student, tokenizer, encoded, config, teacher_tokenizer=teacher_tokenizer,
                              train_texts=texts, out=out_path)
     if out_path is not None:
-        atomic_write_text(out_path / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
+        write_text_atomic(out_path / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     history = trainer.fit(resume=out_path is not None)
     metrics: dict[str, float] = {}
     if trainer.finished and validation is not None:
@@ -92,7 +92,7 @@ def _run(teacher: nn.Module | None, student: nn.Module, tokenizer: Any, texts: l
     if out_path is not None and trainer.finished:
         _save_model(trainer.student, tokenizer, out_path / ("model" if teacher is None else "student"))
         if metrics:
-            atomic_write_text(out_path / "metrics.json", json.dumps(metrics, indent=2))
+            write_text_atomic(out_path / "metrics.json", json.dumps(metrics, indent=2))
     return DistillResult(metrics=metrics, history=history, student=trainer.student, tokenizer=tokenizer,
                          out=out_path, layer_map=trainer.layer_map)
 
@@ -148,7 +148,7 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
     if validation is not None and config.task == "sequence-classification":
         v_texts, v_labels = texts_labels(validation)
         teacher_metrics = evaluate(t_model, t_tok, encode(t_tok, v_texts, v_labels, config.max_length), config.task)
-        atomic_write_text(out / "teacher_metrics.json", json.dumps(teacher_metrics, indent=2))
+        write_text_atomic(out / "teacher_metrics.json", json.dumps(teacher_metrics, indent=2))
     rows = []
     for seed in seed_list:
         for loss in losses:

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from repsim.activations.assets import load_model
-from repsim.distill.layers import num_layers
+from repsim.activations.layers import num_layers
+from repsim.activations.models import load_model
 from repsim.system.errors import UserError
 
 
 def load(spec: str, task: str, num_labels: int | None = None) -> tuple[nn.Module, Any]:
-    """A model and its tokenizer through :func:`repsim.activations.assets.load_model` (hub id, short name or local
+    """A model and its tokenizer through :func:`repsim.activations.models.load_model` (hub id, short name or local
     folder)."""
 
     kwargs: dict[str, Any] = {"task": task}
@@ -43,7 +43,7 @@ def has_trained_head(model: nn.Module, task: str) -> bool:
 
 def _block_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """The (parent, attribute, ModuleList) that holds the transformer blocks."""
-    n = num_layers(model)
+    n = num_layers(model, required=True)
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and name:
             parent_name, _, attr = name.rpartition(".")
@@ -54,7 +54,7 @@ def _block_list(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
 
 def drop_layers(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     """A copy of ``model`` with only the blocks ``keep`` (0-based block indices, in order); embeddings, head kept."""
-    n = num_layers(model)
+    n = num_layers(model, required=True)
     keep = list(keep)
     if not keep or any(not 0 <= k < n for k in keep) or sorted(set(keep)) != keep:
         raise UserError(f"layers to keep must be increasing block indices in 0..{n - 1}, got {keep}")
@@ -119,7 +119,7 @@ def make_student(spec: str, teacher: nn.Module, teacher_tokenizer: Any, task: st
     """
     if spec.startswith("drop:"):
         arg = spec[len("drop:"):]
-        n = num_layers(teacher)
+        n = num_layers(teacher, required=True)
         if re.fullmatch(r"\d+", arg):
             k = int(arg)
             if not 1 <= k <= n:

@@ -12,16 +12,9 @@ import torch
 from torch import nn
 
 from repsim.activations.assets import cache_dir
+from repsim.activations.models import model_fingerprint
 from repsim.distill.data import Encoded, collate, pooled_mean
-from repsim.distill.files import atomic_file
-
-
-def _model_digest(model: nn.Module) -> str:
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+from repsim.system.files import atomic_file
 
 
 def _cache_root() -> Path:
@@ -43,8 +36,8 @@ def teacher_outputs(teacher: nn.Module, encoded: Encoded, teacher_layers: Sequen
 
     device = device or next(teacher.parameters()).device
     layers = sorted(set(int(k) for k in teacher_layers))
-    key_src = json.dumps({"model": _model_digest(teacher), "data": encoded.fingerprint, "layers": layers,
-                          "features": features, "v": 1})
+    key_src = json.dumps({"model": f"{type(teacher).__name__}:{model_fingerprint(teacher)}",
+                          "data": encoded.fingerprint, "layers": layers, "features": features, "v": 1})
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     path = _cache_root() / f"{key}.safetensors" if cache else None
     if path is not None and path.exists():

@@ -44,13 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from repsim.activations.layers import num_layers, parse_layer_map
+from repsim.activations.models import hidden_width
 from repsim.distill.config import RUNTIME_ONLY, DistillConfig, resolve_device
 from repsim.distill.data import Encoded, check_same_tokenization, collate, encode, pooled_mean
-from repsim.distill.files import atomic_torch_save, atomic_write_text
-from repsim.distill.layers import hidden_width, num_layers, parse_layer_map
 from repsim.distill.teacher_cache import teacher_outputs
 from repsim.measures.losses import make_feature_loss
 from repsim.system.errors import UserError
+from repsim.system.files import write_atomic, write_text_atomic
 
 
 def seed_everything(seed: int) -> None:
@@ -82,12 +83,12 @@ class DistillTrainer:
         causal = config.task == "causal-lm"
         if not causal and train.labels is None:
             raise UserError("the training data has no labels; classification needs a label column")
-        Ls = num_layers(student)
+        Ls = num_layers(student, required=True)
         if teacher is not None:
             teacher.to(self.device).eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            Lt = num_layers(teacher)
+            Lt = num_layers(teacher, required=True)
             self.layer_map = parse_layer_map(config.layer_map, Lt, Ls) if config.loss != "none" else []
             needs_same_tokens = causal or (config.features == "tokens" and config.loss != "none")
             if needs_same_tokens and teacher_tokenizer is not None and train_texts is not None:
@@ -230,7 +231,7 @@ class DistillTrainer:
             "config": json.dumps(dataclasses.asdict(self.config)),
             "train_seconds": torch.tensor(self._bank_seconds(), dtype=torch.float64),
         }
-        atomic_torch_save(state, path)
+        write_atomic(path, lambda fh: torch.save(state, fh))  # through a Python file: a full disk is an OSError
         self.write_log()
 
     def load_checkpoint(self) -> bool:
@@ -260,7 +261,7 @@ class DistillTrainer:
     def write_log(self) -> None:
         if self.out is None or not self.history:
             return
-        atomic_write_text(self.out / "train_log.csv", pd.DataFrame(self.history).to_csv(index=False))
+        write_text_atomic(self.out / "train_log.csv", pd.DataFrame(self.history).to_csv(index=False))
 
     # -- the loop
     def fit(self, resume: bool = True) -> pd.DataFrame:

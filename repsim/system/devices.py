@@ -35,15 +35,17 @@ def _available(kind: str) -> bool:
     return kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()) or (kind == "mps" and mps_available())
 
 
-def resolve_device(device: str | torch.device | None = "auto", *,
-                   kinds: Sequence[str] = DEVICE_KINDS) -> torch.device:
-    """``device`` -> :class:`torch.device`; ``None`` and ``"auto"`` pick cuda, else mps, else cpu (among ``kinds``).
+def resolve_device(device: str | torch.device | None = "auto", *, kinds: Sequence[str] = DEVICE_KINDS,
+                   auto: Sequence[str] = ("cuda", "mps")) -> torch.device:
+    """``device`` -> :class:`torch.device`; ``None`` and ``"auto"`` pick the first available of ``auto`` (cuda, then
+    mps), else the cpu.
 
     ``kinds`` names the device kinds the caller supports (e.g. ``("cpu", "cuda")`` where float64 is needed, which
-    MPS lacks). Raises UserError for a name that is not one of ``kinds`` and for a device that is not available.
+    MPS lacks); ``auto`` the accelerators ``"auto"`` may choose (only those in ``kinds``). Raises UserError for a
+    name that is not one of ``kinds`` and for a device that is not available.
     """
     if device is None or str(device).strip().lower() == "auto":
-        for kind in ("cuda", "mps"):
+        for kind in auto:
             if kind in kinds and _available(kind):
                 return torch.device(kind)
         return torch.device("cpu")

@@ -88,6 +88,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[Any]], Any], *, bi
         os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file name beside ``path`` with the same suffix, for writers that take a file name and choose a
+    format by its suffix (``savefig``, safetensors); when the block succeeds the file gets the umask's permissions
+    and replaces ``path``, on any failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    with writing(path, tmp):
+        yield tmp
+        os.chmod(tmp, umask_mode())
+        os.replace(tmp, path)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 text to ``path`` atomically (:func:`write_atomic`)."""
     write_atomic(path, lambda fh: fh.write(text), binary=False)
@@ -100,4 +115,5 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, **dump: Any) -> None:
     write_atomic(path, lambda fh: json.dump(obj, fh, **options), binary=False)
 
 
-__all__ = ["CHUNK", "sha256_file", "umask_mode", "write_atomic", "write_json_atomic", "write_text_atomic", "writing"]
+__all__ = ["CHUNK", "atomic_file", "sha256_file", "umask_mode", "write_atomic", "write_json_atomic",
+           "write_text_atomic", "writing"]

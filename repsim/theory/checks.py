@@ -16,19 +16,18 @@ import pandas as pd
 
 from repsim.activations.data import load_texts
 from repsim.activations.extract import extract
+from repsim.activations.layers import layer_map_pairs, parse_layer_map
 from repsim.analysis.comparison import check_out_dir
 from repsim.analysis.report import check_html
 from repsim.analysis.stats import permutation_indices
 from repsim.distill.config import DistillConfig
 from repsim.distill.data import label_count, load_train_validation, texts_labels
-from repsim.distill.files import atomic_write_text
 from repsim.distill.grid import distill, finetune
-from repsim.distill.layers import layer_map_pairs
-from repsim.distill.layers import parse_layer_map as parse_layer_pairs
 from repsim.distill.students import has_trained_head, load
 from repsim.measures import functions as measures
 from repsim.measures.arrays import ArrayLike, as_pair
 from repsim.system.errors import UserError
+from repsim.system.files import write_text_atomic
 from repsim.theory.constructions import angle_distortion_deg, cosine_matrix, max_inner_product_error, three_metrics
 
 
@@ -163,23 +162,6 @@ def check_min_rows(projection_folds: int | None) -> int:
     return max(4, (projection_folds or 0) + 1)
 
 
-def parse_layer_map(spec: str, teacher_layers: Sequence[int], student_layers: Sequence[int]) -> list[tuple[int, int]]:
-    """Parse a layer map with the grammar of :func:`repsim.distill.parse_layer_map` ("12:6,6:3", "uniform" =
-    student block j ↔ teacher block round(j·Lt/Ls), or a file: CSV, JSON or the line ``--suggest-map`` prints),
-    then check each pair against the layers available here.
-
-    Layer 0 is the embedding output, layer k the k-th block (repsim.activations.extract's numbering).
-    """
-    tl, sl = sorted(set(int(x) for x in teacher_layers)), sorted(set(int(x) for x in student_layers))
-    pairs = parse_layer_pairs(spec, max(tl), max(sl))
-    for t, s in pairs:
-        if t not in tl:
-            raise UserError(f"layer map: teacher has no layer {t} (layers {tl[0]}..{tl[-1]})")
-        if s not in sl:
-            raise UserError(f"layer map: student has no layer {s} (layers {sl[0]}..{sl[-1]})")
-    return pairs
-
-
 def check_layers(teacher_layers: Any, student_layers: Any, layer_map: str | Sequence[tuple[int, int]],
                  **options: Any) -> list[GeometryCheck]:
     """Run :func:`check` at each mapped pair. ``teacher_layers``/``student_layers``: a mapping layer → (n, width)
@@ -221,10 +203,10 @@ class CheckResult:
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "check.csv", self.table.to_csv(index=False))
-        atomic_write_text(out / "check.json", json.dumps(
+        write_text_atomic(out / "check.csv", self.table.to_csv(index=False))
+        write_text_atomic(out / "check.json", json.dumps(
             {"meta": self.meta, "checks": [asdict(c) for c in self.checks]}, indent=2, default=str))
-        atomic_write_text(out / "report.html", self.html())
+        write_text_atomic(out / "report.html", self.html())
         return out
 
     def html(self) -> str:
@@ -345,9 +327,9 @@ def geometry_before_after(teacher: str, student: str, data: str = "sst2", *,
         t.insert(0, "student", label)
         frames.append(t)
     table = pd.concat(frames, ignore_index=True)
-    atomic_write_text(out / "geometry_before_after.csv", table.to_csv(index=False))
+    write_text_atomic(out / "geometry_before_after.csv", table.to_csv(index=False))
 
-    atomic_write_text(out / "report.html", check_html(
+    write_text_atomic(out / "report.html", check_html(
         table, {"teacher": teacher_ref, "student": student, "data": data, "layer_map": str(pairs),
                 "n": len(check_texts), "seed": seed, "check_options": check_options},
         title="repsim geometry before and after distillation", label_column="student"))

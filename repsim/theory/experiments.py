@@ -14,10 +14,10 @@ import torch
 
 from repsim.activations.data import check_seed
 from repsim.analysis.comparison import check_out_dir
-from repsim.distill.files import atomic_file, atomic_write_text
 from repsim.measures import functions as measures
 from repsim.measures.losses import make_feature_loss
 from repsim.system.errors import UserError
+from repsim.system.files import atomic_file, write_text_atomic
 from repsim.theory.checks import eps_orthogonal_preservation
 from repsim.theory.constructions import (
     cosine_matrix,
@@ -266,8 +266,8 @@ def run_counterexamples(which: str = "all", out: str | Path | None = None, seeds
                   "Gram-Frobenius -> 0.5) ==", _fmt(sweep), "",
                   "== Near-orthogonal variant: m = 4 rows with eps = 3, n growing ==", _fmt(near), ""]
         if outdir is not None:
-            atomic_write_text(outdir / "theory_theorem1_sweep.csv", sweep.to_csv(index=False))
-            atomic_write_text(outdir / "theory_near_orthogonal.csv", near.to_csv(index=False))
+            write_text_atomic(outdir / "theory_theorem1_sweep.csv", sweep.to_csv(index=False))
+            write_text_atomic(outdir / "theory_near_orthogonal.csv", near.to_csv(index=False))
             plot_theorem1(sweep, near, outdir / "theory_theorem1.png")
     if which in ("projection", "all"):
         pc = projection_counterexample()
@@ -288,7 +288,7 @@ def run_counterexamples(which: str = "all", out: str | Path | None = None, seeds
                   f"between student rows {tc.rank_one_abs_cos_min:.6f}; vs teacher: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in tc.metrics_rank_one.items()), ""]
         if outdir is not None:
-            atomic_write_text(outdir / "theory_projection.csv", projection_table(pc, lm, tc).to_csv(index=False))
+            write_text_atomic(outdir / "theory_projection.csv", projection_table(pc, lm, tc).to_csv(index=False))
     if which in ("synthetic", "all"):
         history = synthetic_experiment(sizes=sizes, seeds=seeds, steps=steps, eps=eps)
         final = synthetic_final_table(history)
@@ -296,7 +296,7 @@ def run_counterexamples(which: str = "all", out: str | Path | None = None, seeds
                   f"preserved_fraction = teacher eps-orthogonal pairs (eps={eps:g}) still eps-orthogonal ==",
                   _fmt(final), ""]
         if outdir is not None:
-            atomic_write_text(outdir / "theory_synthetic_final.csv", final.to_csv(index=False))
+            write_text_atomic(outdir / "theory_synthetic_final.csv", final.to_csv(index=False))
             plot_synthetic(history, outdir / "theory_synthetic.png")
     if outdir is not None:
         parts.append(f"wrote tables and figures to {outdir}")
