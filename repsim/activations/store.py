@@ -717,10 +717,10 @@ class EntryInfo:
         if self.problem:
             state = f"  (damaged: {self.problem}; rebuilt on next use)"
         return (f"{self.key:<62} {self.model[-40:]:<40} {self.pool:<6} n={self.n_texts:<7} "
-                f"L={len(self.layers):<3} {_human(self.size_bytes):>9}  used {age_h:6.1f} h ago{state}")
+                f"L={len(self.layers):<3} {human_size(self.size_bytes):>9}  used {age_h:6.1f} h ago{state}")
 
 
-def _human(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -877,96 +877,5 @@ class Store:
         return sum(e.size_bytes for e in self.entries(include_partial=True))
 
 
-# ---------------------------------------------------------------------------------------------- CLI entry points
-
-
-def _say_skipped(store: Store) -> None:
-    for key in store.skipped:
-        print(f"skipped {key}: a running extraction holds its lock (run again when it has finished)")
-
-
-def cache_command(args: Any) -> int:
-    """`repsim cache list|info|rm|prune` (argparse namespace from repsim.cli)."""
-    store = Store()
-    action = args.cache_action
-    if action == "list" or action is None:
-        entries = store.entries(include_partial=True)
-        if store.reclaimed:
-            print(f"deleted {_human(store.reclaimed)} left by an interrupted removal")
-        if not entries:
-            print(f"no cached activations in {store.root}")
-            return 0
-        for e in entries:
-            print(e.row())
-        print(f"{len(entries)} entries, {_human(sum(e.size_bytes for e in entries))} in {store.root}")
-        return 0
-    if action == "info":
-        info = store.info(args.key, verify=args.verify)
-        if args.json:
-            print(json.dumps(info, indent=1, default=str))
-        elif "meta" not in info:
-            print(f"key       {info['key']}\npath      {info['path']}\nsize      {_human(info['size_bytes'])}")
-        else:
-            meta = info.get("meta", {})
-            print(f"key       {info['key']}\npath      {info['path']}\nsize      {_human(info['size_bytes'])}")
-            print(f"created   {info.get('created')}")
-            for k in ("model", "revision", "data", "data_fingerprint", "n_texts", "pool", "max_length",
-                      "n_truncated", "dtype", "final_norm", "transformers"):
-                print(f"{k:<17} {meta.get(k)}")
-            print(f"built with        {info.get('built_with')}")
-            print(f"layers    {info.get('layers')} widths {sorted(set(info.get('widths', {}).values()))}")
-        if "verified" in info and not args.json:
-            print("checksums OK" if info["verified"] else
-                  "DAMAGED: " + "; ".join(info["problems"]) + " (rebuilt automatically on its next use)")
-        return 0 if info.get("verified", True) else 1
-    if action == "rm":
-        if args.all:
-            removed = store.rm_all()
-            _say_skipped(store)
-            print(f"removed {len(removed)} entries from {store.root}")
-            return 0
-        if not args.keys:
-            raise UserError("name the entries to remove (keys or prefixes from `repsim cache list`) or use --all")
-        for key in args.keys:
-            print(f"removed {store.rm(key)}")
-        return 0
-    if action == "prune":
-        if args.older_than is None and args.max_size is None:
-            raise UserError("prune needs --older-than DAYS and/or --max-size SIZE")
-        removed = store.prune(args.older_than, parse_size(args.max_size) if args.max_size else None,
-                              dry_run=args.dry_run)
-        for e in removed:
-            print(("would remove " if args.dry_run else "removed ") + e.key)
-        _say_skipped(store)
-        left = store.total_size() - (sum(e.size_bytes for e in removed) if args.dry_run else 0)
-        would = "would be " if args.dry_run else ""
-        print(f"{len(removed)} entries {would}removed; {_human(left)} {would}left in {store.root}")
-        return 0
-    raise UserError(f"unknown cache action {action!r}")
-
-
-def extract_command(args: Any) -> int:
-    """`repsim extract MODEL --data ...`: extract (or find in the cache) and print a summary."""
-    from repsim.activations.data import load_texts  # noqa: PLC0415
-
-    data = load_texts(args.data, text_column=args.text_column, label_column=args.label_column,
-                      max_samples=args.max_samples, seed=args.seed, labels=False)
-    from repsim.activations.extract import extract  # noqa: PLC0415
-
-    if getattr(data, "offline_fallback", False):
-        print(f"data: {getattr(data, 'source', '')}")
-    acts = extract(args.model, data, layers=args.layers, pool=args.pool, batch_size=args.batch_size,
-                   max_length=args.max_length, device=args.device, dtype=args.dtype, cache=not args.no_cache,
-                   progress=not args.quiet)
-    m = acts.meta
-    print(f"{m['model']} ({m.get('revision', '')[:19]}) on {m['data']}: {m['n_texts']} texts, pool={m['pool']}, "
-          f"{len(acts.layers)} layers x ({acts.n}, {acts.width}); truncated {m['n_truncated']}; "
-          f"{'cache hit' if m.get('cache_hit') else 'extracted'} in {m['timings']['total_s']:.2f} s")
-    if m.get("path"):
-        print(f"stored in {m['path']}")
-    return 0
-
-
 __all__ = ["Store", "EntryInfo", "DamagedEntry", "entry_key", "open_entry", "verify_entry", "read_manifest",
-           "get_or_build", "lookup", "reclaim_trash", "cache_root", "activations_root", "cache_command",
-           "extract_command", "parse_size"]
+           "get_or_build", "lookup", "reclaim_trash", "cache_root", "activations_root", "human_size", "parse_size"]

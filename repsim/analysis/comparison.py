@@ -690,6 +690,11 @@ def format_summary(comp: Comparison, warnings: bool = True) -> str:
     return "\n".join(lines)
 
 
+def metric_id(metric: str) -> str:
+    """The canonical id of a metric name or alias (``procrustes`` -> ``procrustes[distance]``)."""
+    return _spec(metric).id
+
+
 def format_map(comp: Comparison, metric: str) -> str:
     mapping = comp.suggest_map(metric)
     pairs = ", ".join(f"{t}→{s}" for t, s in mapping)
@@ -1041,61 +1046,6 @@ def _versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ CLI glue
 
 
-def run_compare_cli(args: Any) -> int:
-    """The `repsim compare` command: header, progress bars, tables; files under --out."""
-    echo = print
-    if args.out is not None:
-        check_out_dir(args.out)
-    if args.suggest_map and _spec(args.suggest_map).id not in resolve_metrics(args.metrics):
-        raise UserError(f"--suggest-map {args.suggest_map}: that metric is not among --metrics")
-    curve_options = dict(curve=bool(getattr(args, "curve", False)), curve_sizes=getattr(args, "curve_sizes", None),
-                         curve_subsamples=getattr(args, "curve_subsamples", 5))
-    t_acts, s_acts = getattr(args, "teacher_acts", None), getattr(args, "student_acts", None)
-    if t_acts is not None or s_acts is not None:
-        if t_acts is None or s_acts is None:
-            raise UserError("give both --teacher-acts and --student-acts")
-        if args.teacher is not None or args.student is not None:
-            raise UserError("give either TEACHER STUDENT models or --teacher-acts/--student-acts, not both")
-        given = [f for f, v in (("--data", args.data), ("--text-column", args.text_column),
-                                ("--label-column", args.label_column)) if v is not None]
-        if given:
-            raise UserError(f"{', '.join(given)} does not apply to saved activations: their rows are the texts")
-        comp = compare_saved(t_acts, s_acts, metrics=args.metrics, layers=args.layers, max_samples=args.max_samples,
-                             device=args.device, bootstrap=args.bootstrap, permutations=args.permutations,
-                             chance_permutations=args.chance_permutations,
-                             stats_metrics=getattr(args, "stats_metrics", None), seed=args.seed, out=None,
-                             progress=True, echo=echo, **curve_options)
-    else:
-        comp = compare(args.teacher, args.student, "sst2" if args.data is None else args.data, metrics=args.metrics,
-                       pool=args.pool, layers=args.layers, text_column=args.text_column,
-                       label_column=args.label_column, max_samples=args.max_samples, batch_size=args.batch_size,
-                       max_length=args.max_length, device=args.device, bootstrap=args.bootstrap,
-                       permutations=args.permutations, chance_permutations=args.chance_permutations,
-                       stats_metrics=getattr(args, "stats_metrics", None),
-                       seed=args.seed, cache=not args.no_cache, out=None, progress=True, echo=echo, **curve_options)
-    if args.out is not None:
-        with naming_path(args.out):
-            comp.save(args.out)
-    echo("")
-    echo(format_summary(comp, warnings=False))
-    if comp.curve is not None:
-        from repsim.analysis.curve import format_curve
-
-        echo("")
-        echo(format_curve(comp.curve))
-    for w in comp.meta.get("warnings", []):
-        print(f"repsim: warning: {w}", file=sys.stderr)
-    if args.suggest_map:
-        echo("")
-        echo(format_map(comp, args.suggest_map))
-    if args.out is not None:
-        t = comp.meta["timings"]
-        echo("")
-        echo(f"wrote {Path(args.out) / 'results.csv'}, heatmaps, report.json and report.html  "
-             f"({format_timings(t)})")
-    return 0
-
-
 def write_report(comp: Comparison, path: str | Path) -> Path:
     """Write ``comp``'s report.html (:mod:`repsim.analysis.report`) to ``path``."""
     from repsim.analysis import report
@@ -1114,26 +1064,25 @@ def format_timings(timings: dict[str, float]) -> str:
                      if isinstance(timings[k], (int, float)) and not isinstance(timings[k], bool))
 
 
-def run_plot_cli(args: Any) -> int:
-    """The `repsim plot DIR|RESULTS.csv` command: redraw the figures and report.html from the file alone."""
+def redraw(results: str | Path, out: str | Path | None = None) -> tuple[Comparison, Path, list[Path]]:
+    """Redraw the heatmaps, the best-match plot and report.html from a results.csv (or the folder holding it, and
+    the report.json beside it, when present) into ``out`` (default: beside the CSV), replacing the earlier figures
+    as one set; other files stay. Returns (comparison, folder, figure files); ``comparison.meta`` is empty when
+    there was no report.json."""
     from repsim.analysis.plot import save_figures
     from repsim.system.outputs import is_figure_file, replace_folder
 
-    results = Path(args.results)
+    results = Path(results)
     if results.is_dir():
         results = results / "results.csv"
     comp = Comparison.from_csv(results)
-    if not comp.meta:
-        print(f"repsim: no report.json beside {results}: model names and the number of texts are unknown; "
-              "axes say only 'teacher layer' / 'student layer'", file=sys.stderr)
-    out = check_out_dir(args.out or results.parent)
+    folder = check_out_dir(out or results.parent)
     files: list[Path] = []
 
     def fill(tmp: Path) -> None:
         files.extend(save_figures(comp.table, tmp, **comp.figure_labels()))
         write_report(comp, tmp / "report.html")
 
-    with naming_path(out):  # the figures and the page as one set; results.csv and other files stay
-        replace_folder(out, fill, lambda name: is_figure_file(name) or name == "report.html")
-    print(f"wrote {len(files)} figures and report.html to {out}")
-    return 0
+    with naming_path(folder):  # the figures and the page as one set; results.csv and other files stay
+        replace_folder(folder, fill, lambda name: is_figure_file(name) or name == "report.html")
+    return comp, folder, files

@@ -3,14 +3,17 @@
 Errors a user can cause (`repsim.system.errors.UserError`, missing files, ...) print one line on stderr and exit
 with status 2; anything else is a bug and keeps its traceback (exit 1).
 
-Each subcommand is one `_add_<name>(subparsers)` function that registers its parser and sets
-`func` to the handler; handlers import their library module lazily so `repsim --help` stays fast.
+Each subcommand is one `_add_<name>(subparsers)` function, listed in :data:`SUBCOMMANDS`, that registers its parser
+and sets ``func`` to its handler in a module of this package (``repsim.cli.compare``, ``.extract``, ``.cache``,
+``.theory``, ``.distill``), imported when the subcommand runs so `repsim --help` stays fast. ``choices=`` come from
+the registries (the pooling modes of :mod:`repsim.activations.pooling`).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import math
 import os
 import signal
@@ -93,6 +96,16 @@ def _add_pool(p: argparse.ArgumentParser) -> None:
                    "per word (words: sub-tokens averaged into words, any two tokenizers)")
 
 
+def _handler(module: str, function: str):  # noqa: ANN202
+    """The handler ``repsim.cli.<module>.<function>``, imported when the subcommand runs (so `repsim --help` and
+    `repsim cache` load no model code)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"repsim.cli.{module}"), function)(args)
+
+    return run
+
+
 _MAX_SAMPLES_HELP = "use a seeded random N of the texts (--seed), kept in their original order"
 
 # ------------------------------------------------------------------------------------ compare
@@ -152,13 +165,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--suggest-map", default=None, metavar="METRIC",
                    help="print the monotone teacher->student layer map maximising total similarity under METRIC")
     _add_threads(p)
-    p.set_defaults(func=_run_compare)
-
-
-def _run_compare(args: argparse.Namespace) -> int:
-    from repsim.analysis.comparison import run_compare_cli
-
-    return run_compare_cli(args)
+    p.set_defaults(func=_handler("compare", "run_compare"))
 
 
 # ------------------------------------------------------------------------------------ plot
@@ -170,13 +177,7 @@ def _add_plot(sub) -> None:
                        "results.csv written by `repsim compare --out` (and the report.json beside it, when present).")
     p.add_argument("results", metavar="DIR|RESULTS.csv", help="an output folder of `repsim compare` or its results.csv")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: beside RESULTS.csv)")
-    p.set_defaults(func=_run_plot)
-
-
-def _run_plot(args: argparse.Namespace) -> int:
-    from repsim.analysis.comparison import run_plot_cli
-
-    return run_plot_cli(args)
+    p.set_defaults(func=_handler("compare", "run_plot"))
 
 
 # ------------------------------------------------------------------------------------ extract
@@ -205,17 +206,7 @@ def _add_extract(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_threads(p)
-    p.set_defaults(func=_run_extract)
-
-
-def _run_extract(args: argparse.Namespace) -> int:
-    from repsim.activations.store import extract_command
-
-    if args.layers is not None:
-        if any(not tok.strip(" ,") for tok in args.layers):
-            raise UserError("empty layer spec: use integers, ranges like 2-4, or -1 for the last layer")
-        args.layers = ",".join(args.layers)
-    return extract_command(args)
+    p.set_defaults(func=_handler("extract", "run_extract"))
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -242,13 +233,7 @@ def _add_cache(sub) -> None:
     prune.add_argument("--older-than", type=_NONNEGATIVE, default=None, metavar="DAYS", help="not used for DAYS days")
     prune.add_argument("--max-size", default=None, metavar="SIZE", help="keep the cache under SIZE (e.g. 5GB)")
     prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    p.set_defaults(func=_run_cache, cache_action=None)
-
-
-def _run_cache(args: argparse.Namespace) -> int:
-    from repsim.activations.store import cache_command
-
-    return cache_command(args)
+    p.set_defaults(func=_handler("cache", "run_cache"), cache_action=None)
 
 
 # ------------------------------------------------------------------------------------ counterexample
@@ -265,14 +250,7 @@ def _add_counterexample(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=_COUNT, default=[0, 1, 2], metavar="S", help="synthetic: seeds")
     p.add_argument("--steps", type=_POSITIVE, default=300, metavar="N", help="synthetic: Adam steps per run")
     p.add_argument("--eps", type=_EPS, default=0.1, help="synthetic: |cos| <= eps counts as eps-orthogonal")
-    p.set_defaults(func=_run_counterexample)
-
-
-def _run_counterexample(args: argparse.Namespace) -> int:
-    from repsim.theory import run_counterexamples
-
-    print(run_counterexamples(args.which, out=args.out, seeds=args.seeds, steps=args.steps, eps=args.eps))
-    return 0
+    p.set_defaults(func=_handler("theory", "run_counterexample"))
 
 
 # ------------------------------------------------------------------------------------ check
@@ -314,22 +292,7 @@ def _add_check(sub) -> None:
     p.add_argument("--seed", type=_COUNT, default=0, help="seed for data sampling")
     p.add_argument("--out", default=None, metavar="DIR", help="write check.csv and check.json here")
     _add_threads(p)
-    p.set_defaults(func=_run_check)
-
-
-def _run_check(args: argparse.Namespace) -> int:
-    from repsim.theory import check_models
-
-    result = check_models(
-        args.teacher, args.student, args.data, args.layer_map, max_samples=args.max_samples, pool=args.pool,
-        batch_size=args.batch_size, max_length=args.max_length, device=args.device, seed=args.seed,
-        cache=not args.no_cache, out=args.out, eps=args.eps, cka_threshold=args.cka_threshold,
-        procrustes_threshold=args.procrustes_threshold, preservation_threshold=args.preservation_threshold,
-        chance_permutations=args.chance_permutations)
-    print(result.summary())
-    if args.out:
-        print(f"wrote {args.out}/check.csv, check.json and report.html")
-    return 0
+    p.set_defaults(func=_handler("theory", "run_check"))
 
 
 # ------------------------------------------------------------------------------------ distill
@@ -390,19 +353,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--keep-students", action="store_true",
                    help="keep each trained student (OUT/runs/LOSS/seedK/student) instead of deleting its weights")
     _add_training_options(p)
-    p.set_defaults(func=_run_distill)
-
-
-def _run_distill(args: argparse.Namespace) -> int:
-    from repsim.distill import distill_command
-
-    print(distill_command(args.teacher, args.student, **_training_kwargs(args), losses=args.loss,
-                          seeds=args.seeds, alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-                          layer_map=args.layer_map, features=args.features, finetune_teacher=args.finetune_teacher,
-                          teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
-                          teacher_batch_size=args.teacher_batch_size,
-                          keep_students=args.keep_students))
-    return 0
+    p.set_defaults(func=_handler("distill", "run_distill"))
 
 
 def _add_finetune(sub) -> None:
@@ -411,28 +362,16 @@ def _add_finetune(sub) -> None:
     p.add_argument("model", help="hub id, short name or local folder")
     p.add_argument("--out", default="finetune-out", help="output folder (model/, metrics.json, train_log.csv)")
     _add_training_options(p)
-    p.set_defaults(func=_run_finetune)
-
-
-def _run_finetune(args: argparse.Namespace) -> int:
-    from repsim.distill import finetune_command
-
-    print(finetune_command(args.model, **_training_kwargs(args)))
-    return 0
-
-
-def _training_kwargs(args: argparse.Namespace) -> dict:
-    return dict(data=args.data, val_data=args.val_data, max_train=args.max_train, max_val=args.max_val,
-                task=args.task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                max_length=args.max_length, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                device=args.device, progress=not args.no_progress, out=args.out)
+    p.set_defaults(func=_handler("distill", "run_finetune"))
 
 
 
 # ------------------------------------------------------------------------------------ main
 
-_SUBCOMMANDS: list[str] = ["compare", "plot", "extract", "cache", "counterexample", "check", "distill",
-                           "finetune"]
+#: the subcommands, in the order `repsim --help` lists them: name -> the function that adds its parser
+SUBCOMMANDS = {"compare": _add_compare, "plot": _add_plot, "extract": _add_extract, "cache": _add_cache,
+               "counterexample": _add_counterexample, "check": _add_check, "distill": _add_distill,
+               "finetune": _add_finetune}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -443,10 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"repsim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMANDS:
-        adder = globals().get(f"_add_{name}")
-        if adder is not None:
-            adder(sub)
+    for add in SUBCOMMANDS.values():
+        add(sub)
     return parser
 
 
