@@ -270,3 +270,45 @@ def test_counterexample_projection_writes_what_it_says(tmp_path, capsys):
     assert value["projection_counterexample", "projection_loss"] == pytest.approx(pc.loss, abs=1e-12)
     assert f"cos(row1,row2): teacher {pc.teacher_cos_12:.6f}, student {pc.student_cos_12:.6f}" in printed
     assert sorted(os.listdir(out)) == ["theory_projection.csv"]
+
+
+def test_library_messages_name_parameters_and_the_command_line_shows_its_flags(world, capsys):
+    """The library says `max_samples`; `repsim compare` says --max-samples (and `repsim check`'s `layer_map` is
+    its --map): one message, each face in its own words."""
+    from repsim.analysis.comparison import compare
+    from repsim.cli.flags import as_flags
+    from repsim.system.errors import UserError
+
+    with pytest.raises(UserError) as raised:
+        compare(world["t"], world["s"], world["txt"], max_samples=1)
+    assert "`max_samples` must be at least 2" in str(raised.value) and "--" not in str(raised.value)
+    assert main(["compare", world["t"], world["s"], "--data", world["txt"], "--max-samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-samples must be at least 2" in err and "`" not in err
+    flags = {"pool": "--pool", "layer_map": "--map", "finetune_teacher": "--finetune-teacher"}
+    assert as_flags("use `pool='words'` or `pool=mean|cls|last`", flags) == "use --pool words or --pool mean|cls|last"
+    assert as_flags("`layer_map` and `finetune_teacher=True`", flags) == "--map and --finetune-teacher"
+    assert as_flags("`seeds` stays", flags) == "`seeds` stays"  # no flag of this command: left as the library wrote it
+
+
+def test_no_library_message_names_a_command_line_flag():
+    """Errors and warnings raised outside repsim/cli name parameters (between backticks), never --flags."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "repsim"
+    flag = re.compile(r"(?<![\w-])--[a-z]")
+    found = []
+    for path in root.rglob("*.py"):
+        if "cli" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name not in ("UserError", "AssetError", "warn"):
+                continue
+            for part in ast.walk(node):
+                if isinstance(part, ast.Constant) and isinstance(part.value, str) and flag.search(part.value):
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {part.value[:60]}")
+    assert not found, found

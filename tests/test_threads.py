@@ -52,7 +52,7 @@ def test_set_threads_sets_torch_and_blas(restore_threads):
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5])
 def test_bad_thread_counts_are_user_errors(bad, restore_threads):
-    with pytest.raises(UserError, match="--threads must be a positive integer"):
+    with pytest.raises(UserError, match="`threads` must be a positive integer"):
         set_threads(bad)
 
 

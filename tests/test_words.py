@@ -217,7 +217,7 @@ def test_pool_tokens_with_different_tokenizers_refuses_before_extracting(tiny_mo
         raise AssertionError("extracted although the tokenizers differ")
 
     monkeypatch.setattr(E, "extract", no_extraction)
-    with pytest.raises(UserError, match="--pool words"):
+    with pytest.raises(UserError, match="`pool='words'`"):
         compare(str(tiny_model("bert")), str(tiny_model("gpt2")), _texts(), pool="tokens")
 
 
@@ -236,7 +236,7 @@ def test_measures_that_need_rows_are_refused_at_word_level(tiny_model):
     for bad in (["cka[rbf,sigma=1]"], ["projection_residual[folds=5]"]):
         with pytest.raises(UserError, match="in memory"):
             compare(*pair, _texts(), pool="words", metrics=bad)
-    with pytest.raises(UserError, match="--bootstrap"):
+    with pytest.raises(UserError, match="`bootstrap`"):
         compare(*pair, _texts(), pool="words", bootstrap=10)
     with pytest.raises(UserError, match="unknown pooling"):
         compare(*pair, _texts(), pool="sentences")

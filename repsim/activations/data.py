@@ -122,7 +122,7 @@ def load_texts(spec: str | Path | TextData, *, text_column: str | None = None, l
             raise UserError("empty data spec; use 'sst2', a file path, or hf:NAME[:CONFIG][@SPLIT]")
         if text.lower() == "sst2" and not Path(text).exists():
             if text_column or label_column:
-                raise UserError("--text-column/--label-column do not apply to the sst2 data set")
+                raise UserError("`text_column`/`label_column` do not apply to the sst2 data set")
             data = _load_sst2(split or "validation")
         elif text.lower().startswith("hf:"):
             data = _load_hf(text, text_column=text_column, label_column=label_column, split=split, labels=labels)
@@ -414,7 +414,7 @@ def _pick_text_column(columns: list[str], wanted: str | None, where: str) -> str
             return guess
     if len(columns) == 1:
         return columns[0]
-    raise UserError(f"which column holds the text in {where}? give --text-column; columns: {', '.join(columns)}")
+    raise UserError(f"which column holds the text in {where}? give `text_column`; columns: {', '.join(columns)}")
 
 
 def _pick_label_column(columns: list[str], wanted: str | None, where: str) -> str | None:

@@ -99,9 +99,9 @@ def check_same_tokenizer(a: Any, b: Any, names: tuple[str, str] = ("teacher", "s
     """Refuse token-by-token pairing unless both tokenizers are identical (docs/pitfalls.md, item 12)."""
     if not same_tokenizer(a, b):
         raise UserError(
-            f"--pool tokens pairs tokens one by one and needs the same tokenizer on both sides, but the {names[0]} "
-            f"and {names[1]} tokenizers differ; use --pool words (sub-tokens averaged into shared words) or a "
-            "pooled representation (--pool mean|cls|last)"
+            f"`pool='tokens'` pairs tokens one by one and needs the same tokenizer on both sides, but the {names[0]} "
+            f"and {names[1]} tokenizers differ; use `pool='words'` (sub-tokens averaged into shared words) or a "
+            "pooled representation (`pool=mean|cls|last`)"
         )
 
 

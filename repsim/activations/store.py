@@ -850,9 +850,9 @@ class Store:
         store is at most ``max_size`` bytes; abandoned unfinished builds (not locked) count as entries too.
         Entries whose lock a running build holds are left alone and listed in ``skipped``."""
         if older_than_days is not None and not older_than_days >= 0:
-            raise UserError(f"--older-than must be a number of days ≥ 0, got {older_than_days}")
+            raise UserError(f"`older_than_days` must be a number of days ≥ 0, got {older_than_days}")
         if max_size is not None and max_size < 0:
-            raise UserError(f"--max-size must be ≥ 0, got {max_size}")
+            raise UserError(f"`max_size` must be ≥ 0, got {max_size}")
         self.skipped = []
         entries = sorted(self.entries(include_partial=True), key=lambda e: e.last_used)
         removed: list[EntryInfo] = []

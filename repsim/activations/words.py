@@ -65,7 +65,7 @@ def word_counts(texts: Sequence[str]) -> np.ndarray:
 def check_offsets(tokenizer: Any, name: str = "model") -> None:
     """Word pooling reads character offsets, which only fast (Rust ``tokenizers``) tokenizers give."""
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"--pool words needs character offsets, but the {name} tokenizer "
+        raise UserError(f"`pool='words'` needs character offsets, but the {name} tokenizer "
                         f"({type(tokenizer).__name__}) is a slow tokenizer without them; load a fast one "
                         f"(AutoTokenizer.from_pretrained(..., use_fast=True), or a PreTrainedTokenizerFast)")
 
@@ -144,9 +144,9 @@ def check_streamable(metric_ids: Sequence[str]) -> None:
     """UserError naming the measures that need every row in memory (not available at word level)."""
     bad = [m for m in metric_ids if not streamable(m)]
     if bad:
-        raise UserError(f"--pool words streams word rows through second moments; {', '.join(bad)} need(s) every "
+        raise UserError(f"`pool='words'` streams word rows through second moments; {', '.join(bad)} need(s) every "
                         f"row in memory (RBF kernels, held-out folds): use linear measures such as procrustes, "
-                        f"gram_frobenius, cka, projection_residual[in_sample], or a pooled --pool mean run")
+                        f"gram_frobenius, cka, projection_residual[in_sample], or a pooled `pool='mean'` run")
 
 
 def paired_moments(teacher: Any, student: Any, *, chunk_rows: int = 8192, device: Any = None) -> tuple[Any, dict]:

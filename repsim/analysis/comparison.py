@@ -140,7 +140,7 @@ def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequ
                  and dict(_spec(m).kwargs or {}).get("folds")]
         if leaky:
             out.append(f"bootstrap intervals of {', '.join(leaky)} are optimistic: duplicated texts fall on both "
-                       "sides of a fold; drop it from --stats-metrics for a valid interval")
+                       "sides of a fold; drop it from `stats_metrics` for a valid interval")
     return out
 
 
@@ -487,12 +487,12 @@ def check_rows(ids: Sequence[str], n: int, *, defaults: bool = False) -> None:
         if n < need:
             origin = " (a default metric)" if defaults else ""
             raise UserError(f"{metric}{origin} needs at least {need} texts, the data has {n}: give more texts, or "
-                            f"choose metrics with --metrics (e.g. --metrics procrustes cka)")
+                            f"choose other `metrics` (e.g. procrustes and cka)")
 
 
 def check_replicates(bootstrap: int, permutations: int, chance_permutations: int = 0) -> None:
-    for flag, val in (("--bootstrap", bootstrap), ("--permutations", permutations),
-                      ("--chance-permutations", chance_permutations)):
+    for flag, val in (("`bootstrap`", bootstrap), ("`permutations`", permutations),
+                      ("`chance_permutations`", chance_permutations)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or not 0 <= val <= MAX_REPLICATES:
             raise UserError(f"{flag} must be an integer in 0..{MAX_REPLICATES}, got {val}")
 
@@ -539,7 +539,7 @@ def check_stats_metrics(stats_metrics: Sequence[str] | None, ids: Sequence[str])
     chosen = list(dict.fromkeys(_spec(m).id for m in stats_metrics))
     missing = [m for m in chosen if m not in ids]
     if missing:
-        raise UserError(f"--stats-metrics {', '.join(missing)}: not among the compared metrics ({', '.join(ids)})")
+        raise UserError(f"`stats_metrics` {', '.join(missing)}: not among the compared metrics ({', '.join(ids)})")
     return chosen
 
 
@@ -788,11 +788,11 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
 
         check_streamable(ids)
         if bootstrap or permutations or curve:
-            raise UserError("--pool words computes its measures from streamed moments; --bootstrap, "
-                            "--permutations and --curve resample rows (and words of one text are not independent): "
-                            "use them with a pooled --pool mean run")
+            raise UserError("`pool='words'` computes its measures from streamed moments; `bootstrap`, "
+                            "`permutations` and `curve` resample rows (and words of one text are not independent): "
+                            "use them with a pooled `pool='mean'` run")
     if batch_size < 1 or max_length < 1:
-        raise UserError("--batch-size and --max-length must be positive")
+        raise UserError("`batch_size` and `max_length` must be positive")
     device = _compute_device(device)
     teacher = teacher or assets.DEFAULT_TEACHER
     student = student or assets.DEFAULT_STUDENT
@@ -841,7 +841,7 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     timings["extract"] = time.perf_counter() - t0
     if t_act.n != s_act.n:
         raise UserError(f"teacher gives {t_act.n} rows and student {s_act.n} for the same data; with "
-                        f"--pool tokens both models need the same tokenizer (use --pool words)")
+                        f"`pool='tokens'` both models need the same tokenizer (use `pool='words'`)")
 
     meta: dict[str, Any] = {
         "teacher": {**t_info, "width": t_act.width, "layers": list(t_act.layers),
@@ -891,7 +891,7 @@ def _check_options(metrics: Sequence[str] | str | None, stats_metrics: Sequence[
     ids = resolve_metrics(metrics)
     check_stats_metrics(stats_metrics, ids)
     if max_samples is not None and max_samples < MIN_TEXTS:
-        raise UserError(f"--max-samples must be at least {MIN_TEXTS} (a comparison needs several texts), "
+        raise UserError(f"`max_samples` must be at least {MIN_TEXTS} (a comparison needs several texts), "
                         f"got {max_samples}")
     check_replicates(bootstrap, permutations, chance_permutations)
     check_seed(seed)
@@ -901,11 +901,11 @@ def _check_options(metrics: Sequence[str] | str | None, stats_metrics: Sequence[
 
 
 def _check_curve(sizes: Sequence[int] | None, subsamples: int) -> None:
-    """--curve-sizes and --curve-subsamples, checked before any work (sizes against n once it is known)."""
+    """``curve_sizes`` and ``curve_subsamples``, checked before any work (sizes against n once it is known)."""
     if subsamples < 1:
-        raise UserError(f"--curve-subsamples must be ≥ 1, got {subsamples}")
+        raise UserError(f"`curve_subsamples` must be ≥ 1, got {subsamples}")
     if sizes is not None and (not sizes or min(sizes) < 4):
-        raise UserError(f"--curve-sizes must be numbers of texts ≥ 4, got {list(sizes)}")
+        raise UserError(f"`curve_sizes` must be numbers of texts ≥ 4, got {list(sizes)}")
 
 
 def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence[str] | str | None = None,
@@ -1001,7 +1001,7 @@ def _word_line(counts: dict[str, int]) -> str:
 
 def _compare_words_streaming(teacher, student, texts, data, ids, t_ids, s_ids, t_info, s_info, opts, timings,
                              seed, out, say) -> Comparison:
-    """--pool words without the cache: both models run batch by batch and only the moments are kept."""
+    """``pool="words"`` without the cache: both models run batch by batch and only the moments are kept."""
     from repsim.activations.data import TextData
     from repsim.activations.extract import extract_moments
 

@@ -292,7 +292,7 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
     k-fold residual's leave-fold-out form, are computed to that accuracy per replicate, not to 1e-9).
     """
     if replicates < 1:
-        raise UserError(f"--bootstrap needs at least 1 replicate, got {replicates}")
+        raise UserError(f"`bootstrap` needs at least 1 replicate, got {replicates}")
     teacher, student, n, specs, (fast, proc, slow) = _prepare(teacher_layers, student_layers, metrics, method, device)
     idx_all = torch.as_tensor(resample_indices(n, replicates, seed), device=teacher[0].device)
     out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
@@ -372,7 +372,7 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
                            progress: Progress = None) -> dict[str, np.ndarray]:
     """Metric values with the student's rows shuffled: {metric id: array (P, L_t, L_s)} (the null distribution)."""
     if replicates < 1:
-        raise UserError(f"--permutations needs at least 1 permutation, got {replicates}")
+        raise UserError(f"`permutations` needs at least 1 permutation, got {replicates}")
     teacher, student, n, specs, (fast, proc, slow) = _prepare(teacher_layers, student_layers, metrics, method, device)
     perms = torch.as_tensor(permutation_indices(n, replicates, seed), device=teacher[0].device)
     if proc:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from repsim import __version__
 from repsim.activations.pooling import POOL_NAMES, TEXT_POOLS
+from repsim.cli.flags import as_flags
 from repsim.system.errors import UserError
 
 # ------------------------------------------------------------------------------------ argument types
@@ -31,7 +32,33 @@ from repsim.system.errors import UserError
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error form: one ``repsim: error: ...`` line and exit status 2 (argparse's own
-    form prints the whole usage first). Subcommand parsers inherit the class."""
+    form prints the whole usage first). Subcommand parsers inherit the class. Each parser records the flag of every
+    parameter it adds (``flags``: dest -> option string), so library messages can be shown in flags."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self.flags: dict[str, str] = {}
+        self.subcommands: list[argparse.Action] = []
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:  # noqa: ANN002, ANN003
+        action = super().add_argument(*args, **kwargs)
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long:
+            self.flags[action.dest] = long[0]
+        return action
+
+    def add_subparsers(self, **kwargs) -> argparse.Action:  # noqa: ANN003
+        action = super().add_subparsers(**kwargs)
+        self.subcommands.append(action)
+        return action
+
+    def all_flags(self) -> dict[str, str]:
+        """The flags of this parser and of its subcommands' parsers."""
+        merged = dict(self.flags)
+        for action in self.subcommands:
+            for child in action.choices.values():
+                merged.update(child.all_flags())
+        return merged
 
     def error(self, message: str):
         self.exit(2, f"repsim: error: {message} (see `{self.prog} --help`)\n")
@@ -384,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS.values():
         add(sub)
+    for command in sub.choices.values():  # library messages name parameters; each command shows its flags
+        command.set_defaults(flags=command.all_flags())
     return parser
 
 
@@ -426,9 +455,9 @@ def os_error_line(exc: OSError) -> str:
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
-def _warning_printer(fallback):  # noqa: ANN001, ANN202
+def _warning_printer(fallback, flags: dict[str, str]):  # noqa: ANN001, ANN202
     """A ``warnings.showwarning``: warnings raised by repsim itself print as one ``repsim: warning: ...`` line on
-    stderr; others go to ``fallback`` (Python's usual format)."""
+    stderr, parameters shown as the command's ``flags``; others go to ``fallback`` (Python's usual format)."""
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         try:
@@ -436,7 +465,7 @@ def _warning_printer(fallback):  # noqa: ANN001, ANN202
         except (OSError, ValueError):
             ours = False
         if ours:
-            print(f"repsim: warning: {message}", file=sys.stderr if file is None else file)
+            print(f"repsim: warning: {as_flags(str(message), flags)}", file=sys.stderr if file is None else file)
         else:
             fallback(message, category, filename, lineno, file, line)
 
@@ -454,14 +483,14 @@ def _run(argv: Sequence[str] | None) -> int:
         return 2
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _warning_printer(warnings.showwarning)
+            warnings.showwarning = _warning_printer(warnings.showwarning, args.flags)
             if getattr(args, "threads", None) is not None:
                 from repsim.system.threads import set_threads
 
                 set_threads(args.threads)
             result = args.func(args)
     except UserError as exc:
-        print(f"repsim: error: {exc}", file=sys.stderr)
+        print(f"repsim: error: {as_flags(str(exc), args.flags)}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in USER_ERRNOS:

@@ -18,6 +18,7 @@ from repsim.analysis.comparison import (
     resolve_metrics,
 )
 from repsim.analysis.curve import format_curve
+from repsim.cli.flags import as_flags
 from repsim.system.errors import UserError, naming_path
 
 
@@ -60,7 +61,7 @@ def run_compare(args: argparse.Namespace) -> int:
         echo("")
         echo(format_curve(comp.curve))
     for w in comp.meta.get("warnings", []):
-        print(f"repsim: warning: {w}", file=sys.stderr)
+        print(f"repsim: warning: {as_flags(w, args.flags)}", file=sys.stderr)
     if args.suggest_map:
         echo("")
         echo(format_map(comp, args.suggest_map))

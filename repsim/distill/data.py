@@ -66,7 +66,7 @@ def check_same_tokenization(teacher_tok: Any, student_tok: Any, texts: Sequence[
     b = student_tok(list(texts), truncation=True, max_length=max_length)["input_ids"]
     if a != b:
         raise UserError(f"{what} needs identical tokenizers, but the student's tokenizer splits the texts differently "
-                        "from the teacher's; use --features mean (pooled per text) or a student with the "
+                        "from the teacher's; use `features='mean'` (pooled per text) or a student with the "
                         "teacher's tokenizer")
 
 

@@ -61,7 +61,8 @@ def distill(teacher: str | tuple[nn.Module, Any], student: str | tuple[nn.Module
     if not has_trained_head(t_model, config.task):
         if not finetune_teacher:
             raise UserError(f"the teacher {teacher if isinstance(teacher, str) else type(t_model).__name__} has no "
-                            "trained head for this task; fine-tune it first (repsim finetune, or --finetune-teacher)")
+                            "trained head for this task; fine-tune it first (repsim finetune, or "
+                            "`finetune_teacher=True`)")
         tcfg = teacher_config or teacher_finetune_config(config)
         res = finetune((t_model, t_tok), (texts, labels), validation, config=tcfg,
                        out=None if out is None else Path(out) / "teacher")
@@ -142,7 +143,7 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
     if not has_trained_head(t_model, config.task):
         if not finetune_teacher:
             raise UserError("the teacher has no trained head for this task; fine-tune it first "
-                            "(repsim finetune, or --finetune-teacher)")
+                            "(repsim finetune, or `finetune_teacher=True`)")
         tcfg = teacher_config or teacher_finetune_config(config)
         t_model = finetune((t_model, t_tok), (texts, labels), validation, config=tcfg, out=out / "teacher").student
     if validation is not None and config.task == "sequence-classification":
@@ -156,7 +157,7 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
             done = run_dir / "metrics.json"
             cfg = dataclasses.replace(config, loss=loss, seed=seed)
             if done.exists() and not _same_settings(run_dir / "config.json", cfg):
-                raise UserError(f"{run_dir} holds a finished run with other settings; use another --out")
+                raise UserError(f"{run_dir} holds a finished run with other settings; use another `out`")
             if not done.exists():
                 seed_everything(seed)
                 s_model, s_tok = make_student(student, t_model, t_tok, cfg.task, label_count(labels), seed)

@@ -57,8 +57,8 @@ def resolve_device(device: str | torch.device | None = "auto", *, kinds: Sequenc
     if dev.type not in kinds:
         raise UserError(f"unknown device {device!r}; use {allowed}")
     if not _available(dev.type):
-        raise UserError(f"device {device!r} requested but {dev.type.upper()} is not available; use device 'cpu' "
-                        "or 'auto'")
+        raise UserError(f"device {device!r} requested but {dev.type.upper()} is not available; use "
+                        "`device='cpu'` or `device='auto'`")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"device {device!r} requested but there are {torch.cuda.device_count()} CUDA devices")
     return dev

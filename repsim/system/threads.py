@@ -13,7 +13,7 @@ def set_threads(n: int) -> None:
     One thread is the faster choice when the cores are busy with other jobs (intra-op threads spin-wait for
     a core); ``benchmarks/RESULTS.md`` has the measurements."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"--threads must be a positive integer, got {n!r}")
+        raise UserError(f"`threads` must be a positive integer, got {n!r}")
     import torch
     from threadpoolctl import threadpool_limits
 

@@ -97,7 +97,7 @@ def check(teacher_feats: ArrayLike, student_feats: ArrayLike, *, eps: float = 0.
     Memory is O(n²) (pairwise cosines); subsample rows for n beyond a few thousand.
     """
     if not 0 <= eps < 1:
-        raise UserError(f"eps must be in [0, 1), got {eps}")
+        raise UserError(f"`eps` must be in [0, 1), got {eps}")
     T, S = as_pair(teacher_feats, student_feats, min_rows=check_min_rows(projection_folds))
     values = three_metrics(T.numpy(), S.numpy())
     if projection_folds:
@@ -227,15 +227,15 @@ def check_models(teacher: str, student: str, data: Any = "sst2", layer_map: str 
     ``max_samples`` (default: all texts, as ``compare``) and ``seed`` pick the same texts ``compare`` picks.
     """
     if pool == "tokens":
-        raise UserError("check compares paired rows per text: use --pool mean, cls or last, not tokens")
+        raise UserError("check compares paired rows per text: use `pool=mean|cls|last`, not tokens")
 
     eps = check_options.get("eps", 0.1)
     if not (isinstance(eps, (int, float)) and 0 <= eps < 1):
-        raise UserError(f"eps must be in [0, 1), got {eps}")
+        raise UserError(f"`eps` must be in [0, 1), got {eps}")
     for name in ("cka_threshold", "procrustes_threshold", "preservation_threshold"):
         value = check_options.get(name, 0.0)
         if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise UserError(f"{name} must be a finite number, got {value!r}")
+            raise UserError(f"`{name}` must be a finite number, got {value!r}")
     if isinstance(layer_map, str):
         layer_map_pairs(layer_map)
     if out is not None:
@@ -246,7 +246,7 @@ def check_models(teacher: str, student: str, data: Any = "sst2", layer_map: str 
     if len(texts) < need:
         why = f"the {folds}-fold projection residual and the angle statistics" if folds else "the angle statistics"
         raise UserError(f"the geometry check needs at least {need} texts ({why}), {getattr(texts, 'name', 'the data')} "
-                        f"gives {len(texts)}: raise --max-samples or give more texts")
+                        f"gives {len(texts)}: raise `max_samples` or give more texts")
     kw = dict(pool=pool, batch_size=batch_size, max_length=max_length, device=device, cache=cache, progress=progress)
     t_acts = extract(teacher, texts, **kw)
     s_acts = extract(student, texts, **kw)
