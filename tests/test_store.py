@@ -331,9 +331,9 @@ def test_cli_prune_dry_run_reports_what_would_be_left(tiny_model, capsys):
     assert would and len(Store().entries()) == 3  # nothing removed
     left = total - sum(e.size_bytes for e in would)
     assert left <= smallest
-    assert f"{len(would)} entries would be removed; {store._human(left)} would be left in" in out
+    assert f"{len(would)} entries would be removed; {store.human_size(left)} would be left in" in out
     assert main(["cache", "prune", "--max-size", str(smallest)]) == 0
-    assert f"{store._human(Store().total_size())} left in" in capsys.readouterr().out
+    assert f"{store.human_size(Store().total_size())} left in" in capsys.readouterr().out
     assert Store().total_size() == left
 
 

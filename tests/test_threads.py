@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np  # noqa: F401  (loads numpy's BLAS, whose thread count the option must set too)
 import pytest
 import torch
@@ -33,7 +35,8 @@ def test_threads_option_applies_before_the_command_runs(command, monkeypatch, re
         seen["torch"], seen["blas"] = torch.get_num_threads(), _blas_threads()
         return 0
 
-    monkeypatch.setattr(cli, f"_run_{command}", handler)
+    module, function = cli.SUBCOMMAND_HANDLERS[command]
+    monkeypatch.setattr(importlib.import_module(module), function, handler)
     torch.set_num_threads(2)
     threadpool_limits(limits=2)
     assert _blas_threads() == {2}

@@ -3,10 +3,10 @@
 Errors a user can cause (`repsim.system.errors.UserError`, missing files, ...) print one line on stderr and exit
 with status 2; anything else is a bug and keeps its traceback (exit 1).
 
-Each subcommand is one `_add_<name>(subparsers)` function, listed in :data:`SUBCOMMANDS`, that registers its parser
-and sets ``func`` to its handler in a module of this package (``repsim.cli.compare``, ``.extract``, ``.cache``,
-``.theory``, ``.distill``), imported when the subcommand runs so `repsim --help` stays fast. ``choices=`` come from
-the registries (the pooling modes of :mod:`repsim.activations.pooling`).
+Each subcommand is one `_add_<name>(subparsers)` function that registers its parser, listed in :data:`SUBCOMMANDS`;
+its handler is a function in a module of this package (:data:`SUBCOMMAND_HANDLERS`: ``repsim.cli.compare``,
+``.extract``, ``.cache``, ``.theory``, ``.distill``), imported when the subcommand runs so `repsim --help` stays
+fast. ``choices=`` come from the registries (the pooling modes of :mod:`repsim.activations.pooling`).
 """
 
 from __future__ import annotations
@@ -123,16 +123,6 @@ def _add_pool(p: argparse.ArgumentParser) -> None:
                    "per word (words: sub-tokens averaged into words, any two tokenizers)")
 
 
-def _handler(module: str, function: str):  # noqa: ANN202
-    """The handler ``repsim.cli.<module>.<function>``, imported when the subcommand runs (so `repsim --help` and
-    `repsim cache` load no model code)."""
-
-    def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(f"repsim.cli.{module}"), function)(args)
-
-    return run
-
-
 _MAX_SAMPLES_HELP = "use a seeded random N of the texts (--seed), kept in their original order"
 
 # ------------------------------------------------------------------------------------ compare
@@ -192,7 +182,6 @@ def _add_compare(sub) -> None:
     p.add_argument("--suggest-map", default=None, metavar="METRIC",
                    help="print the monotone teacher->student layer map maximising total similarity under METRIC")
     _add_threads(p)
-    p.set_defaults(func=_handler("compare", "run_compare"))
 
 
 # ------------------------------------------------------------------------------------ plot
@@ -204,7 +193,6 @@ def _add_plot(sub) -> None:
                        "results.csv written by `repsim compare --out` (and the report.json beside it, when present).")
     p.add_argument("results", metavar="DIR|RESULTS.csv", help="an output folder of `repsim compare` or its results.csv")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: beside RESULTS.csv)")
-    p.set_defaults(func=_handler("compare", "run_plot"))
 
 
 # ------------------------------------------------------------------------------------ extract
@@ -233,7 +221,6 @@ def _add_extract(sub) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_threads(p)
-    p.set_defaults(func=_handler("extract", "run_extract"))
 
 
 # ------------------------------------------------------------------------------------ cache
@@ -260,7 +247,7 @@ def _add_cache(sub) -> None:
     prune.add_argument("--older-than", type=_NONNEGATIVE, default=None, metavar="DAYS", help="not used for DAYS days")
     prune.add_argument("--max-size", default=None, metavar="SIZE", help="keep the cache under SIZE (e.g. 5GB)")
     prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    p.set_defaults(func=_handler("cache", "run_cache"), cache_action=None)
+    p.set_defaults(cache_action=None)
 
 
 # ------------------------------------------------------------------------------------ counterexample
@@ -277,7 +264,6 @@ def _add_counterexample(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=_COUNT, default=[0, 1, 2], metavar="S", help="synthetic: seeds")
     p.add_argument("--steps", type=_POSITIVE, default=300, metavar="N", help="synthetic: Adam steps per run")
     p.add_argument("--eps", type=_EPS, default=0.1, help="synthetic: |cos| <= eps counts as eps-orthogonal")
-    p.set_defaults(func=_handler("theory", "run_counterexample"))
 
 
 # ------------------------------------------------------------------------------------ check
@@ -319,7 +305,6 @@ def _add_check(sub) -> None:
     p.add_argument("--seed", type=_COUNT, default=0, help="seed for data sampling")
     p.add_argument("--out", default=None, metavar="DIR", help="write check.csv and check.json here")
     _add_threads(p)
-    p.set_defaults(func=_handler("theory", "run_check"))
 
 
 # ------------------------------------------------------------------------------------ distill
@@ -380,7 +365,6 @@ def _add_distill(sub) -> None:
     p.add_argument("--keep-students", action="store_true",
                    help="keep each trained student (OUT/runs/LOSS/seedK/student) instead of deleting its weights")
     _add_training_options(p)
-    p.set_defaults(func=_handler("distill", "run_distill"))
 
 
 def _add_finetune(sub) -> None:
@@ -389,7 +373,6 @@ def _add_finetune(sub) -> None:
     p.add_argument("model", help="hub id, short name or local folder")
     p.add_argument("--out", default="finetune-out", help="output folder (model/, metrics.json, train_log.csv)")
     _add_training_options(p)
-    p.set_defaults(func=_handler("distill", "run_finetune"))
 
 
 
@@ -399,6 +382,20 @@ def _add_finetune(sub) -> None:
 SUBCOMMANDS = {"compare": _add_compare, "plot": _add_plot, "extract": _add_extract, "cache": _add_cache,
                "counterexample": _add_counterexample, "check": _add_check, "distill": _add_distill,
                "finetune": _add_finetune}
+#: name -> (module, function) of its handler, imported when the subcommand runs (so `repsim --help` and
+#: `repsim cache` load no model code)
+SUBCOMMAND_HANDLERS = {"compare": ("repsim.cli.compare", "run_compare"), "plot": ("repsim.cli.compare", "run_plot"),
+                       "extract": ("repsim.cli.extract", "run_extract"), "cache": ("repsim.cli.cache", "run_cache"),
+                       "counterexample": ("repsim.cli.theory", "run_counterexample"),
+                       "check": ("repsim.cli.theory", "run_check"), "distill": ("repsim.cli.distill", "run_distill"),
+                       "finetune": ("repsim.cli.distill", "run_finetune")}
+
+
+def _handler(module: str, function: str):  # noqa: ANN202
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,10 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"repsim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in SUBCOMMANDS.values():
+    for name, add in SUBCOMMANDS.items():
         add(sub)
-    for command in sub.choices.values():  # library messages name parameters; each command shows its flags
-        command.set_defaults(flags=command.all_flags())
+        command = sub.choices[name]  # library messages name parameters; each command shows them as its flags
+        command.set_defaults(func=_handler(*SUBCOMMAND_HANDLERS[name]), flags=command.all_flags())
     return parser
 
 
