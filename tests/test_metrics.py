@@ -22,6 +22,7 @@ from slow_formulas import (
 
 from repsim.measures import functions as metrics
 from repsim.measures.functions import cka, gram_frobenius, procrustes, projection_residual
+from repsim.measures.linalg import clamp_rounding
 from repsim.system.errors import UserError
 
 # slow formulas written from the definitions (n × n matrices, explicit H, explicit minimisation over Q, lstsq):
@@ -222,9 +223,9 @@ def test_near_identical_inputs_keep_their_tiny_distances(n, p):
 
 def test_rounding_check_clamps_silently_only_at_rounding_level():
     tiny = torch.tensor(-1e-17, dtype=torch.float64)
-    assert float(metrics._clamp_rounding(tiny, 0.0, 2.0, 1e-13, "x")) == 0.0
+    assert float(clamp_rounding(tiny, 0.0, 2.0, 1e-13, "x")) == 0.0
     with pytest.warns(RuntimeWarning, match="outside"):
-        metrics._clamp_rounding(torch.tensor(-1e-3, dtype=torch.float64), 0.0, 2.0, 1e-13, "x")
+        clamp_rounding(torch.tensor(-1e-3, dtype=torch.float64), 0.0, 2.0, 1e-13, "x")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def test_bad_input():
 
 
 def test_nuclear_norm_fast_path_and_fallback_agree_with_svdvals():
-    from repsim.measures.allpairs import _nuclear_norms
+    from repsim.measures.linalg import nuclear_norms as _nuclear_norms
 
     g = torch.Generator().manual_seed(0)
     well = torch.randn(6, 40, 12, generator=g, dtype=torch.float64)
@@ -267,7 +267,7 @@ def test_threads_do_not_change_the_values():
 
 def test_wide_nuclear_norms_through_numpy_lapack_agree_with_svdvals():
     """Batches of ≥ 64-wide Grams go through numpy's eigvalsh split over threads: same values as svdvals."""
-    from repsim.measures.allpairs import _nuclear_norms
+    from repsim.measures.linalg import nuclear_norms as _nuclear_norms
 
     g = torch.Generator().manual_seed(1)
     well = torch.randn(5, 150, 80, generator=g, dtype=torch.float64)
@@ -297,7 +297,7 @@ def test_nan_input_is_named_and_overflowing_squares_are_rescaled():
 def test_nuclear_norm_probe_paths_agree_with_svdvals(kind):
     """With a probe (the first slice decides whether the rest goes straight to SVDs), 3-D and 4-D (strided)
     batches give svdvals' nuclear norms, and the Grams returned equal DᵀD whichever path was taken."""
-    from repsim.measures.allpairs import _nuclear_norms
+    from repsim.measures.linalg import nuclear_norms as _nuclear_norms
 
     g = torch.Generator().manual_seed(2)
     well = torch.randn(4, 5, 150, 80, generator=g, dtype=torch.float64)

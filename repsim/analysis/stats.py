@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 from repsim.measures.arrays import as_matrix, power_of_two_exponent, scale_by_power_of_two
+from repsim.measures.linalg import nuclear_norms
+from repsim.measures.registry import PairMoments, get_metric
 from repsim.system.errors import UserError
 
 GRAM_MAX_N = 4096  # above this, n×n Gram matrices per layer cost more memory than they save
@@ -91,8 +93,6 @@ def _check_rows(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> int
 
 
 def _specs(metrics: Sequence[str]):
-    from repsim.measures.functions import get_metric
-
     return [get_metric(m) for m in metrics]
 
 
@@ -152,17 +152,13 @@ def _gram_summaries(Kc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return flat, (flat * flat).sum(dim=1), Kc.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
 
 
-def _gram_values(spec, cross: torch.Tensor, t_sq, t_tr, s_sq, s_tr) -> np.ndarray:
-    """Metric value per pair from ⟨K_c, L_c⟩ (L_t, L_s), ‖K_c‖², tr K_c, ‖L_c‖², tr L_c."""
-    if spec.family == "cka":
-        val = cross / torch.sqrt(t_sq[:, None] * s_sq[None, :])
-    else:
-        sq = t_sq[:, None] / t_tr[:, None] ** 2 + s_sq[None, :] / s_tr[None, :] ** 2 - 2 * cross / (
-            t_tr[:, None] * s_tr[None, :])
-        sq = torch.clamp(sq, min=0.0)  # rounding only: the exact value is a squared norm
-        squared = dict(getattr(spec, "kwargs", {}) or {}).get("squared", False)
-        val = sq if squared else torch.sqrt(sq)
-    return val.cpu().numpy()
+def _gram_values(spec, cross: torch.Tensor, t_sq, t_tr, s_sq, s_tr, n: int, rows_t=None, rows_s=None) -> np.ndarray:
+    """Metric value per pair from ⟨K_c, L_c⟩ (L_t, L_s), ‖K_c‖², tr K_c, ‖L_c‖², tr L_c: the family's ``finalize``
+    on the unit-Frobenius moments ‖X̃ᵀỸ‖²_F = ⟨K_c, L_c⟩/(tr K_c tr L_c), ‖X̃ᵀX̃‖²_F = ‖K_c‖²/(tr K_c)²
+    (X̃X̃ᵀ = K_c / tr K_c), with the replicate's rows (``rows_t``/``rows_s``, for nearly identical pairs)."""
+    m = PairMoments(n, cross_sq=cross / (t_tr[:, None] * s_tr[None, :]), self_sq_x=(t_sq / t_tr ** 2)[:, None],
+                    self_sq_y=s_sq / s_tr ** 2, rows_x=rows_t, rows_y=rows_s)
+    return spec.finalize(m).cpu().numpy()
 
 
 def _generic_values(teacher, student, specs, tol: float = 1e-9) -> dict[str, np.ndarray]:
@@ -209,6 +205,23 @@ def _split(specs, n: int, method: str, teacher, student):
     return fast, proc, slow
 
 
+class _LazyUnits(Sequence):
+    """The replicate's weighted unit rows of each layer (:func:`_weighted_unit`), formed on first use only (the
+    families read them for nearly identical pairs)."""
+
+    def __init__(self, layers: list[torch.Tensor], rows: torch.Tensor, weights: torch.Tensor, n: int) -> None:
+        self.layers, self.rows, self.weights, self.n = layers, rows, weights, n
+        self.done: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        if i not in self.done:
+            self.done[i] = _weighted_unit(self.layers[i], self.rows, self.weights, self.n)
+        return self.done[i]
+
+
 def _weighted_unit(X: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
     """Z = √w ∘ (X[rows] − μ_w) / ‖·‖_F with μ_w = Σ w_i x_i / n: ZᵀZ' equals the centred cross product of the
     resample that holds row i w_i times, computed on the distinct rows only (~63 % of n)."""
@@ -230,10 +243,8 @@ def _procrustes_values(specs, teacher_units: list[torch.Tensor], student_units: 
     """ρ = ‖X̃ᵀỸ‖_* for every pair from unit-norm centred (weighted) features, then each Procrustes output.
 
     Per teacher layer one matrix product against all student layers side by side (Ỹ_allᵀX̃_t: each pair's
-    block contiguous), then the batched nuclear norms of :func:`repsim.measures.allpairs._nuclear_norms` to ``tol``.
+    block contiguous), then the batched nuclear norms of :func:`repsim.measures.linalg.nuclear_norms` to ``tol``.
     """
-    from repsim.measures.allpairs import _nuclear_norms
-
     S_all = torch.cat(student_units, dim=1)
     widths = [y.shape[1] for y in student_units]
     lt, ls = len(teacher_units), len(student_units)
@@ -243,18 +254,13 @@ def _procrustes_values(specs, teacher_units: list[torch.Tensor], student_units: 
         for i, Zt in enumerate(teacher_units):
             torch.matmul(S_all.T, Zt, out=crosses[i])  # (Σq, p): rows of student layer j are C_ijᵀ
         probe = 2 * torch.get_num_threads() if S_all.device.type == "cpu" else 0
-        rho[:] = _nuclear_norms(crosses.view(lt * ls, widths[0], -1), tol=tol, probe=probe).view(lt, ls)
+        rho[:] = nuclear_norms(crosses.view(lt * ls, widths[0], -1), tol=tol, probe=probe).view(lt, ls)
     else:
         for i, Zt in enumerate(teacher_units):
             for j, A in enumerate(torch.split(S_all.T @ Zt, widths, dim=0)):
-                rho[i, j] = _nuclear_norms(A[None], tol=tol)[0]
-    rho = rho.clamp(0.0, 1.0).cpu().numpy()  # ρ ≤ 1 by Cauchy–Schwarz; beyond is rounding
-    out = {}
-    for s in specs:
-        form = dict(s.kwargs).get("output", "distance")
-        out[s.id] = {"distance": np.sqrt(np.maximum(0.0, 2 - 2 * rho)), "angular": np.arccos(rho),
-                     "squared": 2 - 2 * rho}[form]
-    return out
+                rho[i, j] = nuclear_norms(A[None], tol=tol)[0]
+    m = PairMoments(teacher_units[0].shape[0], nuclear=rho, rows_x=teacher_units, rows_y=student_units)
+    return {s.id: s.finalize(m).cpu().numpy() for s in specs}
 
 
 def resample_indices(n: int, replicates: int, seed: int = 0) -> np.ndarray:
@@ -306,8 +312,9 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
         w = counts.index_select(0, rows).to(torch.float64)
         if fast:
             cross, t_sq, t_tr, s_sq, s_tr = _weighted_gram_moments(T, S, rows, w, n)
+            units_t, units_s = _LazyUnits(teacher, rows, w, n), _LazyUnits(student, rows, w, n)
             for s in fast:
-                out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
+                out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr, n, units_t, units_s)
         if proc:
             res = _procrustes_values(proc, [_weighted_unit(x, rows, w, n) for x in teacher],
                                      [_weighted_unit(y, rows, w, n) for y in student])
@@ -375,9 +382,10 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
         raise UserError(f"`permutations` needs at least 1 permutation, got {replicates}")
     teacher, student, n, specs, (fast, proc, slow) = _prepare(teacher_layers, student_layers, metrics, method, device)
     perms = torch.as_tensor(permutation_indices(n, replicates, seed), device=teacher[0].device)
+    all_rows = torch.arange(n, device=teacher[0].device)
+    ones = torch.ones(n, dtype=torch.float64, device=teacher[0].device)
+    t_lazy = _LazyUnits(teacher, all_rows, ones, n)
     if proc:
-        all_rows = torch.arange(n, device=teacher[0].device)
-        ones = torch.ones(n, dtype=torch.float64, device=teacher[0].device)
         t_units = [_weighted_unit(x, all_rows, ones, n) for x in teacher]
         s_units = [_weighted_unit(y, all_rows, ones, n) for y in student]
     out = {s.id: np.empty((replicates, len(teacher), len(student))) for s in specs}
@@ -393,7 +401,8 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
             s_flat = Sc.index_select(1, perm).index_select(2, perm).reshape(len(student), -1)
             cross = t_flat @ s_flat.T
             for s in fast:
-                out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr)
+                out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr, n, t_lazy,
+                                            _LazyUnits(student, perm, ones, n))
         if proc:
             res = _procrustes_values(proc, t_units, [z.index_select(0, perm) for z in s_units])
             for s in proc:

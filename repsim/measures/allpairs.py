@@ -12,14 +12,19 @@ residual is asked, the right singular basis V (kept aside, or the factor rotated
 
 Pair work is batched: the factors of each side are stored side by side, (n, Σr), and a chunk of teacher layers ×
 a chunk of student layers is one GEMM, C = F_chunkᵀ G_chunk, whose (t, s) blocks are the pair cross products
-(used as strided views, not copied). From the blocks (all on ``device``):
+(used as strided views, not copied). From the blocks (all on ``device``) come the batched statistics the
+requested families read (``Family.needs``), for all pairs at once:
 
-- Procrustes ρ = ‖C_ts‖_* (σ = √eig of the small Gram CᵀC by batched eigenvalues where a rounding bound shows
-  it exact to ``tol`` = 1e-9, else singular values; see ``_nuclear_norms``),
-- Gram-Frobenius² = ‖X̃ᵀX̃‖²_F + ‖ỸᵀỸ‖²_F − 2‖C_ts‖²_F, linear CKA = ‖C_ts‖²_F / (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F),
-- debiased CKA from the same plus a_tᵀb_s (a = squared row norms; see :mod:`repsim.measures.moments` for the formula),
-- in-sample projection residual 1 − Σ_k ‖C_ts v_k‖²/σ_k² over the student's singular pairs (σ_k, v_k) above
-  numpy's lstsq cutoff (with ridge λ: weights (σ_k² + 2λ)/(σ_k² + λ)²), read off CᵀC as ⟨CᵀC, V diag(w) Vᵀ⟩.
+- ``nuclear``: ‖C_ts‖_* (σ = √eig of the small Gram CᵀC by batched eigenvalues where a rounding bound shows it
+  exact to ``tol`` = 1e-9, else singular values; see repsim.measures.linalg.nuclear_norms),
+- ``cross_sq``: ‖C_ts‖²_F; ``self_sq``: ‖X̃ᵀX̃‖²_F per layer; ``debiasing``: Σ‖x̃_i‖⁴ and a_tᵀb_s (a = squared
+  row norms),
+- ``explained`` (in-sample projection residual): Σ_k w_k ‖C_ts v_k‖² over the student's singular pairs (σ_k, v_k),
+  w_k = 1/σ_k² above numpy's lstsq cutoff (with ridge λ: (σ_k² + 2λ)/(σ_k² + λ)²), read off CᵀC as
+  ⟨CᵀC, V diag(w) Vᵀ⟩,
+
+and each metric is its family's ``finalize`` (repsim.measures.families) on them, with every layer's factor as
+its rows, so nearly identical pairs are recomputed from the rows exactly as the in-memory function does.
 
 Memory: one float64 copy of the inputs plus about 3·(chunk pairs)·r_t·r_s·8 bytes; ``chunk_size`` (pairs per
 chunk) is chosen from a budget (1 GiB on CPU, a quarter of free memory on CUDA) when not given. For 48 × 48 layers
@@ -30,16 +35,14 @@ within the memory budget, one n × n matrix per layer and an n² inner product p
 identity, ``_held_out_residual_dual``); otherwise the rows are stored in fold order and every fold's training fit
 is derived from full-data sums minus the fold's own, in the student's singular basis (``_held_out_residual``): all
 folds cost one n × r_s × Σp product per student layer, and no training rows are copied. Memory, every path: the
-float64 factors (one copy of the inputs) plus the chunk budget. RBF CKA, not a second-moment metric, is computed
-by the registry function per pair on the original inputs.
+float64 factors (one copy of the inputs) plus the chunk budget. Other metrics that need the rows (RBF CKA, the
+moment estimator of ρ) go through their family's ``layer_state``/``pair_values`` on the original inputs.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +51,15 @@ import torch
 
 from repsim.measures.arrays import (
     as_matrix,
-    check_self_hsic,
     check_spread,
-    debiased_self_hsic,
     power_of_two_exponent,
     safe_squares,
     scale_by_power_of_two,
     zero_variance_error,
 )
+from repsim.measures.families.projection_residual import fold_assignment
+from repsim.measures.linalg import eigh, layer_parallel, least_squares_gains, nuclear_norms
+from repsim.measures.registry import DEFAULT_METRICS, PairMoments, get_metric
 from repsim.system.errors import UserError
 
 CPU_CHUNK_BUDGET_BYTES = 1 << 30
@@ -175,7 +179,7 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
     metric is unchanged by a common row permutation), gathered block by block into the buffer (no layer copy).
     Where the width × width Gram G = X_cᵀX_c is formed, ‖X_c‖²_F is read off as tr G (no extra pass).
     On a CPU with several torch threads the layers are prepared concurrently, one thread each
-    (``_layer_parallel``): centring is memory bound and ``syrk``/``syevd`` scale poorly with BLAS threads.
+    (``layer_parallel``): centring is memory bound and ``syrk``/``syevd`` scale poorly with BLAS threads.
     """
     n = layers[0].shape[0]
     widths = [x.shape[1] for x in layers]
@@ -226,38 +230,13 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
             g_sq = torch.tensor(float("nan"), dtype=dtype)
         return g_sq, (xp * xp).sum(dim=1) if row_sq else None, s, v
 
-    with _layer_parallel(device, len(layers)) as pool:
+    with layer_parallel(device, len(layers)) as pool:
         done = list(pool.map(one, range(len(layers)))) if pool is not None else [one(i) for i in range(len(layers))]
     gram_sq = torch.stack([d[0].to(device) for d in done])
     rows = torch.stack([d[1] for d in done]) if row_sq else None
     sing = [d[2] for d in done] if singular != "none" else None
     bases = [d[3] for d in done] if singular != "none" else None
     return _Side(factors, ranks, widths, gram_sq, rows, sing, bases)
-
-
-_LAYER_POOL: ThreadPoolExecutor | None = None
-
-
-@contextmanager
-def _layer_parallel(device: torch.device, tasks: int):
-    """A thread pool for independent per-layer work on the CPU, with torch and BLAS set to one thread each
-    inside (restored on exit); None (run serially) on other devices or with one torch thread."""
-    global _LAYER_POOL
-    workers = min(torch.get_num_threads(), tasks) if device.type == "cpu" else 1
-    if workers <= 1:
-        yield None
-        return
-    from threadpoolctl import threadpool_limits
-
-    if _LAYER_POOL is None or _LAYER_POOL._max_workers < workers:
-        _LAYER_POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="repsim-layer")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield _LAYER_POOL
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _column_gram(x: torch.Tensor) -> torch.Tensor:
@@ -282,168 +261,16 @@ def _right_singular(x: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, 
     eigenvalue ≥ 1e-6·λ_max, so σ_k² carries a relative error ≤ ~1e-10 although the Gram squares the condition
     number. Otherwise from the SVD of the R factor of x = QR, accurate for any conditioning.
     """
-    lam, v = _eigh(gram)
+    lam, v = eigh(gram)
     if bool(lam[0] >= 1e-6 * lam[-1]):
         return torch.sqrt(lam).flip(0), v.flip(1), True
     _, s, vh = torch.linalg.svd(torch.linalg.qr(x, mode="r").R, full_matrices=False)
     return s, vh.T, False
 
 
-def _lapack_batched(fn, g: torch.Tensor) -> torch.Tensor:
-    """``fn`` (a numpy LAPACK gufunc over the last two axes) on a CPU batch (..., a, b), the batch split over the
-    ``_layer_parallel`` threads with single-threaded BLAS: the LAPACK drivers used here (values-only ``syevd``,
-    ``gesdd``) are level-2 bound and scale poorly with BLAS threads, while independent matrices scale with cores."""
-    from threadpoolctl import threadpool_limits
-
-    arr = g.detach().contiguous().numpy()
-    batch = arr.reshape(-1, *arr.shape[-2:])
-    workers = min(torch.get_num_threads(), batch.shape[0])  # read before the pool sets torch to one thread
-    with _layer_parallel(g.device, batch.shape[0]) as pool:
-        if pool is None:
-            with threadpool_limits(limits=1, user_api="blas"):
-                vals = fn(batch)
-        else:
-            bounds = np.linspace(0, batch.shape[0], workers + 1).astype(int)
-            vals = np.concatenate(list(pool.map(lambda ab: fn(batch[ab[0]:ab[1]]),
-                                                zip(bounds[:-1], bounds[1:], strict=True))))
-    return torch.from_numpy(vals.reshape(*arr.shape[:-2], vals.shape[-1]))
-
-
-def _on_cpu_lapack(g: torch.Tensor) -> bool:
-    return g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) and min(g.shape[-2:]) >= 64
-
-
-def _eigvalsh(g: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues (ascending) of a batch of symmetric matrices (..., k, k), lower triangles read. On the CPU by
-    numpy's LAPACK through ``_lapack_batched``: measured on the 2-core dev box for 91 matrices of 384 × 384,
-    torch (MKL) 0.56 s, numpy 0.40 s on one thread, 0.21 s on two (benchmarks/RESULTS.md)."""
-    return _lapack_batched(np.linalg.eigvalsh, g) if _on_cpu_lapack(g) else torch.linalg.eigvalsh(g)
-
-
-def _svdvals(d: torch.Tensor) -> torch.Tensor:
-    """Singular values (descending) of a batch (..., a, b); on the CPU through ``_lapack_batched``."""
-    if not _on_cpu_lapack(d):
-        return torch.linalg.svdvals(d)
-    return _lapack_batched(lambda m: np.linalg.svd(m, compute_uv=False), d)
-
-
-def _eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues ascending, eigenvectors) of one symmetric matrix; on the CPU by numpy's LAPACK with
-    single-threaded BLAS (torch's MKL ``syevd`` measured 12 ms one-threaded and 36 ms two-threaded for
-    384 × 384 on the 2-core dev box)."""
-    if g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64):
-        return torch.linalg.eigh(g)
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        lam, v = np.linalg.eigh(g.detach().numpy())
-    return torch.from_numpy(lam), torch.from_numpy(v)
-
-
-def _gram_of_columns(d: torch.Tensor) -> torch.Tensor:
-    """dᵀd for a batch (..., r, q), from 3 of its 4 blocks when q is large (the fourth is the transpose)."""
-    q = d.shape[-1]
-    if q < 256:
-        return d.transpose(-1, -2) @ d
-    h = q // 2
-    a, b = d[..., :h], d[..., h:]
-    g = torch.empty(*d.shape[:-2], q, q, dtype=d.dtype, device=d.device)
-    g[..., :h, :h] = a.transpose(-1, -2) @ a
-    g[..., h:, h:] = b.transpose(-1, -2) @ b
-    ba = b.transpose(-1, -2) @ a
-    g[..., h:, :h] = ba
-    g[..., :h, h:] = ba.transpose(-1, -2)
-    return g
-
-
-def _nuclear_norms(d: torch.Tensor, scale: torch.Tensor | float = 1.0, with_gram: bool = False, probe: int = 0,
-                   tol: float = 1e-9):
-    """‖D‖_* of a batch of matrices (..., r, q); a 4-D batch (a, b, r, q) may be a strided view (the pair
-    blocks of one cross-product GEMM), handled one leading index at a time without copying it.
-
-    Fast path: σ = √eig of the smaller Gram (DᵀD when r ≥ q, else DDᵀ; batched GEMMs and ``_eigvalsh``),
-    accepted when the bound on its rounding, Σ_k min(δ/(2σ_k), √(2δ)) with δ = 10·√max(r, q)·eps·σ_max²
-    (backward-stable eigenvalues of a Gram formed in floating point), is below ``tol``·``scale`` (the normaliser of
-    the value: 1 for unit-Frobenius inputs, √(AB) for raw co-moments); other matrices (small singular values,
-    where the square root loses digits) get exact ``svdvals``. ``with_gram`` also returns the Gram formed.
-
-    ``probe`` > 0 (scalar ``scale``): the fast path is tried on a first slice (the first leading index of a 4-D
-    batch, else the first ``probe`` matrices); when most of it needs ``svdvals`` anyway (real features with
-    near-null directions, e.g. after LayerNorm), the rest goes to ``svdvals`` directly instead of forming and
-    diagonalising Grams that would be discarded.
-    """
-    r, q = d.shape[-2:]
-    lead = d.shape[:-2]
-
-    def gram_of(m: torch.Tensor) -> torch.Tensor:
-        return _gram_of_columns(m) if r >= q else _gram_of_columns(m.transpose(-1, -2))
-
-    if d.ndim == 4:
-        units = list(d.unbind(0))
-    elif d.ndim == 3 and probe and d.shape[0] > 2 * probe:
-        units = [d[:probe], d[probe:]]
-    else:
-        gram = gram_of(d)
-        out, _ = _nuclear_from_gram(gram, scale, tol, lambda mask: d[mask])
-        return (out, gram) if with_gram else out
-    k = min(r, q)
-    sizes = [u.shape[0] for u in units]
-    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-    gram = torch.empty(starts[-1], k, k, dtype=d.dtype, device=d.device)
-
-    def fill(lo: int) -> None:  # the Grams of units lo, lo+1, …
-        for i in range(lo, len(units)):
-            gram[starts[i]:starts[i + 1]] = gram_of(units[i])
-
-    def pick(lo: int, hi: int):  # for svdvals: the matrices of units lo … hi−1 where mask (over their Grams) is set
-        return lambda mask: torch.cat([units[i][mask[starts[i] - starts[lo]:starts[i + 1] - starts[lo]]]
-                                       for i in range(lo, hi)])
-
-    if probe and len(units) > 1 and not isinstance(scale, torch.Tensor):
-        gram[:sizes[0]] = gram_of(units[0])
-        head, redo = _nuclear_from_gram(gram[:sizes[0]], scale, tol, pick(0, 1))
-        direct = float(redo.double().mean()) > 0.5  # most need svdvals: skip the rest's Grams and eigenvalues
-        if with_gram or not direct:
-            fill(1)
-        tail = _svdvals(torch.cat(units[1:])).sum(dim=-1) if direct else _nuclear_from_gram(
-            gram[sizes[0]:], scale, tol, pick(1, len(units)))[0]
-        out = torch.cat([head, tail])
-    else:
-        fill(0)
-        out, _ = _nuclear_from_gram(gram, scale, tol, pick(0, len(units)))
-    out = out.view(*lead)
-    return (out, gram.view(*lead, k, k)) if with_gram else out
-
-
-def _nuclear_from_gram(gram: torch.Tensor, scale: torch.Tensor | float, tol: float, pick):
-    """(‖D‖_*, where svdvals was needed) from the Grams' eigenvalues; ``pick(mask)`` returns the matrices D of
-    the masked batch entries for ``svdvals``; see ``_nuclear_norms``."""
-    k = gram.shape[-1]
-    lam = _eigvalsh(gram).clamp_min(0)
-    delta = 10 * math.sqrt(k) * torch.finfo(gram.dtype).eps * lam[..., -1:]
-    sigma = torch.sqrt(lam)
-    bound = torch.where(lam > 2 * delta, delta / (2 * sigma.clamp_min(torch.finfo(gram.dtype).tiny)),
-                        torch.sqrt(2 * delta)).sum(dim=-1)
-    out = sigma.sum(dim=-1)
-    redo = bound > tol * torch.as_tensor(scale, dtype=gram.dtype, device=gram.device)
-    if bool(redo.any()):
-        out[redo] = _svdvals(pick(redo)).sum(dim=-1)
-    return out, redo
-
-
-def _gains(s: torch.Tensor, ridge: float, rows: int, width: int) -> torch.Tensor:
-    """Least-squares gains g_k = s_k/(s_k² + λ); for λ = 0, 1/s_k above numpy's lstsq cutoff
-    eps·max(rows, width)·s_max and 0 below (the minimum-norm solution), as in repsim.measures.functions."""
-    if ridge > 0:
-        return s / (s * s + ridge)
-    cutoff = torch.finfo(s.dtype).eps * max(rows, width) * s.max()
-    keep = s > cutoff
-    return torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
-
-
 def _in_sample_weights(s: torch.Tensor, ridge: float, rows: int, width: int) -> torch.Tensor:
     """Weight of ‖C v_k‖² in the explained part of the in-sample fit: 2·s·g − s²·g² divided by s² (see module)."""
-    g = _gains(s, ridge, rows, width)
+    g = least_squares_gains(s, ridge, rows, width)
     safe = torch.where(s > 0, s, torch.ones_like(s))
     return torch.where(s > 0, (2 * g / safe - g * g), torch.zeros_like(s))
 
@@ -479,7 +306,7 @@ def pairwise(
             layers of both sides.
         student_layers: sequence of (n, q_s) arrays/tensors or one (Ls, n, q) array.
         metrics: metric ids (any spelling ``repsim.measures.functions.get_metric`` accepts); default
-            ``repsim.measures.functions.DEFAULT_METRICS``.
+            ``repsim.measures.registry.DEFAULT_METRICS``.
         device: where to compute (e.g. "cuda"); default: the inputs' GPU, else CUDA when available, else CPU.
         chunk_size: layer pairs per batched GEMM; chosen from a memory budget when omitted.
         dtype: compute dtype (float64 by default).
@@ -490,8 +317,6 @@ def pairwise(
     Returns:
         value[t, s] = metric(teacher_layers[t], student_layers[s]) exactly as the in-memory function defines it.
     """
-    from repsim.measures.functions import DEFAULT_METRICS, get_metric
-
     if metrics is None:
         metrics = DEFAULT_METRICS
     if isinstance(metrics, str):
@@ -527,17 +352,18 @@ def pairwise(
     if n < 2:
         raise UserError(f"need at least 2 samples (rows), got {n}")
 
-    linear = [s for s in specs if s.linear]
-    other = [s for s in specs if not s.linear]
+    # moments metrics, and the held-out residual (its own batched form), in one batched pass; other rows metrics
+    # through their family's per-layer hooks
+    linear = [s for s in specs if s.linear or (s.family == "projection_residual" and s.kwargs.get("folds"))]
+    other = [s for s in specs if s not in linear]
     out: dict[str, np.ndarray] = {}
     if linear:
         out.update(_linear_pairwise(t_in, s_in, linear, device, chunk_size, dtype, tol))
-    for spec in other:
-        m = np.empty((len(t_in), len(s_in)))
-        for i, x in enumerate(t_in):
-            for j, y in enumerate(s_in):
-                m[i, j] = float(spec(x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)))
-        out[spec.id] = m
+    for spec in other:  # metrics that need the rows: their family's per-layer state and batched pair values
+        fam, kw = spec.family_object, dict(spec.kwargs)
+        states_t = [fam.layer_state(x.to(device=device, dtype=dtype), **kw) for x in t_in]
+        states_s = [fam.layer_state(y.to(device=device, dtype=dtype), **kw) for y in s_in]
+        out[spec.id] = fam.pair_values(states_t, states_s, **kw).detach().cpu().double().numpy()
     return {s.id: out[s.id] for s in specs}
 
 
@@ -551,28 +377,27 @@ def _memory_budget(device: torch.device) -> int:
 
 def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: list, device: torch.device,
                      chunk_size: int | None, dtype: torch.dtype, tol: float = 1e-9) -> dict[str, np.ndarray]:
-    from repsim.measures.moments import _clamp_rounding, _gram_output, _procrustes_output
-
     n = t_in[0].shape[0]
-    families = {s.family for s in specs}
-    proj = [s for s in specs if s.family == "projection_residual"]
-    in_sample = [s for s in proj if dict(s.kwargs).get("folds") is None]
-    held_out = [s for s in proj if dict(s.kwargs).get("folds") is not None]
-    need_debiased = any(s.family == "cka" and dict(s.kwargs).get("estimator") == "debiased" for s in specs)
-    if need_debiased and n < 4:
-        raise UserError(f"debiased CKA needs at least 4 samples (rows), got {n}")
-    need_gram = bool(families & {"gram_frobenius", "cka"})
+    for spec in specs:
+        need = spec.family_object.min_rows(**spec.kwargs)
+        if n < need:
+            raise UserError(f"{spec.id} needs at least {need} samples (rows), got {n}")
+    held_out = [s for s in specs if not s.linear]  # the held-out residual: its own batched form below
+    needs = {s.id: s.family_object.needs(**s.kwargs) for s in specs if s.linear}
+    uses = frozenset().union(*needs.values())
+    in_sample = [s for s in specs if s.linear and "explained" in needs[s.id]]
+    need_debiased = "debiasing" in uses
+    need_gram = "self_sq" in uses
+    need_nuclear = "nuclear" in uses
     ranks_t, ranks_s = [min(n, x.shape[1]) for x in t_in], [min(n, y.shape[1]) for y in s_in]
     uniform_pairs = len(set(ranks_t)) == 1 and len(set(ranks_s)) == 1  # every pair block has one shape
-    # in-sample residual: read off each pair's CᵀC when the Procrustes pass forms it (uniform, r ≥ q), else rotate
-    gram_formed = uniform_pairs and ranks_t[0] >= ranks_s[0] and "procrustes" in families
+    # in-sample residual: read off each pair's CᵀC when the nuclear-norm pass forms it (uniform, r ≥ q), else rotate
+    gram_formed = uniform_pairs and ranks_t[0] >= ranks_s[0] and need_nuclear
     singular = "none" if not in_sample else ("basis" if gram_formed else "rotate")
     fold_counts = [int(dict(s.kwargs)["folds"]) for s in held_out]
     dual = bool(held_out) and _dual_held_out_fits(n, ranks_t, ranks_s, fold_counts, device)
     rows = order = None
     if held_out and not dual:  # the primal form: student factors in their singular basis, rows in fold order
-        from repsim.measures.functions import fold_assignment
-
         singular = "rotate"
         order = np.argsort(fold_assignment(n, fold_counts[0], 0), kind="stable")
         rows = torch.as_tensor(order, device=device)
@@ -592,7 +417,7 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
                                                     margin=1e3 if tol <= 1e-9 else 1.0)
         del kernels
     cross_sq = torch.empty(lt, ls, dtype=dtype, device=device)
-    nuclear = torch.empty(lt, ls, dtype=dtype, device=device) if "procrustes" in families else None
+    nuclear = torch.empty(lt, ls, dtype=dtype, device=device) if need_nuclear else None
     weights = {spec.id: [_in_sample_weights(sv, float(dict(spec.kwargs).get("ridge") or 0.0), n, w)
                          for sv, w in zip(student.singular, student.widths, strict=True)]
                for spec in in_sample}
@@ -601,7 +426,7 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
                                      for w, v in zip(ws, student.bases, strict=True)])
                    for sid, ws in weights.items()}
     explained = {sid: torch.empty(lt, ls, dtype=dtype, device=device) for sid in weights}
-    need_pairs = bool(families - {"projection_residual"}) or bool(in_sample)
+    need_pairs = bool(uses - {"explained"}) or bool(in_sample)
     ct, cs = _choose_chunk(teacher.ranks, student.ranks, device, chunk_size)
     for t0 in range(0, lt, ct) if need_pairs else ():
         t1 = min(lt, t0 + ct)
@@ -616,37 +441,27 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
             else:
                 _mixed_pairs(block, teacher.ranks[t0:t1], student.ranks[s0:s1], (t0, s0), cross_sq, nuclear,
                              weights, explained, tol)
-    gx, gy = teacher.gram_sq, student.gram_sq
+    rows_t = [teacher.factors[:, slice(*teacher.layer_slice(t, t + 1))] for t in range(lt)]
+    rows_s = [student.factors[:, slice(*student.layer_slice(j, j + 1))] for j in range(ls)]
+    debias = {}
+    if need_debiased:
+        debias = {"quart_x": (teacher.row_sq ** 2).sum(dim=1)[:, None], "quart_y": (student.row_sq ** 2).sum(dim=1),
+                  "s_ab": teacher.row_sq @ student.row_sq.T}
     out: dict[str, torch.Tensor] = {}
     for spec in specs:
         kw = dict(spec.kwargs)
-        if spec.family == "procrustes":
-            out[spec.id] = _procrustes_output(nuclear, kw.get("output", "distance"))
-        elif spec.family == "gram_frobenius":
-            out[spec.id] = _gram_output(gx[:, None] + gy[None, :] - 2 * cross_sq, bool(kw.get("squared", False)))
-        elif spec.family == "cka" and kw.get("estimator", "biased") == "biased":
-            out[spec.id] = cross_sq / torch.sqrt(gx[:, None] * gy[None, :])
-        elif spec.family == "cka":
-            c, f = 1.0 / ((n - 1) * (n - 2)), n / (n - 2)
-            hxy = cross_sq + c - f * (teacher.row_sq @ student.row_sq.T)
-            one = torch.ones((), dtype=dtype, device=device)  # (Σ‖x̃_i‖²)² = 1: unit-Frobenius factors
-            hxx, mxx = debiased_self_hsic(gx, (teacher.row_sq ** 2).sum(dim=1), one, n)
-            hyy, myy = debiased_self_hsic(gy, (student.row_sq ** 2).sum(dim=1), one, n)
-            check_self_hsic(hxx, mxx, n, dtype, "the teacher")
-            check_self_hsic(hyy, myy, n, dtype, "the student")
-            out[spec.id] = hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
-        elif spec.id in explained:
-            out[spec.id] = _clamp_rounding(1.0 - explained[spec.id], 0.0, 1.0, "projection residual")
-        elif spec in held_out:  # the n × n form computed above, else the primal form on fold-ordered rows
+        if spec in held_out:  # the n × n form computed above, else the primal form on fold-ordered rows
             if spec.id not in held:
-                from repsim.measures.functions import fold_assignment
-
                 held[spec.id] = _held_out_residual(
                     teacher, student, _Folds(fold_assignment(n, int(kw["folds"]), 0)[order], device),
                     float(kw.get("ridge") or 0.0), device, margin=1e3 if tol <= 1e-9 else 1.0)
             out[spec.id] = held[spec.id]
-        else:
-            raise UserError(f"metric {spec.id!r} has no batched linear form")
+            continue
+        m = PairMoments(n, nuclear=nuclear, cross_sq=cross_sq,
+                        self_sq_x=teacher.gram_sq[:, None] if need_gram else None,
+                        self_sq_y=student.gram_sq if need_gram else None,
+                        rows_x=rows_t, rows_y=rows_s, explained=explained.get(spec.id), **debias)
+        out[spec.id] = spec.family_object.finalize(m, **kw)
     return {k: v.detach().cpu().double().numpy() for k, v in out.items()}
 
 
@@ -665,7 +480,7 @@ def _uniform_pairs(c: torch.Tensor, origin: tuple[int, int], cross_sq: torch.Ten
     if nuclear is not None:
         need_gram = any(isinstance(w, torch.Tensor) for w in weights.values())
         probe = 2 * torch.get_num_threads() if c.device.type == "cpu" else 0
-        res = _nuclear_norms(c, with_gram=need_gram, probe=probe, tol=tol)
+        res = nuclear_norms(c, with_gram=need_gram, probe=probe, tol=tol)
         norms, gram = res if need_gram else (res, None)
         nuclear[t0:t0 + ct, s0:s0 + cs] = norms
     if gram is not None and q <= r:  # CᵀC: its diagonal holds the squared column norms of C
@@ -695,7 +510,7 @@ def _mixed_pairs(block: torch.Tensor, ranks_t: list[int], ranks_s: list[int], or
             col_sq = (c * c).sum(dim=0)
             cross_sq[t0 + i, s0 + j] = col_sq.sum()
             if nuclear is not None:
-                nuclear[t0 + i, s0 + j] = _nuclear_norms(c[None], tol=tol)[0]  # type: ignore[index]
+                nuclear[t0 + i, s0 + j] = nuclear_norms(c[None], tol=tol)[0]  # type: ignore[index]
             for sid, w in weights.items():
                 explained[sid][t0 + i, s0 + j] = col_sq @ w[s0 + j]
 
@@ -871,7 +686,7 @@ def _held_out_residual(teacher: _Side, student: _Side, folds: _Folds, ridge: flo
             y_tr, y_te = folds.train(g, f), folds.test(g, f)
             mu_y = y_tr.mean(dim=0)
             u, sv, vh = torch.linalg.svd(y_tr - mu_y, full_matrices=False)
-            z = ((y_te - mu_y) @ vh.T) * _gains(sv, ridge, n_tr, student.widths[j])  # (n_k, r)
+            z = ((y_te - mu_y) @ vh.T) * least_squares_gains(sv, ridge, n_tr, student.widths[j])  # (n_k, r)
             # Uᵀ(F_tr − 1μ_Fᵀ) with μ_F = −s_F/n_tr: the training rows of U padded with zeros on the test rows
             u_pad = torch.zeros(n, u.shape[1], dtype=dtype, device=device)
             keep = torch.ones(n, dtype=torch.bool, device=device)
@@ -893,7 +708,7 @@ def _held_out_residual(teacher: _Side, student: _Side, folds: _Folds, ridge: flo
         cert = certified(j)
         out[:, j] = primal(j, *cert) if cert is not None else fold_by_fold(j)
 
-    with _layer_parallel(device, ls) as pool:  # student layers are independent: one thread each on a CPU
+    with layer_parallel(device, ls) as pool:  # student layers are independent: one thread each on a CPU
         list(pool.map(one, range(ls))) if pool is not None else [one(j) for j in range(ls)]
     return out
 
@@ -951,8 +766,6 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
     MIN_LEAVE_OUT_EIGENVALUE, gets its N from its k training SVDs instead (``fold_form``: the fits themselves,
     still one n × n matrix and n² per pair).
     """
-    from repsim.measures.functions import fold_assignment
-
     n = teacher.factors.shape[0]
     dtype = teacher.factors.dtype
     fold_of_row = fold_assignment(n, folds, 0)
@@ -1012,7 +825,7 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
             y_tr, y_te = y[train], y[lo:hi]
             mu_y = y_tr.mean(dim=0)
             u, sv, vh = torch.linalg.svd(y_tr - mu_y, full_matrices=False)
-            a = (((y_te - mu_y) @ vh.T) * _gains(sv, ridge, y_tr.shape[0], q)) @ u.T  # (n_te, n_tr)
+            a = (((y_te - mu_y) @ vh.T) * least_squares_gains(sv, ridge, y_tr.shape[0], q)) @ u.T  # (n_te, n_tr)
             lk = torch.zeros(hi - lo, n, dtype=dtype, device=device)
             lk[:, lo:hi] = torch.eye(hi - lo, dtype=dtype, device=device)
             lk[:, train] = -(a + (1 - a.sum(dim=1, keepdim=True)) / y_tr.shape[0])
@@ -1029,7 +842,7 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
         mats[j] = m.index_select(0, inverse).index_select(1, inverse)  # back to the original row order
         return via_hat
 
-    with _layer_parallel(device, ls) as pool:
+    with layer_parallel(device, ls) as pool:
         list(pool.map(one, range(ls))) if pool is not None else [one(j) for j in range(ls)]
     return kernels.reshape(lt, n * n) @ mats.reshape(ls, n * n).T
 

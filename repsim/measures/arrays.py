@@ -188,10 +188,16 @@ def self_hsic_magnitude(gram_sq: Any, diag_sq: Any, total_sq: Any, n: int) -> An
     return gram_sq + n / (n - 2) * diag_sq + total_sq / ((n - 1) * (n - 2))
 
 
+def debiased_hsic(gram_dot: Any, diag_dot: Any, total_prod: Any, n: int) -> Any:
+    """n(n−3)·HSIC_u(K, L) (Song et al.'s unbiased HSIC) of linear kernels of centred rows, elementwise:
+    ⟨K, L⟩ − n/(n−2)·Σᵢ KᵢᵢLᵢᵢ + (tr K)(tr L)/((n−1)(n−2)), i.e. ``gram_dot`` = ‖XᵀY‖²_F, ``diag_dot`` =
+    Σᵢ‖xᵢ‖²‖yᵢ‖², ``total_prod`` = ‖X‖²_F‖Y‖²_F (for centred rows K̃1 = −diag K and 1ᵀK̃1 = −tr K)."""
+    return gram_dot - n / (n - 2) * diag_dot + total_prod / ((n - 1) * (n - 2))
+
+
 def debiased_self_hsic(gram_sq: Any, diag_sq: Any, total_sq: Any, n: int) -> tuple[Any, Any]:
     """(n(n−3)·HSIC_u(K, K), M) from T₁ = ‖K‖²_F, T₂ = ‖K̃1‖², T₃ = (1ᵀK̃1)² (module docstring), elementwise."""
-    value = gram_sq - n / (n - 2) * diag_sq + total_sq / ((n - 1) * (n - 2))
-    return value, self_hsic_magnitude(gram_sq, diag_sq, total_sq, n)
+    return debiased_hsic(gram_sq, diag_sq, total_sq, n), self_hsic_magnitude(gram_sq, diag_sq, total_sq, n)
 
 
 def check_self_hsic(value: Any, magnitude: Any, n: int, dtype: torch.dtype, name: str) -> None:

@@ -38,14 +38,14 @@ Gradient safety:
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from repsim.measures.arrays import centred_unit, check_self_hsic, debiased_self_hsic
+from repsim.measures.arrays import centred_unit
+from repsim.measures.linalg import NUCLEAR_METHODS, nuclear_norm
+from repsim.measures.registry import PairMoments, families, get_metric
 from repsim.system.errors import UserError
 
 __all__ = [
@@ -145,104 +145,12 @@ def _centered_unit(
 # gradient-safe elementary functions
 
 
-NUCLEAR_METHODS = ("auto", "svd", "gram")
-
-
-def _singular_values_and_polar(M: torch.Tensor, atol: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(σ of M, polar factor U_r V_rᵀ over σ > max(atol, max(shape)·eps·σ_max)), by the chosen method.
-
-    ``svd``: one thin SVD (LAPACK gesdd on the CPU). ``gram``: eigenvectors V of the small Gram matrix AᵀA
-    (A = M or Mᵀ, whichever is tall; eigh in float64), then B = AV and σ_i = ‖B e_i‖. Reading σ off B rather than
-    off the eigenvalues keeps the rounding error at eps·σ_max (not √eps·σ_max) for small and zero σ; repeated σ
-    need no care since any orthonormal basis of their eigenspace gives the same σ and polar factor.
-    ``auto``: ``gram`` on CUDA (cuSOLVER's SVD of 768×384 takes ~5× longer than eigh of 384×384), else ``svd``.
-    """
-    if method == "auto":
-        method = "gram" if M.is_cuda else "svd"
-    eps = torch.finfo(M.dtype).eps
-    if method == "svd":
-        try:
-            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        except torch.linalg.LinAlgError:  # the SVD did not converge (rare, badly scaled M): the Gram route below
-            pass
-        else:
-            keep = S > torch.clamp(S.max() * max(M.shape) * eps, min=atol)
-            return S, (U * keep.to(M.dtype)) @ Vh
-    transposed = M.shape[0] < M.shape[1]
-    A = M.T if transposed else M
-    _, V = torch.linalg.eigh((A.T @ A).to(torch.float64))
-    V = V.to(A.dtype)
-    B = A @ V
-    S = torch.linalg.vector_norm(B, dim=0)
-    keep = S > torch.clamp(S.max() * max(M.shape) * eps, min=atol)
-    polar = (B * torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))) @ V.T
-    return S, (polar.T if transposed else polar)
-
-
-class _NuclearNorm(torch.autograd.Function):
-    """‖M‖_* = Σ σ_i(M) with gradient U_r V_rᵀ (the polar factor on the singular values above the tolerance).
-
-    torch's SVD backward differentiates U and V and divides by σ_i² − σ_j², which is NaN/inf for repeated or zero
-    singular values; the nuclear norm needs neither: its (minimum-norm sub)gradient is the polar factor.
-    """
-
-    @staticmethod
-    def forward(ctx, M: torch.Tensor, atol: float, method: str) -> torch.Tensor:  # noqa: D102
-        S, polar = _singular_values_and_polar(M, atol, method)
-        ctx.save_for_backward(polar)
-        return S.sum()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: D102
-        (polar,) = ctx.saved_tensors
-        return grad * polar, None, None
-
-
-def nuclear_norm(M: torch.Tensor, atol: float = 0.0, method: str = "auto") -> torch.Tensor:
-    """‖M‖_* of a 2-D tensor, with gradient U_r V_rᵀ: finite for repeated and zero singular values.
-
-    Singular values at or below max(``atol``, max(shape)·eps·σ_max) (``numpy.linalg.matrix_rank``'s relative
-    tolerance) count as zero in the gradient; ``atol`` makes an M that is pure rounding noise count as zero
-    rather than as full rank. ``method``: "svd", "gram" (eigh of the small Gram matrix, fast on GPUs) or "auto"
-    (gram on CUDA, svd elsewhere).
-    """
-    if method not in NUCLEAR_METHODS:
-        raise UserError(f"nuclear-norm method must be one of {', '.join(NUCLEAR_METHODS)}, got {method!r}")
-    return _NuclearNorm.apply(M, float(atol), method)
-
-
-def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
-    """√max(0, s) with gradient 1/(2√s) for s > 0 and 0 for s ≤ 0 (no inf·0 = NaN at the minimum)."""
-    positive = s > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, s, torch.ones_like(s))), torch.zeros_like(s))
-
-
-def _safe_arccos(r: torch.Tensor) -> torch.Tensor:
-    """arccos(clip(r, 0, 1)) with gradient −1/√(1 − r²) for 0 ≤ r < 1 and 0 for r ≥ 1 (the minimum)."""
-    r = r.clamp(min=0.0)
-    below = r < 1
-    return torch.where(below, torch.arccos(torch.where(below, r, torch.zeros_like(r))), torch.zeros_like(r))
-
-
-def _use_gram_form(n: int, p: int, q: int) -> bool:
-    """True when the n×n (dual) form is cheaper than the p×p, q×q, p×q (primal) cross-products."""
-    return n * (p + q) < p * p + q * q + p * q
-
-
-def _second_moments(Xt: torch.Tensor, Yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(‖X̃ᵀX̃‖²_F, ‖ỸᵀỸ‖²_F, ‖X̃ᵀỸ‖²_F) = (⟨K,K⟩, ⟨L,L⟩, ⟨K,L⟩) with K = X̃X̃ᵀ, L = ỸỸᵀ, by the cheaper form."""
-    n, p = Xt.shape
-    q = Yt.shape[1]
-    if _use_gram_form(n, p, q):
-        K = Xt @ Xt.T
-        L = Yt @ Yt.T
-        return K.square().sum(), L.square().sum(), (K * L).sum()
-    return (Xt.T @ Xt).square().sum(), (Yt.T @ Yt).square().sum(), (Xt.T @ Yt).square().sum()
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# the losses
+# the losses: each metric loss is its family's value (repsim.measures.families), differentiable
+
+_PROCRUSTES = families()["procrustes"]
+_GRAM_FROBENIUS = families()["gram_frobenius"]
+_CKA = families()["cka"]
 
 
 class _GeometryLoss(nn.Module):
@@ -303,10 +211,7 @@ class ProcrustesLoss(_GeometryLoss):
         Xt, Yt = _centered_unit(X, Y, dtype, self.min_rows)
         # unit-norm inputs: entries of X̃ᵀỸ carry rounding error of at most ~n·eps, so σ below that are noise
         rho = nuclear_norm(Xt.T @ Yt, atol=max(*Xt.shape, Yt.shape[1]) * torch.finfo(dtype).eps, method=self.method)
-        if self.output == "angular":
-            return _safe_arccos(rho)
-        squared = 2.0 - 2.0 * rho
-        return squared if self.output == "squared" else _safe_sqrt(squared)
+        return _PROCRUSTES.finalize(PairMoments.from_rows(Xt, Yt, nuclear=rho), output=self.output)
 
     def extra_repr(self) -> str:
         return f"output={self.output!r}, method={self.method!r}, {super().extra_repr()}"
@@ -326,28 +231,10 @@ class GramFrobeniusLoss(_GeometryLoss):
 
     def _loss(self, X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         Xt, Yt = _centered_unit(X, Y, dtype, self.min_rows)
-        n, p = Xt.shape
-        q = Yt.shape[1]
-        if _use_gram_form(n, p, q):
-            squared = (Xt @ Xt.T - Yt @ Yt.T).square().sum()
-        else:
-            kk, ll, kl = _second_moments(Xt, Yt)
-            squared = kk + ll - 2.0 * kl
-        return squared if self.squared else _safe_sqrt(squared)
+        return _GRAM_FROBENIUS.from_prepared(Xt, Yt, self.squared)
 
     def extra_repr(self) -> str:
         return f"squared={self.squared}, {super().extra_repr()}"
-
-
-def _debiased_hsic(
-    kl: torch.Tensor, rows_x: torch.Tensor, rows_y: torch.Tensor, n: int
-) -> torch.Tensor:
-    """Song et al.'s unbiased HSIC times n(n−3), from centred features (Kornblith et al.'s feature-space form).
-
-    kl = ⟨K, L⟩ = ‖XᵀY‖²_F, rows_x = diag(K) = squared row norms of X, rows_y likewise:
-    kl − n/(n−2)·⟨rows_x, rows_y⟩ + Σrows_x·Σrows_y/((n−1)(n−2)).
-    """
-    return kl - n / (n - 2.0) * (rows_x * rows_y).sum() + rows_x.sum() * rows_y.sum() / ((n - 1.0) * (n - 2.0))
 
 
 class CKALoss(_GeometryLoss):
@@ -375,18 +262,7 @@ class CKALoss(_GeometryLoss):
     def _loss(self, X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         why = " for the debiased CKA estimator (it divides by n−3)" if self.estimator == "debiased" else ""
         Xt, Yt = _centered_unit(X, Y, dtype, self.min_rows, why)
-        kk, ll, kl = _second_moments(Xt, Yt)
-        if self.estimator == "biased":
-            return 1.0 - kl / torch.sqrt(kk * ll)
-        n = Xt.shape[0]
-        rows_x = Xt.square().sum(dim=1)
-        rows_y = Yt.square().sum(dim=1)
-        hsic_xy = _debiased_hsic(kl, rows_x, rows_y, n)
-        hsic_xx, mag_xx = debiased_self_hsic(kk, rows_x.square().sum(), rows_x.sum().square(), n)
-        hsic_yy, mag_yy = debiased_self_hsic(ll, rows_y.square().sum(), rows_y.sum().square(), n)
-        check_self_hsic(hsic_xx, mag_xx, n, dtype, "the teacher")
-        check_self_hsic(hsic_yy, mag_yy, n, dtype, "the student")
-        return 1.0 - hsic_xy / torch.sqrt(hsic_xx * hsic_yy)
+        return 1.0 - _CKA.finalize(PairMoments.from_rows(Xt, Yt), estimator=self.estimator)
 
     def extra_repr(self) -> str:
         return f"estimator={self.estimator!r}, {super().extra_repr()}"
@@ -429,33 +305,31 @@ class ProjectionLoss(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # factory
 
-_NAME = re.compile(r"^\s*([a-z_]+)\s*(?:\[\s*([^\]]*)\])?\s*$")
+#: the registered family of each feature loss that is a metric (the loss is its value, 1 − it for CKA)
+_LOSSES = {"procrustes": lambda kw: ProcrustesLoss(output=kw["output"]),
+           "gram_frobenius": lambda kw: GramFrobeniusLoss(squared=kw["squared"]),
+           "cka": lambda kw: CKALoss(estimator=kw["estimator"])}
 
 
 def make_feature_loss(name: str, teacher_dim: int, student_dim: int) -> nn.Module:
     """The distillation feature loss called ``name``, for teacher width ``teacher_dim`` and student ``student_dim``.
 
-    ``name`` is one of "projection", "cka", "procrustes", "gram_frobenius" (defaults: Procrustes distance,
-    Gram-Frobenius distance, 1 − biased linear CKA), optionally with the metric's convention in brackets:
-    "procrustes[squared]", "procrustes[angular]", "gram_frobenius[squared]", "cka[debiased]",
-    "cka[linear,debiased]". Only "projection" has parameters (the student→teacher linear map).
+    ``name`` is "projection" (the learned linear map, FitNets) or a metric id of the procrustes, gram_frobenius or
+    linear cka family as :func:`repsim.measures.registry.get_metric` parses it (defaults: Procrustes distance,
+    Gram-Frobenius distance, 1 − biased linear CKA): "procrustes[squared]", "procrustes[angular]",
+    "gram_frobenius[squared]", "cka[debiased]", "cka[linear,debiased]". Only "projection" has parameters.
     """
-    match = _NAME.match(name.lower()) if isinstance(name, str) else None
-    family = match.group(1) if match else None
-    options = [o.strip() for o in (match.group(2) or "").split(",") if o.strip()] if match else []
-    if family not in FEATURE_LOSSES:
+    if not isinstance(name, str):
         raise UserError(f"unknown feature loss {name!r}; choose one of {', '.join(FEATURE_LOSSES)}")
-    if family == "projection" and not options:
+    compact = "".join(name.split()).lower()
+    if compact == "projection":
         return ProjectionLoss(teacher_dim, student_dim)
-    if family == "procrustes" and len(options) <= 1:
-        output = options[0] if options else "distance"
-        if output in ProcrustesLoss.OUTPUTS:
-            return ProcrustesLoss(output=output)
-    if family == "gram_frobenius" and options in ([], ["squared"]):
-        return GramFrobeniusLoss(squared=bool(options))
-    if family == "cka":
-        rest = [o for o in options if o != "linear"]
-        if len(rest) <= 1 and (not rest or rest[0] in CKALoss.ESTIMATORS):
-            return CKALoss(estimator=rest[0] if rest else "biased")
-    raise UserError(f"unknown options in feature loss {name!r}")
-
+    if compact.split("[", 1)[0] not in _LOSSES:
+        raise UserError(f"unknown feature loss {name!r}; choose one of {', '.join(FEATURE_LOSSES)}")
+    try:
+        spec = get_metric(compact)
+    except UserError as exc:
+        raise UserError(f"unknown options in feature loss {name!r} ({exc})") from None
+    if not spec.linear:
+        raise UserError(f"unknown options in feature loss {name!r}: {spec.id} is not a differentiable loss")
+    return _LOSSES[spec.family](dict(spec.kwargs))

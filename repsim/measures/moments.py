@@ -44,24 +44,22 @@ metrics are scale invariant, so they read the scaled statistics directly.
 Zero variance is judged as in :mod:`repsim.measures.arrays`: a layer is refused when ‖X_c‖²_F = A ≤ τ²·(A + n‖x̄‖²)
 (‖X‖²_F, from the running mean), τ = 16·√n·eps.
 
-Metrics (docs/measures.md §3; X̃ = centred X / ‖centred X‖_F, so X̃ᵀỸ = cross/√(AB), A = tr cov_x, B = tr cov_y):
+Metrics. Each metric is its family's ``finalize`` (:mod:`repsim.measures.families`) on every pair's moments in
+the unit-Frobenius convention: X̃ᵀỸ = cross/√(AB), X̃ᵀX̃ = cov_x/A, ỸᵀỸ = cov_y/B (A = tr cov_x, B = tr cov_y),
+Σ‖x̃_i‖⁴ = quart_x/A², Σ‖x̃_i‖²‖ỹ_i‖² = s_ab/(AB); the nuclear norms ‖cross‖_* are computed batched for all pairs
+(repsim.measures.linalg.nuclear_norms). Metrics that need the rows (RBF CKA, the held-out residual, the moment
+estimator of ρ) are refused with a UserError naming them.
 
-- Procrustes ρ = ‖cross‖_* / √(AB); distance √max(0, 2−2ρ), angular arccos(clip(ρ, 0, 1)), squared 2−2ρ.
-- Gram-Frobenius² = ‖cov_x‖²_F/A² + ‖cov_y‖²_F/B² − 2‖cross‖²_F/(AB)  (= ‖X̃X̃ᵀ − ỸỸᵀ‖²_F, no n×n matrix).
-- linear CKA (biased) = ‖cross‖²_F / (‖cov_x‖_F ‖cov_y‖_F).
-- linear CKA (debiased, Song et al. 2012 / Kornblith's ``debiased=True``): with K = XXᵀ, the U-statistic
-  HSIC_u(K, L) · n(n−3) = ‖cross‖²_F + AB/((n−1)(n−2)) − n/(n−2) · Σ a_i b_i
-  (the U-statistic is unchanged by centring, and for centred data K̃1 = −a, 1ᵀK̃1 = −A);
-  CKA = HSIC_u(K,L)/√(HSIC_u(K,K)·HSIC_u(L,L)).
-- projection residual (in-sample) min_W ‖X̃ − ỸW‖²_F = 1 − Σ_k g_k/λ_k over the eigenpairs (λ_k, q_k) of
-  S = ỸᵀỸ above a rank tolerance, g_k = ‖X̃ᵀỸ q_k‖²; with ``ridge`` λ > 0, W = (S + λI)⁻¹ỸᵀX̃ and the residual is
-  1 − Σ_k g_k (λ_k + 2λ)/(λ_k + λ)² (the fit error ‖X̃ − ỸW‖²_F, penalty not included).
+Accuracy. The values are those of the in-memory functions up to rounding, except where the in-memory function
+recomputes a cancelling difference from the rows (nearly identical inputs: 2 − 2ρ, the Gram-Frobenius
+difference, the in-sample residual near 0), which moments cannot do: there the squared forms carry an absolute
+error up to STREAMING_ACCURACY (the nuclear norm's accepted rounding bound of 1e-9 on ρ, doubled, plus the
+moments' own rounding), so the distances √(·) near 0 carry up to √STREAMING_ACCURACY.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,22 +68,20 @@ import torch
 
 from repsim.measures.arrays import (
     as_matrix,
-    check_self_hsic,
-    debiased_self_hsic,
     power_of_two_exponent,
     scale_by_power_of_two,
     variance_tolerance,
 )
+from repsim.measures.linalg import nuclear_norms
+from repsim.measures.registry import Family, MetricSpec, PairMoments, families, get_metric
 from repsim.system.errors import UserError
 
 _PAIR_KEYS = ("cross", "s_ab", "t_ay", "t_bx")
+#: absolute accuracy of the squared forms (2 − 2ρ, ‖X̃X̃ᵀ − ỸỸᵀ‖²_F, the in-sample residual) read from moments
+#: (module docstring, Accuracy); the distances near 0 are accurate to its square root
+STREAMING_ACCURACY = 1e-8
 #: the scale exponent of a layer that has seen only zeros (below every float64 exponent)
 _NO_SCALE = -2000
-
-
-def _rank_tolerance(eigenvalues: torch.Tensor, size: int) -> torch.Tensor:
-    """Eigenvalues of a Gram/covariance matrix below this are rounding noise (relative to the largest)."""
-    return eigenvalues.max().clamp_min(0) * (10 * max(size, 1) * torch.finfo(eigenvalues.dtype).eps)
 
 
 def _widths(widths: int | Sequence[int], name: str) -> list[int]:
@@ -523,18 +519,16 @@ class LayerMoments:
 
     def _nuclear(self) -> torch.Tensor:
         """‖cross_ts‖_* for every pair, (Lt, Ls), batched where the student widths agree (√eig of the small Gram
-        where provably exact to 1e-9 relative to ‖cross‖, else svdvals; see repsim.measures.allpairs._nuclear_norms)."""
-        from repsim.measures.allpairs import _nuclear_norms
-
+        where provably exact to 1e-9 relative to ‖cross‖, else svdvals; see repsim.measures.linalg.nuclear_norms)."""
         A, B = self._scales()
         out = self._zeros(self.n_teacher_layers, self.n_student_layers)
         uniform = len(set(self.student_widths)) == 1
         for t, blocks in enumerate(self._pair_blocks()):
             scale = torch.sqrt(A[t] * B)  # ρ = ‖cross‖_*/√(AB): the bound is on ρ
             if uniform:
-                out[t] = _nuclear_norms(torch.stack(blocks), scale)
+                out[t] = nuclear_norms(torch.stack(blocks), scale)
             else:
-                out[t] = torch.stack([_nuclear_norms(b[None], scale[s])[0] for s, b in enumerate(blocks)])
+                out[t] = torch.stack([nuclear_norms(b[None], scale[s])[0] for s, b in enumerate(blocks)])
         return out
 
     def _cross_sq(self) -> torch.Tensor:
@@ -546,86 +540,78 @@ class LayerMoments:
     def _self_sq(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.stack([(c * c).sum() for c in self.cov_t]), torch.stack([(c * c).sum() for c in self.cov_s]))
 
+    def _values(self, family: Family, kwargs: dict[str, Any], what: str) -> torch.Tensor:
+        """(Lt, Ls) values of a moments metric: the family's ``finalize`` on every pair's moments, scaled to the
+        unit-Frobenius convention (X̃ᵀỸ = cross/√(AB), X̃ᵀX̃ = cov_x/A, Σ‖x̃_i‖⁴ = quart_x/A², ...). The batched
+        statistics a family reads (``Family.needs``) are computed once for all pairs."""
+        self._require(family.min_rows(**kwargs), what)
+        A, B = self._scales()
+        uses = family.needs(**kwargs)
+        nuclear = self._nuclear() / torch.sqrt(A[:, None] * B[None, :]) if "nuclear" in uses else None
+        cross_sq = self._cross_sq() / (A[:, None] * B[None, :]) if "cross_sq" in uses else None
+        if "self_sq" in uses:
+            kx, ky = self._self_sq()
+            kx, ky = kx / A ** 2, ky / B ** 2
+        blocks = self._pair_blocks()
+        cov_t = [c / a for c, a in zip(self.cov_t, A, strict=True)]
+        cov_s = [c / b for c, b in zip(self.cov_s, B, strict=True)]
+        state_t = [family.layer_statistics(c, self.n, **kwargs) for c in cov_t]
+        state_s = [family.layer_statistics(c, self.n, **kwargs) for c in cov_s]
+        out = self._zeros(self.n_teacher_layers, self.n_student_layers)
+        for t in range(self.n_teacher_layers):
+            for s in range(self.n_student_layers):
+                ab = A[t] * B[s]
+                m = PairMoments(self.n, cov_t[t], cov_s[s], blocks[t][s] / torch.sqrt(ab),
+                                nuclear=None if nuclear is None else nuclear[t, s],
+                                cross_sq=None if cross_sq is None else cross_sq[t, s],
+                                self_sq_x=kx[t] if "self_sq" in uses else None,
+                                self_sq_y=ky[s] if "self_sq" in uses else None,
+                                quart_x=self.quart_t[t] / A[t] ** 2, quart_y=self.quart_s[s] / B[s] ** 2,
+                                s_ab=self.s_ab[t, s] / ab, state_x=state_t[t], state_y=state_s[s])
+                out[t, s] = family.finalize(m, **kwargs)
+        return out
+
     def procrustes_matrix(self, output: str = "distance") -> torch.Tensor:
         """Procrustes for every pair (see module docstring); output "distance" | "angular" | "squared" | "rho"."""
-        self._require(2, "procrustes")
-        A, B = self._scales()
-        rho = self._nuclear() / torch.sqrt(A[:, None] * B[None, :])
-        return _procrustes_output(rho, output)
+        if output == "similarity":
+            output = "rho"
+        return self._values(families()["procrustes"], {"output": output}, "procrustes")
 
     def gram_frobenius_matrix(self, squared: bool = False) -> torch.Tensor:
         """‖X̃X̃ᵀ − ỸỸᵀ‖_F (or its square) for every pair, from d×d moments only."""
-        self._require(2, "gram_frobenius")
-        A, B = self._scales()
-        kx, ky = self._self_sq()
-        sq = kx[:, None] / A[:, None] ** 2 + ky[None, :] / B[None, :] ** 2 - 2 * self._cross_sq() / (
-            A[:, None] * B[None, :])
-        return _gram_output(sq, squared)
+        return self.matrix_tensor("gram_frobenius[squared]" if squared else "gram_frobenius")
 
     def cka_matrix(self, estimator: str = "biased") -> torch.Tensor:
         """Linear CKA for every pair; estimator "biased" (Kornblith 2019) or "debiased" (Song 2012 U-statistic)."""
-        if estimator == "biased":
-            self._require(2, "cka")
-            self._scales()
-            kx, ky = self._self_sq()
-            return self._cross_sq() / torch.sqrt(kx[:, None] * ky[None, :])
-        if estimator == "debiased":
-            self._require(4, "debiased cka")
-            n = float(self.n)
-            A, B = self._scales()
-            kx, ky = self._self_sq()
-            c = 1.0 / ((n - 1) * (n - 2))
-            f = n / (n - 2)
-            hxy = self._cross_sq() + c * A[:, None] * B[None, :] - f * self.s_ab
-            hxx, mxx = debiased_self_hsic(kx, self.quart_t, A * A, self.n)
-            hyy, myy = debiased_self_hsic(ky, self.quart_s, B * B, self.n)
-            check_self_hsic(hxx, mxx, self.n, self.dtype, "the teacher")
-            check_self_hsic(hyy, myy, self.n, self.dtype, "the student")
-            return hxy / torch.sqrt(hxx[:, None] * hyy[None, :])
-        raise UserError(f"linear CKA from moments supports estimator 'biased' or 'debiased', got {estimator!r}")
+        if estimator not in ("biased", "debiased"):
+            raise UserError(f"linear CKA from moments supports estimator 'biased' or 'debiased', got {estimator!r}")
+        return self.matrix_tensor(f"cka[linear,{estimator}]")
 
     def projection_residual_matrix(self, ridge: float = 0.0) -> torch.Tensor:
         """In-sample min_W ‖X̃ − ỸW‖²_F for every pair (1 − R² of predicting the teacher from the student).
 
         With ridge λ > 0: W = (ỸᵀỸ + λI)⁻¹ỸᵀX̃ on the unit-Frobenius-scaled data, value = fit error without the
-        penalty. λ = 0 uses the pseudo-inverse (eigenvalues of ỸᵀỸ below 10·q·eps·λ_max count as 0).
+        penalty. λ = 0 uses the pseudo-inverse (eigenvalues of ỸᵀỸ below
+        repsim.measures.linalg.eigen_rank_cutoff count as 0).
         """
         if ridge < 0 or not math.isfinite(ridge):
             raise UserError(f"ridge must be a finite number ≥ 0, got {ridge}")
-        self._require(2, "projection_residual")
-        A, B = self._scales()
-        out = self._zeros(self.n_teacher_layers, self.n_student_layers)
-        blocks = self._pair_blocks()
-        for s, cov in enumerate(self.cov_s):
-            lam, Q = torch.linalg.eigh(cov / B[s])
-            if ridge > 0:
-                weight = (lam + 2 * ridge) / (lam + ridge) ** 2
-            else:
-                keep = lam > _rank_tolerance(lam, cov.shape[0])
-                weight = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-            for t in range(self.n_teacher_layers):
-                g = ((blocks[t][s] @ Q) ** 2).sum(dim=0) / (A[t] * B[s])
-                out[t, s] = 1.0 - (g * weight).sum()
-        return _clamp_rounding(out, 0.0, 1.0, "projection residual")
+        return self._values(families()["projection_residual"], {"folds": None, "ridge": float(ridge)},
+                            "projection_residual")
 
-    def matrix(self, metric_id: str) -> np.ndarray:
-        """(Lt, Ls) float64 array of the metric ``metric_id`` (any id accepted by
-        ``repsim.measures.functions.get_metric``
-        whose metric is linear, i.e. computable from second moments)."""
-        family, kwargs = _linear_metric(metric_id)
-        if family == "procrustes":
-            m = self.procrustes_matrix(kwargs.get("output", "distance"))
-        elif family == "gram_frobenius":
-            m = self.gram_frobenius_matrix(bool(kwargs.get("squared", False)))
-        elif family == "cka":
-            m = self.cka_matrix(kwargs.get("estimator", "biased"))
-        elif kwargs.get("folds") is not None:
-            raise UserError(f"{metric_id!r} is a held-out residual: it needs per-fold moments, which these pooled "
-                            f"moments do not keep; use 'projection_residual[in_sample]' or repsim.pairwise on stored "
-                            f"activations")
-        else:
-            m = self.projection_residual_matrix(float(kwargs.get("ridge", 0.0) or 0.0))
-        return m.detach().cpu().double().numpy()
+    def matrix_tensor(self, metric_id: str | MetricSpec) -> torch.Tensor:
+        """(Lt, Ls) tensor of the metric (any id of ``repsim.measures.registry.get_metric`` whose statistics are
+        "moments"); a metric that needs the rows is refused with a UserError naming it."""
+        spec = get_metric(metric_id)
+        if not spec.linear:
+            raise UserError(f"metric {spec.id!r} ({spec.label}) is not computable from streaming moments: it needs "
+                            "the rows, which these pooled moments do not keep; compute it in memory or with "
+                            "repsim.pairwise on stored activations")
+        return self._values(spec.family_object, dict(spec.kwargs), spec.id)
+
+    def matrix(self, metric_id: str | MetricSpec) -> np.ndarray:
+        """(Lt, Ls) float64 array of the metric ``metric_id`` (see :meth:`matrix_tensor`)."""
+        return self.matrix_tensor(metric_id).detach().cpu().double().numpy()
 
 
 class CrossMoments(LayerMoments):
@@ -703,41 +689,3 @@ def _add_small(hi: torch.Tensor, lo: torch.Tensor, small: torch.Tensor) -> tuple
     t = lo + small
     new_hi = hi + t
     return new_hi, t - (new_hi - hi)
-
-
-def _clamp_rounding(v: torch.Tensor, lo: float, hi: float, what: str, tol: float = 1e-9) -> torch.Tensor:
-    """Clamp values into [lo, hi]; silently only when they are outside by rounding (≤ tol), else with a
-    RuntimeWarning naming the quantity (a breakdown must not pass unnoticed)."""
-    if bool(((v < lo - tol) | (v > hi + tol)).any()):
-        warnings.warn(f"{what} left [{lo}, {hi}] by more than rounding ({v.min().item()!r} … {v.max().item()!r}); "
-                      f"clamped", RuntimeWarning, stacklevel=3)
-    return v.clamp(lo, hi)
-
-
-def _procrustes_output(rho: torch.Tensor, output: str) -> torch.Tensor:
-    rho = _clamp_rounding(rho, 0.0, 1.0, "Procrustes ρ")
-    if output == "distance":
-        return torch.sqrt(torch.clamp(2 - 2 * rho, min=0))
-    if output == "angular":
-        return torch.arccos(rho)
-    if output == "squared":
-        return 2 - 2 * rho
-    if output in ("rho", "similarity"):
-        return rho
-    raise UserError(f"procrustes output must be 'distance', 'angular' or 'squared', got {output!r}")
-
-
-def _gram_output(sq: torch.Tensor, squared: bool) -> torch.Tensor:
-    sq = _clamp_rounding(sq, 0.0, 2.0, "squared Gram-Frobenius distance")
-    return sq if squared else torch.sqrt(sq)
-
-
-def _linear_metric(metric_id: str) -> tuple[str, dict[str, Any]]:
-    """(family, kwargs) of a metric id that the moments can compute; UserError otherwise."""
-    from repsim.measures.functions import get_metric
-
-    spec = get_metric(metric_id)
-    if not spec.linear:
-        raise UserError(f"metric {spec.id!r} is not computable from streaming moments (it is not a linear "
-                        f"second-moment metric); compute it in memory instead")
-    return spec.family, dict(spec.kwargs)

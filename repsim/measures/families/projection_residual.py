@@ -1,0 +1,188 @@
+"""Projection residual 1 − R²: the fraction of the teacher not linearly predictable from the student.
+
+Ids: ``projection_residual[in_sample]`` (a function of second moments) and ``projection_residual[folds=K]``
+(k-fold held-out; needs the rows), each optionally ``,ridge=R``; alias ``projection_residual`` (5 folds).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
+from repsim.measures.linalg import clamp_rounding, eigen_rank_cutoff, least_squares_gains, refine_below
+from repsim.measures.registry import (
+    SHAPE_INVARIANCES,
+    Family,
+    MetricSpec,
+    PairMoments,
+    check_number,
+    register,
+)
+from repsim.system.errors import UserError
+
+#: accuracy (absolute) of a residual from moments beyond which a value outside [0, 1] is a breakdown
+MOMENTS_ACCURACY = 1e-9
+
+
+def fold_assignment(n: int, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index (0 … folds−1) of each of n rows: a seeded random permutation cut into ``folds`` nearly equal parts.
+
+    ``np.random.default_rng(seed).permutation(n)`` split by ``np.array_split``; fold sizes differ by at most 1.
+    Every engine that must reproduce :func:`projection_residual`'s folds calls this.
+    """
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise UserError(f"folds must be an integer ≥ 2 (or None for the in-sample residual), got {folds!r}")
+    if folds > n:
+        raise UserError(f"folds={folds} is more than the number of samples ({n})")
+    if n - math.ceil(n / folds) < 2:
+        raise UserError(f"folds={folds} leaves fewer than 2 training rows out of {n} samples")
+    ids = np.empty(n, dtype=np.int64)
+    for fold, rows in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), folds)):
+        ids[rows] = fold
+    return ids
+
+
+def least_squares(B: torch.Tensor, A: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The (ridge) least-squares map Ŵ fitting A ≈ BŴ: Ŵ = V diag(g) UᵀA from the thin SVD B = USVᵀ.
+
+    ridge = 0: g = 1/s on singular values above numpy's lstsq cutoff (the minimum-norm solution, valid for
+    rank-deficient B and n < width); ridge = λ > 0: g = s/(s² + λ), the minimiser of ‖A − BW‖² + λ‖W‖²
+    (:func:`repsim.measures.linalg.least_squares_gains`). SVD rather than normal equations, so cond(B) is not
+    squared, and it runs on any device.
+    """
+    U, s, Vh = torch.linalg.svd(B, full_matrices=False)
+    gain = least_squares_gains(s, ridge, B.shape[0], B.shape[1])
+    return Vh.T @ (gain[:, None] * (U.T @ A))
+
+
+def in_sample_residual(Xr: torch.Tensor, Yr: torch.Tensor, ridge: float) -> torch.Tensor:
+    """‖X̃ − ỸŴ‖²_F from the rows: the residual itself, so nothing cancels when it is small."""
+    return (Xr - Yr @ least_squares(Yr, Xr, ridge)).square().sum()
+
+
+def eigen_weights(cov_y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, w) from S = ỸᵀỸ = Q diag(λ) Qᵀ: the explained part of the fit is Σ_k w_k ‖X̃ᵀỸ q_k‖², with
+    w_k = 1/λ_k above :func:`repsim.measures.linalg.eigen_rank_cutoff` (0 below) or, with ridge ρ > 0,
+    (λ_k + 2ρ)/(λ_k + ρ)² (W = (S + ρI)⁻¹ỸᵀX̃, the fit error without the penalty)."""
+    lam, Q = torch.linalg.eigh(cov_y)
+    if ridge > 0:
+        return Q, (lam + 2 * ridge) / (lam + ridge) ** 2
+    keep = lam > eigen_rank_cutoff(lam, cov_y.shape[-1])
+    return Q, torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+
+
+class ProjectionResidual(Family):
+    """The projection-residual family (module docstring)."""
+
+    name = "projection_residual"
+    grammar = "projection_residual[in_sample] or projection_residual[folds=K] (optionally ,ridge=R)"
+    examples = ("projection_residual[in_sample]", "projection_residual[folds=5]")
+    uses = frozenset({"explained"})
+    aliases = {"projection_residual": "projection_residual[folds=5]"}
+
+    def spec(self, folds: int | None = None, ridge: float = 0.0) -> MetricSpec:
+        ridge = float(ridge)
+        parts = ["in_sample" if folds is None else f"folds={folds}"] + ([f"ridge={ridge:g}"] if ridge else [])
+        where = "in-sample" if folds is None else f"{folds}-fold held-out"
+        return MetricSpec(f"projection_residual[{','.join(parts)}]", self.name, {"folds": folds, "ridge": ridge},
+                          "lower", (0.0, 1.0) if folds is None else (0.0, math.inf), SHAPE_INVARIANCES, False,
+                          "moments" if folds is None else "rows",
+                          f"projection residual 1−R², {where} (lower = more similar)",
+                          frozenset() if ridge else frozenset({"invertible_linear"}))
+
+    def parse(self, flags: list[str], options: dict[str, str], text: str) -> MetricSpec:
+        if set(options) - {"folds", "ridge"} or [f for f in flags if f != "in_sample"] or \
+                (flags and "folds" in options) or not (flags or "folds" in options):
+            raise self.error(text)
+        folds = self.integer(options, "folds", None, text, 2)
+        ridge = self.number(options, "ridge", 0.0, text)
+        if not ridge >= 0:
+            raise self.error(text, f"ridge must be ≥ 0, got {ridge:g}")
+        return self.spec(folds, ridge)
+
+    def compute(self, X: torch.Tensor, Y: torch.Tensor, folds: int | None = None, ridge: float = 0.0,
+                seed: int = 0, center: bool = True) -> torch.Tensor:
+        Xt, Yt = prepare(X, center, "X (teacher)"), prepare(Y, center, "Y (student)")
+        if folds is None:
+            return in_sample_residual(Xt, Yt, ridge)
+        n = Xt.shape[0]
+        fold_of_row = torch.as_tensor(fold_assignment(n, folds, seed), device=Xt.device)
+        value = Xt.new_zeros(())
+        for fold in range(int(folds)):
+            test = fold_of_row == fold
+            X_train, Y_train, X_test, Y_test = Xt[~test], Yt[~test], Xt[test], Yt[test]
+            if center:
+                mean_x, mean_y = X_train.mean(dim=0), Y_train.mean(dim=0)
+                X_train, Y_train = X_train - mean_x, Y_train - mean_y
+                X_test, Y_test = X_test - mean_x, Y_test - mean_y
+            value = value + (X_test - Y_test @ least_squares(Y_train, X_train, ridge)).square().sum()
+        return value
+
+    def layer_statistics(self, cov: torch.Tensor, n: int, ridge: float = 0.0, **kwargs: Any) -> Any:
+        """(Q, w) of the student's ỸᵀỸ (:func:`eigen_weights`), once per student layer."""
+        return eigen_weights(cov, float(ridge or 0.0))
+
+    def finalize(self, m: PairMoments, folds: int | None = None, ridge: float = 0.0, **kwargs: Any
+                 ) -> torch.Tensor:
+        """In-sample residual. One pair with rows: the residual from the rows (:func:`in_sample_residual`).
+        Otherwise 1 − explained, with explained = ``m.explained`` (an engine's batched value for this ridge) or
+        Σ_k w_k ‖X̃ᵀỸ q_k‖² (:func:`eigen_weights`, from ``m.state_y`` when given), recomputed from the rows where
+        it is below ``refine_below`` (cancellation) and the engine holds them."""
+        if folds is not None:
+            raise UserError(f"the {folds}-fold held-out residual needs the rows (per-fold moments), not pooled "
+                            "second moments; use 'projection_residual[in_sample]' or repsim.pairwise on stored "
+                            "activations")
+        ridge = float(ridge or 0.0)
+        if isinstance(m.rows_x, torch.Tensor) and m.rows_x.ndim == 2:
+            return in_sample_residual(m.rows_x, m.rows_y, ridge)
+        explained = m.explained
+        if explained is None:
+            Q, w = m.state_y if m.state_y is not None else eigen_weights(m.cov_y, ridge)
+            explained = ((m.cross @ Q).square().sum(dim=-2) * w).sum(dim=-1)
+        value = 1.0 - explained
+        low = value < refine_below(value)
+        if bool(low.any()) and m.rows_x is not None:
+            value = value.clone()
+            for index in torch.nonzero(low).tolist():
+                Xr, Yr = m.pair_rows(tuple(index))
+                value[tuple(index)] = in_sample_residual(Xr, Yr, ridge)
+        return clamp_rounding(value, 0.0, 1.0, MOMENTS_ACCURACY, "projection residual")
+
+
+FAMILY = register(ProjectionResidual())
+
+
+def projection_residual(
+    X: ArrayLike,
+    Y: ArrayLike,
+    ridge: float = 0.0,
+    folds: int | None = None,
+    seed: int = 0,
+    center: bool = True,
+    *,
+    dtype: torch.dtype = torch.float64,
+) -> float | torch.Tensor:
+    """Fraction of the teacher not linearly predictable from the student: min_W ‖X̃ − ỸW‖²_F (= 1 − R²).
+
+    Both sides are prepared once, on all n rows (centred, unit Frobenius norm), so the residual is a fraction of
+    the teacher's total variance ‖X̃‖² = 1. Asymmetric (teacher X is predicted from student Y).
+
+    - ``folds=None``: in-sample least squares (thin SVD of Ỹ, minimum-norm solution). In [0, 1]. Exactly 0 as
+      soon as the centred student has rank n − 1 (e.g. n ≤ q): the projection loss's blind spot, not similarity.
+    - ``folds=k``: k-fold held-out residual. Rows are split by :func:`fold_assignment` (``seed``). For each fold,
+      the map is fitted on the other k − 1 folds with an intercept: train rows of X̃ and Ỹ are re-centred by their
+      train-fold means μ_X, μ_Y, W fitted on them, and the held-out rows predicted as μ_X + (Ỹ_te − μ_Y)W (only
+      train rows enter the fit). The value is Σ over folds of ‖X̃_te − μ_X − (Ỹ_te − μ_Y)W‖²_F. 0 when the
+      student is an invertible linear map of the teacher (and train folds have full rank); usually ≤ 1, but a
+      student that only overfits can exceed 1, which is reported, not clipped.
+      With ``center=False`` neither the global centring nor the intercept is applied.
+    - ``ridge=λ > 0``: W minimises ‖X̃_tr − Ỹ_tr W‖² + λ‖W‖²_F (on the unit-norm data); the residual reported is
+      the fit error without the penalty.
+    """
+    ridge = check_number("ridge", ridge)
+    Xt, Yt = as_pair(X, Y, dtype=dtype)
+    return to_output(FAMILY.compute(Xt, Yt, folds, ridge, seed, center), X)
