@@ -19,11 +19,13 @@ from repsim.measures.functions import (
     procrustes,
     projection_residual,
 )
+from repsim.measures.registry import metric_names
 
+#: every registered metric (a family registered later is covered here too), plus parameterised conventions
 SPECS = sorted(
-    {**METRICS, **{s.id: s for s in map(get_metric, (
-        "cka[rbf,sigma=0.5]", "cka[rbf,sigma=2,debiased]", "projection_residual[folds=3]",
-        "projection_residual[in_sample,ridge=0.01]"))}}.values(),
+    {s.id: s for s in map(get_metric, (*metric_names(), "cka[rbf,sigma=0.5]", "cka[rbf,sigma=2,debiased]",
+                                       "projection_residual[folds=3]", "projection_residual[in_sample,ridge=0.01]"))
+     }.values(),
     key=lambda s: s.id,
 )
 seeds = st.integers(0, 2**31 - 1)

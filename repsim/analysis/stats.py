@@ -317,7 +317,7 @@ def bootstrap_replicates(teacher_layers, student_layers, metrics: Sequence[str],
                 out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr, n, units_t, units_s)
         if proc:
             res = _procrustes_values(proc, [_weighted_unit(x, rows, w, n) for x in teacher],
-                                     [_weighted_unit(y, rows, w, n) for y in student])
+                                     [_weighted_unit(y, rows, w, n) for y in student], REPLICATE_TOL)
             for s in proc:
                 out[s.id][b] = res[s.id]
         if slow:
@@ -404,7 +404,7 @@ def permutation_replicates(teacher_layers, student_layers, metrics: Sequence[str
                 out[s.id][b] = _gram_values(s, cross, t_sq, t_tr, s_sq, s_tr, n, t_lazy,
                                             _LazyUnits(student, perm, ones, n))
         if proc:
-            res = _procrustes_values(proc, t_units, [z.index_select(0, perm) for z in s_units])
+            res = _procrustes_values(proc, t_units, [z.index_select(0, perm) for z in s_units], REPLICATE_TOL)
             for s in proc:
                 out[s.id][b] = res[s.id]
         if slow:

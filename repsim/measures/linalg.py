@@ -38,15 +38,23 @@ def refine_below(t: torch.Tensor | torch.dtype) -> float:
     return 100.0 * math.sqrt(eps(t))
 
 
-def clamp_rounding(value: torch.Tensor, lo: float, hi: float, tol: float, what: str) -> torch.Tensor:
+def clamp_rounding(value: torch.Tensor, lo: float, hi: float, tol: float, what: str,
+                   resolution: float | None = None) -> torch.Tensor:
     """Clamp ``value`` (any shape) into [lo, hi], silently only where it is outside by at most ``tol`` (rounding).
 
     A larger excursion means the computation broke down; it is clamped with a RuntimeWarning naming ``what``.
+    ``resolution``: for a difference of nearly equal terms that could not be recomputed without cancellation (an
+    engine without the rows), the smallest excess over lo it can resolve: values below lo + resolution (those
+    below lo by rounding included) become lo + max(|value − lo|, resolution), which stays within the engine's
+    accuracy and does not claim an exact lo (the 0 of identical inputs) for inputs that may differ.
     """
     v = value.detach()
     if bool(((v < lo - tol) | (v > hi + tol)).any()):
         warnings.warn(f"{what} lies outside [{lo}, {hi}] by more than rounding ({tol:.1e}): {v.min().item()!r} … "
                       f"{v.max().item()!r}; clamped", RuntimeWarning, stacklevel=3)
+    if resolution is not None:
+        unresolved = (v < lo + resolution) & (v >= lo - tol)
+        value = torch.where(unresolved, lo + (value - lo).abs().clamp(min=resolution), value)
     return value.clamp(lo, hi)
 
 

@@ -54,7 +54,10 @@ Accuracy. The values are those of the in-memory functions up to rounding, except
 recomputes a cancelling difference from the rows (nearly identical inputs: 2 − 2ρ, the Gram-Frobenius
 difference, the in-sample residual near 0), which moments cannot do: there the squared forms carry an absolute
 error up to STREAMING_ACCURACY (the nuclear norm's accepted rounding bound of 1e-9 on ρ, doubled, plus the
-moments' own rounding), so the distances √(·) near 0 carry up to √STREAMING_ACCURACY.
+moments' own rounding), so the distances √(·) near 0 carry up to √STREAMING_ACCURACY. A squared form that
+cancelled to below its resolution (eps times its terms; below 0 included) is reported as max(|value|, that
+resolution) (repsim.measures.linalg.clamp_rounding), within that accuracy, rather than as an exact 0 that would
+claim identical inputs.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ def squared_from_moments(m: PairMoments) -> torch.Tensor:
         # below (n·eps)² the gradient of the fast form is rounding noise against √(value): 0 there (the minimum)
         squared = torch.where(exact < (m.n * eps(exact)) ** 2, exact, squared + (exact - squared.detach()))
     tol = max(MOMENTS_ACCURACY, 100.0 * m.n * eps(squared) * float(terms.detach().max()))
-    return clamp_rounding(squared, 0.0, 2.0, tol, "squared Gram-Frobenius distance")
+    return clamp_rounding(squared, 0.0, 2.0, tol, "squared Gram-Frobenius distance",
+                          resolution=None if m.rows_x is not None else eps(squared) * float(terms.detach().max()))
 
 
 class GramFrobenius(Family):

@@ -174,7 +174,8 @@ def squared_from_moments(m: PairMoments) -> torch.Tensor:
         # below (n·eps)² the gradient of the fast form is rounding noise against √(value): 0 there (the minimum)
         squared = torch.where(exact < (m.n * eps(exact)) ** 2, exact, squared + (exact - squared.detach()))
     tol = max(2 * NUCLEAR_ACCURACY, 200.0 * m.n * eps(squared))
-    return clamp_rounding(squared, 0.0, float(norms.detach().max()), tol, "squared Procrustes distance 2 − 2ρ")
+    return clamp_rounding(squared, 0.0, float(norms.detach().max()), tol, "squared Procrustes distance 2 − 2ρ",
+                          resolution=None if m.rows_x is not None else eps(squared) * 2)
 
 
 class Procrustes(Family):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
-from repsim.measures.linalg import clamp_rounding, eigen_rank_cutoff, least_squares_gains, refine_below
+from repsim.measures.linalg import clamp_rounding, eigen_rank_cutoff, eps, least_squares_gains, refine_below
 from repsim.measures.registry import (
     SHAPE_INVARIANCES,
     Family,
@@ -150,7 +150,8 @@ class ProjectionResidual(Family):
             for index in torch.nonzero(low).tolist():
                 Xr, Yr = m.pair_rows(tuple(index))
                 value[tuple(index)] = in_sample_residual(Xr, Yr, ridge)
-        return clamp_rounding(value, 0.0, 1.0, MOMENTS_ACCURACY, "projection residual")
+        return clamp_rounding(value, 0.0, 1.0, MOMENTS_ACCURACY, "projection residual",
+                              resolution=None if m.rows_x is not None else eps(value))
 
 
 FAMILY = register(ProjectionResidual())
