@@ -462,21 +462,11 @@ MAX_REPLICATES = 100_000
 
 
 def min_rows(metric: str) -> int:
-    """The fewest paired rows ``metric`` is defined on: k-fold residuals need every fold non-empty and at least
-    2 training rows (n ≥ k and n − ⌈n/k⌉ ≥ 2), debiased CKA needs 4 (Song et al.'s U-statistic), the rest 2."""
-    import math
-
+    """The fewest paired rows ``metric`` is defined on, its family's rule (repsim.measures.registry.Family.min_rows):
+    k-fold residuals need every fold non-empty and at least 2 training rows (n ≥ k and n − ⌈n/k⌉ ≥ 2), debiased
+    CKA needs 4 (Song et al.'s U-statistic), the rest 2."""
     sp = _spec(metric)
-    kwargs = dict(sp.kwargs)
-    if sp.family == "projection_residual" and kwargs.get("folds") is not None:
-        folds = int(kwargs["folds"])
-        n = max(folds, 2)
-        while n - math.ceil(n / folds) < 2:
-            n += 1
-        return n
-    if sp.family == "cka" and kwargs.get("estimator") == "debiased":
-        return 4
-    return MIN_TEXTS
+    return max(MIN_TEXTS, sp.family_object.min_rows(**sp.kwargs))
 
 
 def check_rows(ids: Sequence[str], n: int, *, defaults: bool = False) -> None:

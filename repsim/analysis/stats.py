@@ -96,16 +96,23 @@ def _specs(metrics: Sequence[str]):
     return [get_metric(m) for m in metrics]
 
 
+#: the statistics each fast replicate path holds: a metric goes there when its family's finalize reads only these
+GRAM_PATH_STATISTICS = frozenset({"cross_sq", "self_sq"})
+PROCRUSTES_PATH_STATISTICS = frozenset({"nuclear"})
+
+
+def _reads_only(spec, held: frozenset[str]) -> bool:
+    """Whether a metric of second moments is computable from the statistics ``held`` (and the rows): its family's
+    declared needs (repsim.measures.registry.Family.needs) are a non-empty subset of them."""
+    if not spec.linear or not dict(spec.kwargs).get("center", True):
+        return False
+    needs = spec.family_object.needs(**spec.kwargs)
+    return bool(needs) and needs <= held
+
+
 def gram_fast_path(spec) -> bool:
     """Whether a metric is computable from centred linear Gram matrices by :func:`_gram_values`."""
-    kw = dict(getattr(spec, "kwargs", {}) or {})
-    if not kw.get("center", True):
-        return False
-    if spec.family == "gram_frobenius":
-        return True
-    if spec.family == "cka":
-        return kw.get("kernel", "linear") == "linear" and kw.get("estimator", "biased") == "biased"
-    return False
+    return _reads_only(spec, GRAM_PATH_STATISTICS)
 
 
 def _centred_gram(X: torch.Tensor) -> torch.Tensor:
@@ -187,9 +194,8 @@ def gram_is_cheaper(n: int, teacher_widths: Sequence[int], student_widths: Seque
 
 
 def procrustes_fast_path(spec) -> bool:
-    """Whether a metric is a centred Procrustes form computed by :func:`_procrustes_values`."""
-    kw = dict(getattr(spec, "kwargs", {}) or {})
-    return spec.family == "procrustes" and kw.get("center", True) and kw.get("estimator", "plugin") == "plugin"
+    """Whether a metric is computable from the replicate's nuclear norms by :func:`_procrustes_values`."""
+    return _reads_only(spec, PROCRUSTES_PATH_STATISTICS)
 
 
 def _split(specs, n: int, method: str, teacher, student):
@@ -240,7 +246,7 @@ REPLICATE_TOL = 1e-6
 
 def _procrustes_values(specs, teacher_units: list[torch.Tensor], student_units: list[torch.Tensor],
                        tol: float = REPLICATE_TOL):
-    """ρ = ‖X̃ᵀỸ‖_* for every pair from unit-norm centred (weighted) features, then each Procrustes output.
+    """ρ = ‖X̃ᵀỸ‖_* for every pair from unit-norm centred (weighted) features, then each metric's ``finalize``.
 
     Per teacher layer one matrix product against all student layers side by side (Ỹ_allᵀX̃_t: each pair's
     block contiguous), then the batched nuclear norms of :func:`repsim.measures.linalg.nuclear_norms` to ``tol``.

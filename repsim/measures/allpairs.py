@@ -58,7 +58,7 @@ from repsim.measures.arrays import (
     zero_variance_error,
 )
 from repsim.measures.families.projection_residual import fold_assignment
-from repsim.measures.linalg import eigh, layer_parallel, least_squares_gains, nuclear_norms
+from repsim.measures.linalg import eigh, layer_parallel, least_squares_gains, lstsq_cutoff, nuclear_norms
 from repsim.measures.registry import DEFAULT_METRICS, PairMoments, get_metric
 from repsim.system.errors import UserError
 
@@ -570,7 +570,6 @@ def _held_out_residual(teacher: _Side, student: _Side, folds: _Folds, ridge: flo
     """
     n = teacher.factors.shape[0]
     dtype = teacher.factors.dtype
-    eps = torch.finfo(dtype).eps
     lt, ls, k = len(teacher.ranks), len(student.ranks), folds.k
     seg_t = teacher.segments(0, lt)
     F = teacher.factors
@@ -606,7 +605,7 @@ def _held_out_residual(teacher: _Side, student: _Side, folds: _Folds, ridge: flo
         b0, b1 = student.layer_slice(j, j + 1)
         s = student.singular[j].to(device)
         q = student.widths[j]
-        cutoff = eps * max(n - min(folds.sizes), q) * float(s.max())
+        cutoff = lstsq_cutoff(float(s.max()), n - min(folds.sizes), q, dtype)
         kept = s > 1e-3 * cutoff  # below: rounding noise of the factor (a ridge gives them weight ≤ s²/λ ≈ 0)
         if not bool(kept.any()):
             return None
@@ -623,7 +622,7 @@ def _held_out_residual(teacher: _Side, student: _Side, folds: _Folds, ridge: flo
             if float(mu[0]) < MIN_LEAVE_OUT_EIGENVALUE:
                 return None
             if ridge == 0:
-                cutoff_k = eps * max(n_tr, q) * float(s.max())
+                cutoff_k = lstsq_cutoff(float(s.max()), n_tr, q, dtype)
                 if not float(sk.min()) ** 2 * float(mu[0]) > (margin * cutoff_k) ** 2:
                     return None
             else:
@@ -775,7 +774,6 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(n, device=device)
     lt, ls = len(teacher.ranks), len(student.ranks)
-    eps = torch.finfo(dtype).eps
     mats = torch.zeros(ls, n, n, dtype=dtype, device=device)
 
     def hat_form(y: torch.Tensor, q: int) -> torch.Tensor | None:
@@ -784,7 +782,8 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
         if ridge > 0:
             h = sv * sv / (sv * sv + ridge)
         else:
-            cutoff = eps * max(n - min(bounds[k + 1] - bounds[k] for k in range(folds)), q) * float(sv.max())
+            cutoff = lstsq_cutoff(float(sv.max()), n - min(bounds[k + 1] - bounds[k] for k in range(folds)), q,
+                                  dtype)
             kept = sv > 1e-3 * cutoff
             if not bool(kept.any()):
                 return None
@@ -801,7 +800,7 @@ def _held_out_residual_dual(kernels: torch.Tensor, teacher: _Side, student: _Sid
             if mu_min < MIN_LEAVE_OUT_EIGENVALUE:
                 return None
             if ridge == 0:
-                cutoff_k = eps * max(n - (hi - lo), q) * float(sv.max())
+                cutoff_k = lstsq_cutoff(float(sv.max()), n - (hi - lo), q, dtype)
                 if not min(n, float(sv.min()) ** 2) * mu_min > (margin * cutoff_k) ** 2:
                     return None
             dk = (vecs / (mu * mu)) @ vecs.T  # (I − H_kk)⁻²

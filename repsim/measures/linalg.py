@@ -240,13 +240,19 @@ def _nuclear_from_gram(gram: torch.Tensor, scale: torch.Tensor | float, tol: flo
     return out, redo
 
 
+def lstsq_cutoff(s_max: torch.Tensor | float, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor | float:
+    """numpy lstsq's rank cutoff, eps·max(rows, width)·σ_max: singular values of a rows × width matrix at or below it
+    count as zero in a least-squares fit (the one rule of every fit from singular values)."""
+    return eps(dtype) * max(rows, width) * s_max
+
+
 def least_squares_gains(s: torch.Tensor, ridge: float, rows: int, width: int) -> torch.Tensor:
     """Least-squares gains g_k = s_k/(s_k² + λ); for λ = 0, 1/s_k above numpy's lstsq cutoff
     eps·max(rows, width)·s_max and 0 below (the minimum-norm solution) (the one rank cutoff of every least-squares fit
     from singular values)."""
     if ridge > 0:
         return s / (s * s + ridge)
-    cutoff = torch.finfo(s.dtype).eps * max(rows, width) * s.max()
+    cutoff = lstsq_cutoff(s.max(), rows, width, s.dtype)
     keep = s > cutoff
     return torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
 

@@ -270,7 +270,9 @@ class Family:
     examples: ClassVar[tuple[str, ...]] = ()
     aliases: ClassVar[Mapping[str, str]] = MappingProxyType({})
     #: the optional PairMoments statistics :meth:`finalize` reads ("nuclear", "cross_sq", "self_sq", "debiasing",
-    #: "explained"): engines that compute them batched fill them (others come from cov_x, cov_y, cross or the rows)
+    #: "explained"): engines that compute them batched fill them. Non-empty means that, given these, finalize needs
+    #: nothing else but n and the rows (``pair_rows``), so engines that hold only these (the bootstrap's Gram path:
+    #: cross_sq and self_sq; its Procrustes path: nuclear) may use it; empty: finalize reads cov_x, cov_y, cross.
     uses: ClassVar[frozenset[str]] = frozenset()
 
     # ---------------------------------------------------------------- parsing

@@ -104,6 +104,16 @@ class ProjectionResidual(Family):
             raise self.error(text, f"ridge must be ≥ 0, got {ridge:g}")
         return self.spec(folds, ridge)
 
+    def min_rows(self, folds: int | None = None, **kwargs: Any) -> int:
+        """2, or for k folds the fewest rows with every fold non-empty and ≥ 2 training rows (n ≥ k and
+        n − ⌈n/k⌉ ≥ 2, :func:`fold_assignment`'s rule)."""
+        if folds is None:
+            return 2
+        n = max(int(folds), 2)
+        while n - math.ceil(n / int(folds)) < 2:
+            n += 1
+        return n
+
     def compute(self, X: torch.Tensor, Y: torch.Tensor, folds: int | None = None, ridge: float = 0.0,
                 seed: int = 0, center: bool = True) -> torch.Tensor:
         Xt, Yt = prepare(X, center, "X (teacher)"), prepare(Y, center, "Y (student)")
