@@ -217,6 +217,59 @@ def test_leave_fold_out_form_falls_back_where_its_certificate_fails(monkeypatch,
                                    err_msg=mid)
 
 
+KERNEL_IDS = ["cka[linear,biased]", "cka[linear,debiased]", "gram_frobenius", "gram_frobenius[squared]"]
+
+
+def test_kernel_form_is_chosen_where_it_is_cheaper():
+    """CKA and Gram-Frobenius alone on the default shapes (13 layers of width 768 against 7 of width 384): through
+    the n × n kernels at a few hundred texts (872 in the default comparison), through the factors at 5000 (more
+    multiply-adds) and at 20000 (the kernels would not fit the memory budget)."""
+    from repsim.measures.allpairs import _kernel_form
+
+    cpu = torch.device("cpu")
+    for n in (100, 600, 872, 2000):
+        assert _kernel_form(n, [768] * 13, [384] * 7, cpu, False), n
+    for n in (5000, 20000):
+        assert not _kernel_form(n, [768] * 13, [384] * 7, cpu, False), n
+    assert not _kernel_form(600, [8] * 13, [4] * 7, cpu, False)  # narrow layers: the p × q products are smaller
+
+
+@pytest.mark.parametrize("n,tw,sw,teacher_chunk", [
+    (40, [60, 60, 60], [80, 30], None),  # wider than n on both sides, and narrower
+    (50, [7, 12, 70], [5, 9, 30], 1),  # teacher kernels one at a time (small memory budget)
+    (90, [10, 10, 10], [10, 10], 2),
+])
+@pytest.mark.parametrize("held_out", [False, True])
+def test_kernel_form_equals_per_pair_metric_calls(monkeypatch, n, tw, sw, teacher_chunk, held_out):
+    """Forced onto the n × n kernel form (‖X̃ᵀỸ‖²_F = ⟨X̃X̃ᵀ, ỸỸᵀ⟩), alone or with the held-out residual's own
+    teacher kernels, and with the teacher's kernels in chunks, every CKA and Gram-Frobenius value equals the
+    per-pair metric to 1e-12 relative."""
+    from repsim.measures import allpairs as layer_pairs
+
+    monkeypatch.setattr(layer_pairs, "_kernel_form", lambda *a: True)
+    if teacher_chunk is not None:
+        monkeypatch.setattr(layer_pairs, "CPU_CHUNK_BUDGET_BYTES", 8 * n * n * (len(sw) + teacher_chunk))
+    if held_out:
+        monkeypatch.setattr(layer_pairs, "_dual_held_out_fits", lambda *a: True)
+    T, S = stacks(n, tw, sw, seed=n + 1)
+    ids = KERNEL_IDS + (["projection_residual[folds=5]"] if held_out else [])
+    got = pairwise(T, S, metrics=ids)
+    for mid in ids:
+        np.testing.assert_allclose(got[mid], per_pair(mid, T, S), rtol=1e-12 if mid in KERNEL_IDS else 1e-10,
+                                   atol=1e-15, err_msg=mid)
+
+
+def test_dual_factors_from_qr_give_the_per_pair_values():
+    """Layers wider than n without the in-sample residual get the factor Rᵀ of X̃ᵀ = QR (not an SVD): Procrustes,
+    Gram-Frobenius and CKA still equal the per-pair metrics to 1e-12 relative."""
+    T, S = stacks(40, [60, 60, 25], [80, 80, 30], seed=4)
+    ids = ["procrustes[distance]", "procrustes[squared]", "gram_frobenius", "cka[linear,biased]",
+           "cka[linear,debiased]"]
+    got = pairwise(T, S, metrics=ids)
+    for mid in ids:
+        np.testing.assert_allclose(got[mid], per_pair(mid, T, S), rtol=1e-12, atol=1e-15, err_msg=mid)
+
+
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(12, 40), tw=st.lists(st.integers(1, 30), min_size=1, max_size=3),
        sw=st.lists(st.integers(1, 30), min_size=1, max_size=3), folds=st.integers(2, 5), seed=st.integers(0, 999))

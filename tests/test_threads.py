@@ -63,3 +63,16 @@ def test_cli_refuses_zero_threads_in_one_line(capsys, restore_threads):
     assert cli.main(["compare", "--threads", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("repsim: error: argument --threads: must be an integer ≥ 1, got 0")
+
+
+def test_blas_threads_limits_inside_and_restores_on_exit(restore_threads):
+    """The cached-controller context used around single products sets BLAS to n threads and puts back the
+    count it found, each time it is entered."""
+    from repsim.system.threads import blas_threads
+
+    threadpool_limits(limits=2, user_api="blas")
+    blas = lambda: {int(p["num_threads"]) for p in threadpool_info() if p["user_api"] == "blas"}  # noqa: E731
+    for _ in range(2):
+        with blas_threads(1):
+            assert blas() == {1}
+        assert blas() == {2}

@@ -6,9 +6,14 @@ map, ‖X̃ᵀX̃‖²_F, squared row norms (for debiased CKA) and, for student 
 residual is asked, the right singular basis V (kept aside, or the factor rotated to F = X̃V = U diag(σ)).
 
 - primal (n ≥ width): F = X̃ (n × width).
-- dual (n < width): X̃ = U S Vᵀ, F = U S (n × n). Then F_tᵀF_s = V_tᵀ(X̃_tᵀỸ_s)V_s has the same singular values
-  and Frobenius norm as X̃_tᵀỸ_s, so every linear metric is unchanged while the pair work drops from
-  n·p·q to n³.
+- dual (n < width): F = X̃Q (n × n) with Q an orthonormal basis of X̃'s row space: F = Rᵀ from the QR
+  factorisation X̃ᵀ = QR, or F = U S from X̃ = U S Vᵀ where the singular values are needed. Then F_tᵀF_s =
+  Q_tᵀ(X̃_tᵀỸ_s)Q_s has the same singular values and Frobenius norm as X̃_tᵀỸ_s, so every linear metric is
+  unchanged while the pair work drops from n·p·q to n³.
+- kernel form: when the only pair statistic asked is ‖X̃_tᵀỸ_s‖²_F (linear CKA, Gram-Frobenius) and the n × n
+  kernels K = X̃X̃ᵀ cost fewer multiply-adds than the factors' cross products and fit the memory budget (a few
+  hundred to a few thousand rows on the usual widths; ``_kernel_form``), it is ⟨K_t, K_s⟩: one ``syrk`` per
+  layer and one (L_t × n²)·(n² × L_s) GEMM for all pairs, with ‖X̃ᵀX̃‖²_F = ‖K‖²_F.
 
 Pair work is batched: the factors of each side are stored side by side, (n, Σr), and a chunk of teacher layers ×
 a chunk of student layers is one GEMM, C = F_chunkᵀ G_chunk, whose (t, s) blocks are the pair cross products
@@ -61,6 +66,7 @@ from repsim.measures.families.projection_residual import fold_assignment
 from repsim.measures.linalg import eigh, layer_parallel, least_squares_gains, lstsq_cutoff, nuclear_norms
 from repsim.measures.registry import DEFAULT_METRICS, PairMoments, get_metric
 from repsim.system.errors import UserError
+from repsim.system.threads import blas_threads
 
 CPU_CHUNK_BUDGET_BYTES = 1 << 30
 
@@ -167,7 +173,7 @@ def _exponent(x: torch.Tensor, name: str) -> int:
 
 def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, device: torch.device, *,
                   singular: str = "none", gram: bool = True, row_sq: bool = False,
-                  rows: torch.Tensor | None = None) -> _Side:
+                  rows: torch.Tensor | None = None, dual: bool = True) -> _Side:
     """Factors of one side, each layer centred and scaled in place in its slice of one (n, Σ r) buffer.
 
     ``singular`` (what the in-sample projection residual needs of the student): "none"; "rotate": express each
@@ -178,12 +184,16 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
     ``rows``: store the rows in this order (the held-out residual's folds as contiguous blocks; every other linear
     metric is unchanged by a common row permutation), gathered block by block into the buffer (no layer copy).
     Where the width × width Gram G = X_cᵀX_c is formed, ‖X_c‖²_F is read off as tr G (no extra pass).
+    ``dual``: a layer wider than n gets an n-column factor (see the module docstring): F = U diag(σ) when
+    ``singular`` asks for σ, else F = Rᵀ from the QR factorisation X̃ᵀ = QR (F = X̃Q, Q an orthonormal basis of
+    X̃'s row space: the same cross products up to an orthogonal map, for a fraction of an SVD's cost). With
+    ``dual`` False every factor is X̃ itself (for the n × n kernel form, which never multiplies factors).
     On a CPU with several torch threads the layers are prepared concurrently, one thread each
     (``layer_parallel``): centring is memory bound and ``syrk``/``syevd`` scale poorly with BLAS threads.
     """
     n = layers[0].shape[0]
     widths = [x.shape[1] for x in layers]
-    ranks = [min(n, w) for w in widths]
+    ranks = [min(n, w) if dual else w for w in widths]
     factors = torch.empty(n, sum(ranks), dtype=dtype, device=device)
     starts = np.concatenate([[0], np.cumsum(ranks)]).tolist()
 
@@ -199,13 +209,19 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
             _gather_rows(src, rows, out, exponent)  # out = X[rows]·2^−exponent in ``dtype``
             return _centre_rows(out, dtype, out=out)
 
-        if rows is not None and x.shape[1] > n:  # few rows: a copy in the new order is small
+        wide = dual and x.shape[1] > n
+        if rows is not None and wide:  # few rows: a copy in the new order is small
             x = x.index_select(0, rows)
-        if x.shape[1] > n:  # dual: F = U S, n columns (already the rotated form)
+        if wide and singular != "none":  # F = U S, n columns (already the rotated form)
             xp = _prepare_layer(x, label, dtype=dtype)
             u, s, _ = torch.linalg.svd(xp, full_matrices=False)
             out.copy_(u * s)
             g_sq = (s ** 4).sum()
+        elif wide:  # F = Rᵀ, X̃ᵀ = QR
+            xp = _prepare_layer(x, label, dtype=dtype)
+            out.copy_(torch.linalg.qr(xp.T, mode="r").R.T)
+            g_sq = torch.linalg.matrix_norm(_column_gram(out)) ** 2 if gram else torch.tensor(float("nan"),
+                                                                                               dtype=dtype)
         elif singular != "none" or gram:
             xp, offset = centred(x, dtype, out=out)
             g = _column_gram(xp)
@@ -244,12 +260,9 @@ def _column_gram(x: torch.Tensor) -> torch.Tensor:
     flops of a GEMM; measured 0.72 s vs 1.25 s for torch's GEMM on 13 layers of 5000 × 768, one thread), with
     as many BLAS threads as torch uses."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        from threadpoolctl import threadpool_limits
-
         a = x.detach().numpy()
         # data outside the safe range may overflow here: the caller sees it in the trace and rescales
-        with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"), np.errstate(over="ignore",
-                                                                                           invalid="ignore"):
+        with blas_threads(torch.get_num_threads()), np.errstate(over="ignore", invalid="ignore"):
             return torch.from_numpy(a.T @ a)
     return x.T @ x
 
@@ -401,22 +414,38 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
         singular = "rotate"
         order = np.argsort(fold_assignment(n, fold_counts[0], 0), kind="stable")
         rows = torch.as_tensor(order, device=device)
-    teacher = _prepare_side(t_in, "teacher", dtype, device, gram=need_gram and not dual, row_sq=need_debiased,
-                            rows=rows)
-    student = _prepare_side(s_in, "student", dtype, device, singular=singular, gram=need_gram,
-                            row_sq=need_debiased, rows=rows)
+    # CKA and Gram-Frobenius alone (no nuclear norm, no in-sample residual) need of each pair only ‖X̃_tᵀỸ_s‖²_F
+    kernel_form = ("cross_sq" in uses and uses <= {"cross_sq", "self_sq", "debiasing"}
+                   and _kernel_form(n, [x.shape[1] for x in t_in], [y.shape[1] for y in s_in], device, dual))
+    teacher = _prepare_side(t_in, "teacher", dtype, device, gram=need_gram and not dual and not kernel_form,
+                            row_sq=need_debiased, rows=rows, dual=not kernel_form)
+    student = _prepare_side(s_in, "student", dtype, device, singular=singular, gram=need_gram and not kernel_form,
+                            row_sq=need_debiased, rows=rows, dual=not kernel_form or singular != "none")
     lt, ls = len(t_in), len(s_in)
     held: dict[str, torch.Tensor] = {}
+    cross_sq = torch.empty(lt, ls, dtype=dtype, device=device)
+    kernels = None
     if dual:
-        kernels = _teacher_kernels(teacher)
+        kernels = _layer_kernels(teacher, 0, lt)
         teacher.gram_sq = kernels.flatten(1).square().sum(dim=1)  # ‖X̃ᵀX̃‖²_F = ‖X̃X̃ᵀ‖²_F
+    if kernel_form:  # ‖X̃_tᵀỸ_s‖²_F = ⟨X̃_tX̃_tᵀ, Ỹ_sỸ_sᵀ⟩: one GEMM over the n² entries (teacher kernels in chunks)
+        k_s = _layer_kernels(student, 0, ls).flatten(1)
+        student.gram_sq = k_s.square().sum(dim=1)
+        step = lt if kernels is not None else max(1, _memory_budget(device) // (8 * n * n) - ls)
+        for t0 in range(0, lt, step):
+            t1 = min(lt, t0 + step)
+            k_t = (kernels if kernels is not None else _layer_kernels(teacher, t0, t1)).flatten(1)
+            cross_sq[t0:t1] = k_t @ k_s.T
+            if kernels is None:
+                teacher.gram_sq[t0:t1] = k_t.square().sum(dim=1)
+        del k_s, k_t
+    if dual:
         for spec in held_out:
             kw = dict(spec.kwargs)
             held[spec.id] = _held_out_residual_dual(kernels, teacher, student, int(kw["folds"]),
                                                     float(kw.get("ridge") or 0.0), device,
                                                     margin=1e3 if tol <= 1e-9 else 1.0)
         del kernels
-    cross_sq = torch.empty(lt, ls, dtype=dtype, device=device)
     nuclear = torch.empty(lt, ls, dtype=dtype, device=device) if need_nuclear else None
     weights = {spec.id: [_in_sample_weights(sv, float(dict(spec.kwargs).get("ridge") or 0.0), n, w)
                          for sv, w in zip(student.singular, student.widths, strict=True)]
@@ -426,8 +455,8 @@ def _linear_pairwise(t_in: list[torch.Tensor], s_in: list[torch.Tensor], specs: 
                                      for w, v in zip(ws, student.bases, strict=True)])
                    for sid, ws in weights.items()}
     explained = {sid: torch.empty(lt, ls, dtype=dtype, device=device) for sid in weights}
-    need_pairs = bool(uses - {"explained"}) or bool(in_sample)
-    ct, cs = _choose_chunk(teacher.ranks, student.ranks, device, chunk_size)
+    need_pairs = not kernel_form and (bool(uses - {"explained"}) or bool(in_sample))
+    ct, cs = _choose_chunk(teacher.ranks, student.ranks, device, chunk_size) if need_pairs else (lt, ls)
     for t0 in range(0, lt, ct) if need_pairs else ():
         t1 = min(lt, t0 + ct)
         a0, a1 = teacher.layer_slice(t0, t1)
@@ -727,15 +756,37 @@ def _dual_held_out_fits(n: int, ranks_t: list[int], ranks_s: list[int], folds: l
     return dual < primal
 
 
-def _teacher_kernels(teacher: _Side) -> torch.Tensor:
-    """(Lt, n, n) Gram matrices K_t = X̃_t X̃_tᵀ of the prepared teacher layers (= F_t F_tᵀ for any factor)."""
-    n = teacher.factors.shape[0]
-    out = torch.empty(len(teacher.ranks), n, n, dtype=teacher.factors.dtype, device=teacher.factors.device)
-    for t in range(len(teacher.ranks)):
-        a, b = teacher.layer_slice(t, t + 1)
-        f = teacher.factors[:, a:b]
-        torch.matmul(f, f.T, out=out[t])
+def _layer_kernels(side: _Side, lo: int, hi: int) -> torch.Tensor:
+    """(hi − lo, n, n) Gram matrices K_l = X̃_l X̃_lᵀ (= F_l F_lᵀ for any factor) of the prepared layers lo … hi − 1,
+    each by ``syrk`` (``_column_gram``), layers in parallel on a CPU (``layer_parallel``)."""
+    f = side.factors
+    n = f.shape[0]
+    out = torch.empty(hi - lo, n, n, dtype=f.dtype, device=f.device)
+
+    def one(i: int) -> None:
+        a, b = side.layer_slice(i, i + 1)
+        out[i - lo] = _column_gram(f[:, a:b].T)
+
+    with layer_parallel(f.device, hi - lo) as pool:
+        list(pool.map(one, range(lo, hi))) if pool is not None else [one(i) for i in range(lo, hi)]
     return out
+
+
+def _kernel_form(n: int, widths_t: list[int], widths_s: list[int], device: torch.device,
+                 teacher_kernels: bool) -> bool:
+    """Whether the pairs' ‖X̃_tᵀỸ_s‖²_F (all that linear CKA and Gram-Frobenius need of a pair) cost fewer
+    multiply-adds as ⟨K_t, K_s⟩ from the n × n kernels (n²·width/2 per layer, n² per pair) than from the factors
+    (n·r_t·r_s per pair, n·r²/2 per layer for ‖X̃ᵀX̃‖_F, and the QR factorisation of layers wider than n), with
+    every student kernel and one teacher kernel within the memory budget. ``teacher_kernels``: the teacher's are
+    formed anyway (the n × n held-out residual), so neither form pays for them."""
+    if 8 * (len(widths_s) + 1) * n * n > _memory_budget(device):
+        return False
+    teacher = [] if teacher_kernels else widths_t
+    kernel = n * n * (sum(widths_s) + sum(teacher)) / 2 + len(widths_t) * len(widths_s) * n * n
+    r_t, r_s = [min(n, w) for w in widths_t], [min(n, w) for w in widths_s]
+    factor = (n * sum(r_t) * sum(r_s) + n * sum(r * r for r in r_s + [min(n, w) for w in teacher]) / 2
+              + sum(n * n * (w - n / 3) for w in widths_t + widths_s if w > n))
+    return kernel < factor
 
 
 #: the leave-fold-out identity is used only where I − H_kk is this well conditioned (else fold-by-fold fits)

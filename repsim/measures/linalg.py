@@ -21,10 +21,10 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from torch.autograd.function import once_differentiable
 
 from repsim.system.errors import UserError
+from repsim.system.threads import blas_threads
 
 
 def eps(t: torch.Tensor | torch.dtype) -> float:
@@ -94,7 +94,7 @@ def layer_parallel(device: torch.device, tasks: int):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with blas_threads(1):
             yield _LAYER_POOL
     finally:
         torch.set_num_threads(threads)
@@ -111,7 +111,7 @@ def _lapack_batched(fn, g: torch.Tensor) -> torch.Tensor:
     workers = min(torch.get_num_threads(), batch.shape[0])  # read before the pool sets torch to one thread
     with layer_parallel(g.device, batch.shape[0]) as pool:
         if pool is None:
-            with threadpool_limits(limits=1, user_api="blas"):
+            with blas_threads(1):
                 vals = fn(batch)
         else:
             bounds = np.linspace(0, batch.shape[0], workers + 1).astype(int)
@@ -144,7 +144,7 @@ def eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     384 × 384 on the 2-core dev box)."""
     if g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64):
         return torch.linalg.eigh(g)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with blas_threads(1):
         lam, v = np.linalg.eigh(g.detach().numpy())
     return torch.from_numpy(lam), torch.from_numpy(v)
 

@@ -19,3 +19,18 @@ def set_threads(n: int) -> None:
 
     torch.set_num_threads(n)
     threadpool_limits(limits=n)  # applies now, for the rest of the process (not used as a context manager)
+
+
+_CONTROLLER = None
+
+
+def blas_threads(n: int):
+    """A context manager limiting the BLAS libraries loaded in the process (numpy's OpenBLAS, MKL, ...) to ``n``
+    threads, restored on exit. The libraries are looked up once per process (threadpoolctl's ``threadpool_limits``
+    searches the loaded libraries again on every call), so it is cheap enough to wrap single small products."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=n, user_api="blas")
