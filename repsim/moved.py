@@ -40,6 +40,42 @@ MOVED = {
 # old paths that are part of the public interface: aliased without a warning
 PUBLIC_ALIASES = frozenset({"repsim.losses"})
 
+# names that left their module for the plumbing's one home: (module, old name) -> (new module, new name)
+MOVED_NAMES = {
+    ("repsim.activations.assets", "load_model"): ("repsim.activations.models", "load_model"),
+    ("repsim.activations.assets", "quiet_transformers"): ("repsim.activations.models", "quiet_transformers"),
+    ("repsim.activations.assets", "resolve_device"): ("repsim.system.devices", "resolve_device"),
+    ("repsim.activations.assets", "torch_dtype"): ("repsim.system.devices", "resolve_dtype"),
+    ("repsim.activations.extract", "load"): ("repsim.activations.models", "as_loaded"),
+    ("repsim.activations.extract", "ModelHandle"): ("repsim.activations.models", "ModelHandle"),
+    ("repsim.activations.extract", "weights_fingerprint"): ("repsim.activations.models", "model_fingerprint"),
+    ("repsim.activations.extract", "first_token_index"): ("repsim.activations.pooling", "first_token_index"),
+    ("repsim.activations.extract", "last_token_index"): ("repsim.activations.pooling", "last_token_index"),
+    ("repsim.activations.extract", "ROW_POOLS"): ("repsim.activations.pooling", "ROW_POOLS"),
+    ("repsim.activations.extract", "check_layer_range"): ("repsim.activations.layers", "check_layer_range"),
+    ("repsim.activations.extract", "MAX_LAYER_RANGE"): ("repsim.activations.layers", "MAX_LAYER_RANGE"),
+    ("repsim.activations.extract", "run_batches"): ("repsim.activations.extract", "Runner.run_batches"),
+    ("repsim.analysis.comparison", "POOLS"): ("repsim.activations.pooling", "POOL_NAMES"),
+    ("repsim.analysis.comparison", "run_compare_cli"): ("repsim.cli.compare", "run_compare"),
+    ("repsim.analysis.comparison", "run_plot_cli"): ("repsim.cli.compare", "run_plot"),
+    ("repsim.activations.store", "cache_command"): ("repsim.cli.cache", "run_cache"),
+    ("repsim.activations.store", "extract_command"): ("repsim.cli.extract", "run_extract"),
+}
+
+
+def moved_name(module: str, name: str):  # noqa: ANN201
+    """For a module's ``__getattr__``: the object a moved name now is, with a DeprecationWarning naming its new
+    place; AttributeError for any other name."""
+    if (module, name) not in MOVED_NAMES:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    new_module, new_name = MOVED_NAMES[module, name]
+    warnings.warn(f"{module}.{name} moved to {new_module}.{new_name}; import it from there", DeprecationWarning,
+                  stacklevel=3)
+    obj = importlib.import_module(new_module)
+    for part in new_name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
 
 class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds ``MOVED`` paths; the loader hands back the already imported new module."""

@@ -87,3 +87,17 @@ def test_the_command_line_offers_exactly_the_pooling_modes_extraction_knows():
     from repsim.cli import POOL_CHOICES
 
     assert POOL_CHOICES == tuple(POOLS)
+
+
+def test_names_that_moved_to_the_plumbing_still_resolve_with_a_warning_naming_the_new_place():
+    from repsim.moved import MOVED_NAMES
+
+    for (module, name), (new_module, new_name) in MOVED_NAMES.items():
+        with pytest.warns(DeprecationWarning, match=f"{new_module}.{new_name}"):
+            obj = getattr(importlib.import_module(module), name)
+        target = importlib.import_module(new_module)
+        for part in new_name.split("."):
+            target = getattr(target, part)
+        assert obj is target, (module, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        importlib.import_module("repsim.activations.assets").no_such_name  # noqa: B018

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from repsim.moved import moved_name
 from repsim.system.errors import UserError, first_line
 from repsim.system.files import CHUNK, sha256_file
 
@@ -680,3 +681,8 @@ def _resolve_hub(text: str, *, trust_remote_code: bool) -> ModelSource:
     except (HfHubHTTPError, OSError) as exc:
         raise UserError(f"cannot download {text!r} from the Hugging Face hub: {first_line(exc)}") from exc
     return ModelSource(folder, repo_id, str(info.sha), False, "Hugging Face hub")
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """Names that moved to the plumbing's one home still resolve, with a DeprecationWarning (repsim/moved.py)."""
+    return moved_name(__name__, name)

@@ -55,6 +55,7 @@ from repsim.activations.models import LoadedModel, as_loaded, model_fingerprint,
 from repsim.activations.pooling import POOLS, check_pool, pool_hidden, pool_words
 from repsim.activations.rows import Activations, rows_of
 from repsim.activations.words import WORD_RULE, check_offsets, encode_words, word_counts
+from repsim.moved import moved_name
 from repsim.system.devices import MODEL_DTYPES, dist_info, dtype_name, resolve_device, resolve_dtype
 from repsim.system.errors import UserError
 
@@ -602,3 +603,8 @@ __all__ = [
     "Activations", "Runner", "check_same_tokenizer", "extract", "extract_moments", "final_norm_name",
     "same_tokenizer", "tokenizer_fingerprint", "transformers_version",
 ]
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """Names that moved to the plumbing's one home still resolve, with a DeprecationWarning (repsim/moved.py)."""
+    return moved_name(__name__, name)

@@ -49,6 +49,7 @@ from filelock import FileLock, Timeout
 
 from repsim.activations.assets import acquire_lock, cache_dir
 from repsim.activations.rows import Activations, rows_of
+from repsim.moved import moved_name
 from repsim.system.errors import UserError, naming_path
 from repsim.system.files import sha256_file, write_json_atomic
 from repsim.system.outputs import pid_alive, remove_path
@@ -879,3 +880,8 @@ class Store:
 
 __all__ = ["Store", "EntryInfo", "DamagedEntry", "entry_key", "open_entry", "verify_entry", "read_manifest",
            "get_or_build", "lookup", "reclaim_trash", "cache_root", "activations_root", "human_size", "parse_size"]
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """Names that moved to the plumbing's one home still resolve, with a DeprecationWarning (repsim/moved.py)."""
+    return moved_name(__name__, name)

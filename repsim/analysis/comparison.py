@@ -31,6 +31,7 @@ import pandas as pd
 
 from repsim.activations.layers import num_layers_of_config, parse_layers, resolve_layer_ids
 from repsim.activations.pooling import check_pool
+from repsim.moved import moved_name
 from repsim.system.errors import UserError, naming_path
 
 COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low", "ci_high", "p_value"]
@@ -1076,3 +1077,8 @@ def redraw(results: str | Path, out: str | Path | None = None) -> tuple[Comparis
     with naming_path(folder):  # the figures and the page as one set; results.csv and other files stay
         replace_folder(folder, fill, lambda name: is_figure_file(name) or name == "report.html")
     return comp, folder, files
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """Names that moved to the plumbing's one home still resolve, with a DeprecationWarning (repsim/moved.py)."""
+    return moved_name(__name__, name)
