@@ -60,6 +60,7 @@ MOVED_NAMES = {
     ("repsim.analysis.comparison", "run_plot_cli"): ("repsim.cli.compare", "run_plot"),
     ("repsim.activations.store", "cache_command"): ("repsim.cli.cache", "run_cache"),
     ("repsim.activations.store", "extract_command"): ("repsim.cli.extract", "run_extract"),
+    ("repsim.theory", "run_counterexamples"): ("repsim.cli.theory", "run_counterexamples"),
 }
 
 

@@ -5,6 +5,7 @@ collapse, the bounds), :mod:`~repsim.theory.checks` (the geometry check, per mod
 distillation), :mod:`~repsim.theory.experiments` (synthetic distillation, tables, figures, the runner).
 """
 
+from repsim.moved import moved_name
 from repsim.theory.checks import (  # noqa: F401
     CheckResult,
     GeometryCheck,
@@ -40,12 +41,18 @@ from repsim.theory.constructions import (  # noqa: F401
 from repsim.theory.experiments import (  # noqa: F401
     DEFAULT_SIZES,
     SYNTHETIC_LOSSES,
+    Counterexamples,
+    counterexamples,
     plot_synthetic,
     plot_theorem1,
     projection_table,
-    run_counterexamples,
     synthetic_distill,
     synthetic_experiment,
     synthetic_final_table,
     synthetic_teacher,
 )
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """Names that moved out of the package still resolve, with a DeprecationWarning (repsim/moved.py)."""
+    return moved_name(__name__, name)

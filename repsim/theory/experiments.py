@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,15 +234,26 @@ def plot_synthetic(history: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _fmt(df: pd.DataFrame) -> str:
-    return df.to_string(index=False, float_format=lambda v: f"{v:.6f}")
+@dataclass
+class Counterexamples:
+    """What :func:`counterexamples` built: each part is None when it was not asked for.
+
+    ``theorem1``: the two reference constructions (closed form and measured, one row each), the sweep n = m,
+    ε² = n/m, and the near-orthogonal variant; ``projection``: the projection, linear-map and teacher-side
+    counterexamples; ``synthetic``: the synthetic distillation's history and its final table, with the settings
+    (steps, seeds, eps). ``out``: the folder the CSVs and figures were written to, if any."""
+
+    theorem1: dict[str, pd.DataFrame] | None = None
+    projection: dict[str, Any] | None = None
+    synthetic: dict[str, Any] | None = None
+    out: Path | None = None
 
 
-def run_counterexamples(which: str = "all", out: str | Path | None = None, seeds: Sequence[int] = (0, 1, 2),
-                        steps: int = 300, sizes: Sequence[tuple[int, int, int]] = DEFAULT_SIZES,
-                        eps: float = 0.1) -> str:
-    """Build the chosen counterexamples, return the printable report; with ``out``, also write CSVs and figures
-    (theory_*.csv, theory_*.png) there."""
+def counterexamples(which: str = "all", out: str | Path | None = None, seeds: Sequence[int] = (0, 1, 2),
+                    steps: int = 300, sizes: Sequence[tuple[int, int, int]] = DEFAULT_SIZES,
+                    eps: float = 0.1) -> Counterexamples:
+    """Build the chosen counterexamples (``theorem1``, ``projection``, ``synthetic`` or ``all``); with ``out``,
+    also write CSVs and figures (theory_*.csv, theory_*.png) there."""
     if which not in ("theorem1", "projection", "synthetic", "all"):
         raise UserError(f"unknown counterexample {which!r}: choose theorem1, projection, synthetic or all")
     if which in ("synthetic", "all"):
@@ -249,7 +261,7 @@ def run_counterexamples(which: str = "all", out: str | Path | None = None, seeds
     outdir = check_out_dir(out) if out is not None else None
     if outdir is not None:
         outdir.mkdir(parents=True, exist_ok=True)
-    parts: list[str] = []
+    result = Counterexamples(out=outdir)
     if which in ("theorem1", "all"):
         refs = []
         for n, mm, e, d_t, d_s in [(8, 4, math.sqrt(2), 3, 1), (20, 4, 3.0, 3, 2)]:
@@ -258,46 +270,22 @@ def run_counterexamples(which: str = "all", out: str | Path | None = None, seeds
             refs.append({"n": n, "m": mm, "eps": e, "d_t": d_t, "d_s": d_s,
                          **{f"{k} (closed form)": v for k, v in th.closed_form.items() if k != "procrustes_rho"},
                          **{f"{k} (measured)": v for k, v in meas.items() if k != "procrustes_rho"}})
-        refs_df = pd.DataFrame(refs)
         sweep, near = theorem1_sweep(), near_orthogonal_sweep()
-        parts += ["== Theorem 1: teacher (b) vs student (c), closed form and measured ==", _fmt(refs_df.T.reset_index()
-                  .rename(columns={"index": "quantity"})), "",
-                  "== Sweep: n = m, eps^2 = n/m (CKA -> 1, Procrustes -> sqrt(2 - sqrt 2) = 0.765367, "
-                  "Gram-Frobenius -> 0.5) ==", _fmt(sweep), "",
-                  "== Near-orthogonal variant: m = 4 rows with eps = 3, n growing ==", _fmt(near), ""]
+        result.theorem1 = {"references": pd.DataFrame(refs), "sweep": sweep, "near_orthogonal": near}
         if outdir is not None:
             write_text_atomic(outdir / "theory_theorem1_sweep.csv", sweep.to_csv(index=False))
             write_text_atomic(outdir / "theory_near_orthogonal.csv", near.to_csv(index=False))
             plot_theorem1(sweep, near, outdir / "theory_theorem1.png")
     if which in ("projection", "all"):
-        pc = projection_counterexample()
-        lm = linear_map_counterexample()
-        tc = teacher_side_collapse()
-        parts += ["== Projection counterexample: teacher e1,e2,e3; student (1,.99,0),(0,.1,0),(0,0,1) ==",
-                  f"projection loss (least squares, learned map) = {pc.loss:.3e}",
-                  f"cos(row1,row2): teacher {pc.teacher_cos_12:.6f}, student {pc.student_cos_12:.6f} "
-                  f"(angle {math.degrees(math.acos(pc.student_cos_12)):.2f} deg instead of 90)",
-                  "metrics: " + ", ".join(f"{k} {v:.6f}" for k, v in pc.metrics.items()), "",
-                  f"== S = T.A, A invertible with condition number {lm.condition:g} (n=200, d=8) ==",
-                  f"projection loss = {lm.projection_loss:.3e}; " + ", ".join(f"{k} {v:.6f}"
-                                                                          for k, v in lm.metrics.items()),
-                  f"largest change of a pairwise angle: {lm.max_angle_change_deg:.2f} deg", "",
-                  "== Map on the teacher side: min_W |T.W - S| ==",
-                  f"W = 0, S = 0: loss {tc.zero_loss:.1e} (the student carries nothing)",
-                  f"rank-one student S = T.w.u^T: normalised residual {tc.rank_one_residual:.2e}, smallest |cos| "
-                  f"between student rows {tc.rank_one_abs_cos_min:.6f}; vs teacher: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in tc.metrics_rank_one.items()), ""]
+        pc, lm, tc = projection_counterexample(), linear_map_counterexample(), teacher_side_collapse()
+        result.projection = {"projection": pc, "linear_map": lm, "teacher_side": tc}
         if outdir is not None:
             write_text_atomic(outdir / "theory_projection.csv", projection_table(pc, lm, tc).to_csv(index=False))
     if which in ("synthetic", "all"):
         history = synthetic_experiment(sizes=sizes, seeds=seeds, steps=steps, eps=eps)
         final = synthetic_final_table(history)
-        parts += [f"== Synthetic distillation: Adam, {steps} steps, seeds {list(seeds)}, mean over seeds; "
-                  f"preserved_fraction = teacher eps-orthogonal pairs (eps={eps:g}) still eps-orthogonal ==",
-                  _fmt(final), ""]
+        result.synthetic = {"history": history, "final": final, "steps": steps, "seeds": list(seeds), "eps": eps}
         if outdir is not None:
             write_text_atomic(outdir / "theory_synthetic_final.csv", final.to_csv(index=False))
             plot_synthetic(history, outdir / "theory_synthetic.png")
-    if outdir is not None:
-        parts.append(f"wrote tables and figures to {outdir}")
-    return "\n".join(parts)
+    return result
