@@ -105,7 +105,7 @@ def _standardised(v: torch.Tensor, centre: bool, what: str) -> torch.Tensor:
     return v / norm
 
 
-class _KendallState:
+class KendallState:
     """An RDM vector (numpy) with its tied-pair count Σ t(t − 1)/2 over groups of equal entries."""
 
     def __init__(self, v: torch.Tensor) -> None:
@@ -115,7 +115,7 @@ class _KendallState:
         self.device = v.device
 
 
-def kendall_tau_a(x: _KendallState, y: _KendallState) -> float:
+def kendall_tau_a(x: KendallState, y: KendallState) -> float:
     """(C − D)/N₀, N₀ = m(m − 1)/2, from scipy's τ_b = (C − D)/√((N₀ − T_x)(N₀ − T_y)) (T the tied pairs)."""
     from scipy.stats import kendalltau
 
@@ -170,7 +170,7 @@ class RSA(Family):
             raise UserError(f"RSA needs at least 3 samples (rows), got {X.shape[0]}")
         v = rdm_vector(prepare(X, center, name), rdm, name)
         if compare == "kendall_a":
-            return _KendallState(v)
+            return KendallState(v)
         if compare == "spearman":
             v = average_ranks(v)
         return _standardised(v, compare != "cosine", name)
