@@ -497,3 +497,39 @@ def test_mutual_knn_counts_shared_neighbour_sets():
 
     expected = np.mean([len(a & b) / 5 for a, b in zip(knn(X), knn(Y), strict=True)])
     assert mutual_knn(X, Y, 5) == pytest.approx(expected, rel=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batched over layer pairs (what the all-pairs engines hand a family)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["shape[alpha=0]", "shape[alpha=0.3]", "shape[alpha=0.7,score=euclidean]",
+                                    "cca[mean_r]", "cca[mean_r2,ridge=0.1]", "svcca[k=3]", "svcca[var=0.9]",
+                                    "pwcca"])
+@pytest.mark.parametrize("with_state", [True, False])
+def test_moments_families_finalize_all_layer_pairs_at_once(metric, with_state):
+    """PairMoments with leading (L_t, L_s) dimensions, per-layer statistics stacked to broadcast, give every pair's
+    in-memory value: no loop over pairs inside the family."""
+    from repsim.measures.arrays import prepare
+    from repsim.measures.registry import PairMoments, get_metric
+
+    spec = get_metric(metric)
+    family = spec.family_object
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((60, 4))
+    teacher = [torch.as_tensor(base @ rng.standard_normal((4, 7)) + rng.standard_normal((60, 7)) * s)
+               for s in (0.3, 1.0, 3.0)]
+    student = [torch.as_tensor(base @ rng.standard_normal((4, 5)) + rng.standard_normal((60, 5)) * s)
+               for s in (0.5, 2.0)]
+    Xs = torch.stack([prepare(x) for x in teacher])[:, None]  # (L_t, 1, n, p)
+    Ys = torch.stack([prepare(y) for y in student])[None]  # (1, L_s, n, q)
+    cov_x, cov_y = Xs.mT @ Xs, Ys.mT @ Ys
+    m = PairMoments(60, cov_x.expand(3, 2, 7, 7), cov_y.expand(3, 2, 5, 5), Xs.mT @ Ys)
+    if with_state:
+        m.state_x = family.layer_statistics(cov_x, 60, **spec.kwargs)
+        m.state_y = family.layer_statistics(cov_y, 60, **spec.kwargs)
+    values = family.finalize(m, **spec.kwargs)
+    assert values.shape == (3, 2)
+    for i, x in enumerate(teacher):
+        for j, y in enumerate(student):
+            assert float(values[i, j]) == pytest.approx(spec(x.numpy(), y.numpy()), rel=1e-11)

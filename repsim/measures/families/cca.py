@@ -38,11 +38,14 @@ def whitening_basis(cov: torch.Tensor, ridge: float = 0.0, top: int | None = Non
     columns for the others, so that BᵀC_xy… whitens the selected directions and the rank is the number of nonzero
     columns (:func:`basis_rank`). Selected: the eigenvalues above 10·p·eps·λ_max (κ = 0), every one (``ridge``
     > 0: κ = ridge·tr C/p), and among those the ``top`` largest, or the fewest largest whose sum reaches
-    ``variance``·tr C (PCA by explained variance). Batched over leading dimensions; differentiable."""
+    ``variance``·tr C (PCA by explained variance). ``cov`` is read as the covariance of the unit-Frobenius side:
+    it is first divided by its trace, so any positive multiple of it gives the same B. Batched over leading
+    dimensions; differentiable."""
     p = cov.shape[-1]
     lam, V = torch.linalg.eigh(cov)  # ascending
+    lam = lam / lam.detach().clamp_min(0).sum(dim=-1, keepdim=True)
     lam_d = lam.detach()
-    total = lam_d.clamp_min(0).sum(dim=-1, keepdim=True)
+    total = torch.ones_like(lam_d[..., :1])
     if ridge > 0:
         keep = torch.ones_like(lam_d, dtype=torch.bool)
         kappa = ridge * total / p

@@ -49,8 +49,10 @@ def eigen_cutoff(lam: torch.Tensor, size: int) -> torch.Tensor:
 def whitening(cov: torch.Tensor, alpha: float) -> torch.Tensor:
     """Z = V diag(d) Vᵀ, d_i = c·(α + (1 − α)λ_i^{-1/2}) on C's range (c·α off it), c such that tr(ZCZ) = tr C.
 
-    ``cov`` = C (..., p, p), symmetric positive semi-definite (batched); differentiable (torch eigh)."""
+    ``cov`` = C (..., p, p), symmetric positive semi-definite (batched), read as the covariance of the unit-Frobenius
+    side: C is first divided by its trace, so any positive multiple of it gives the same Z. Differentiable."""
     lam, V = torch.linalg.eigh(cov)
+    lam = lam / lam.detach().clamp_min(0).sum(dim=-1, keepdim=True)
     keep = lam > eigen_cutoff(lam.detach(), cov.shape[-1])
     positive = lam.clamp_min(0)
     inv_sqrt = torch.where(keep, torch.where(keep, lam, torch.ones_like(lam)).rsqrt(), torch.zeros_like(lam))
