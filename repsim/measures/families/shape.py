@@ -13,8 +13,9 @@ whitened sides):
 
 α = 1 is the Procrustes distance (``shape[alpha=1]`` = ``procrustes[angular]``, ``shape[alpha=1,score=euclidean]``
 = ``procrustes[distance]``); α = 0 whitens fully and θ₀ = arccos(Σᵢρᵢ/√(rₓr_y)) with ρᵢ the canonical
-correlations and r the ranks. Widths may differ: zero padding to a common width (netrep's ``zero_pad``) changes
-no nuclear norm, so none is formed.
+correlations and r the ranks, so it is degenerate where CCA is (r_x + r_y ≥ n forces canonical correlations of 1,
+and two sides of rank n − 1 are at distance 0 whatever they are): refused there, as CCA is. Widths may differ:
+zero padding to a common width (netrep's ``zero_pad``) changes no nuclear norm, so none is formed.
 
 Conventions against netrep (docs/measures.md): netrep whitens the raw centred data (C = X_cᵀX_c without 1/n), so
 for 0 < α < 1 its score changes when a side is rescaled; here the whitening acts on the unit-Frobenius side, which
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
+from repsim.measures.families.cca import check_not_degenerate
 from repsim.measures.families.procrustes import FAMILY as PROCRUSTES
 from repsim.measures.families.procrustes import residual_squared
 from repsim.measures.linalg import clamp_rounding, eps, refine_below, safe_sqrt
@@ -38,6 +40,7 @@ from repsim.measures.registry import SHAPE_INVARIANCES, Family, MetricSpec, Pair
 from repsim.system.errors import UserError
 
 SCORES = ("angular", "euclidean")
+FIXES = "whiten partially (e.g. shape[alpha=0.5]; α > 0 is not degenerate) or use more samples"
 
 
 def eigen_cutoff(lam: torch.Tensor, size: int) -> torch.Tensor:
@@ -60,6 +63,13 @@ def whitening(cov: torch.Tensor, alpha: float) -> torch.Tensor:
     scale = (positive.sum(dim=-1, keepdim=True) / (positive * d * d).sum(dim=-1, keepdim=True)).sqrt()
     d = d * scale
     return (V * d.unsqueeze(-2)) @ V.mT
+
+
+def whitened_rank(Z: torch.Tensor) -> torch.Tensor:
+    """The rank of a full :func:`whitening` (α = 0; zero off C's range): its eigenvalues above 10·p·eps·max, which
+    separates the kept ones (at least √(10·p·eps)·max, by the rank rule on C) from rounding."""
+    lam = torch.linalg.eigvalsh(Z.detach())
+    return (lam > eigen_cutoff(lam, Z.shape[-1])).sum(dim=-1)
 
 
 def whitened_rows(X: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -92,6 +102,8 @@ def shape_squared(m: PairMoments, alpha: float) -> torch.Tensor:
     as for Procrustes, that correction carries no gradient."""
     Zx = m.state_x if m.state_x is not None else whitening(m.cov_x, alpha)
     Zy = m.state_y if m.state_y is not None else whitening(m.cov_y, alpha)
+    if alpha == 0:
+        check_not_degenerate(m.n, whitened_rank(Zx), whitened_rank(Zy), "shape[alpha=0]", FIXES)
     W = Zx.mT @ m.cross @ Zy
     rho = PairMoments(m.n, cross=W).nuclear_norm()
     squared = 2 - 2 * rho
