@@ -37,6 +37,20 @@ FORMULAS = {
     "projection_residual": "min_W ‖X̃ − ỸW‖²_F = 1 − R², the fraction of the teacher not linearly predictable from "
                            "the student (least squares, optional ridge); folds=k: fitted on k − 1 folds and scored on "
                            "the held-out fold; in_sample: scored on the fitted rows. Asymmetric.",
+    "shape": "arccos ‖ZₓX̃ᵀỸZ_y‖_* (angular) or √(2 − 2‖ZₓX̃ᵀỸZ_y‖_*) (euclidean), partial whitening "
+             "Z ∝ αI + (1 − α)(X̃ᵀX̃)^{-1/2} with ‖X̃Z‖_F = 1 (Williams et al. 2021)",
+    "cca": "mean of the canonical correlations ρᵢ (singular values of C_xx^{-1/2}C_xyC_yy^{-1/2}), or of ρᵢ²; "
+           "ridge: C + λ·(tr C/p)·I",
+    "svcca": "mean canonical correlation of the two sides reduced to their top principal directions "
+             "(Raghu et al. 2017)",
+    "pwcca": "Σαᵢρᵢ/Σαᵢ, αᵢ = Σⱼ|⟨hᵢ, x̃ⱼ⟩| the weight of the teacher's canonical variate hᵢ on its neurons "
+             "(Morcos et al. 2018). Asymmetric.",
+    "rsa": "correlation (spearman, pearson, Kendall τ_a or cosine) of the upper triangles of the two "
+           "representational dissimilarity matrices (Kriegeskorte et al. 2008)",
+    "mutual_knn": "mean over rows of |N_X(i) ∩ N_Y(i)|/k, N the k nearest rows by cosine similarity "
+                  "(Huh et al. 2024)",
+    "cknna": "HSIC_u of the cosine kernels masked to the shared k-nearest neighbours, over the masked self-HSICs "
+             "(Huh et al. 2024). Asymmetric.",
 }
 
 
