@@ -241,15 +241,19 @@ def test_cca_is_refused_exactly_when_n_is_at_most_p_plus_q(seed, p, q, offset):
 
 
 def ridge_cca_slow(X: np.ndarray, Y: np.ndarray, ridge: float) -> np.ndarray:
-    """Singular values of (C_xx + κₓI)^{-1/2} C_xy (C_yy + κ_yI)^{-1/2}, κ = ridge·tr C/width (numpy, eigh)."""
+    """The k = min(r_x, r_y) largest singular values of (C_xx + κₓI)^{-1/2} C_xy (C_yy + κ_yI)^{-1/2} on the
+    covariances' ranges, κ = ridge·tr C/r (numpy: eigh, range by numpy's matrix_rank rule on the singular values)."""
     Xu, Yu = centred(X), centred(Y)
     Xu, Yu = Xu / np.linalg.norm(Xu), Yu / np.linalg.norm(Yu)
 
-    def inv_sqrt(C):
-        w, V = np.linalg.eigh(C + ridge * np.trace(C) / len(C) * np.eye(len(C)))
-        return (V / np.sqrt(w)) @ V.T
+    def whiten(A):
+        U, s, Vt = np.linalg.svd(A, full_matrices=False)
+        r = int((s > s[0] * max(A.shape) * np.finfo(float).eps).sum())
+        lam = s[:r] ** 2
+        return Vt[:r].T / np.sqrt(lam + ridge * lam.sum() / r), r
 
-    return np.linalg.svd(inv_sqrt(Xu.T @ Xu) @ Xu.T @ Yu @ inv_sqrt(Yu.T @ Yu), compute_uv=False)
+    (Wx, rx), (Wy, ry) = whiten(Xu), whiten(Yu)
+    return np.linalg.svd(Wx.T @ Xu.T @ Yu @ Wy, compute_uv=False)[:min(rx, ry)]
 
 
 @pytest.mark.parametrize("case", CASES)

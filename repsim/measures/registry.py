@@ -35,6 +35,8 @@ __all__ = [
     "get_metric",
     "metric_names",
     "families",
+    "finalize_by_teacher_layer",
+    "layer_rows_only",
     "TRANSFORMS",
     "SHAPE_INVARIANCES",
     "STATISTICS",
@@ -254,6 +256,43 @@ class PairMoments:
             a, b = X.square().sum(dim=1), Y.square().sum(dim=1)
             self.quart_x, self.quart_y, self.s_ab = a @ a, b @ b, a @ b
         return self.quart_x, self.quart_y, self.s_ab
+
+
+def layer_rows_only(m: PairMoments) -> bool:
+    """Whether ``m`` carries pair dimensions and, instead of covariances, only each layer's rows (what
+    ``repsim.pairwise`` hands a family that reads no batched statistic): :func:`finalize_by_teacher_layer`."""
+    return m._cov_x is None and m._cross is None and m.rows_x is not None and not isinstance(m.rows_x, torch.Tensor)
+
+
+def _padded(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The row matrices stacked (L, n, w_max), narrower ones padded with zero columns."""
+    width = max(r.shape[1] for r in rows)
+    out = rows[0].new_zeros(len(rows), rows[0].shape[0], width)
+    for i, r in enumerate(rows):
+        out[i, :, :r.shape[1]] = r
+    return out
+
+
+def finalize_by_teacher_layer(family: Family, m: PairMoments, **kwargs: Any) -> torch.Tensor:
+    """(Lt, Ls) values of a moments family from rows-only pair moments (:func:`layer_rows_only`): each layer's
+    covariance and :meth:`Family.layer_statistics` once, then one teacher layer at a time against all student
+    layers (cross-products and ``finalize`` batched over the students; memory Ls·p·q, not Lt·Ls·p·q). Layers of
+    one side are zero-padded to a common width, which changes no second-moment metric (zero columns add no
+    variance, covariance or singular value); the rows stay available for refinement."""
+    F, G = _padded(list(m.rows_x)), _padded(list(m.rows_y))
+    cov_t, cov_s = F.mT @ F, G.mT @ G
+    state_t = [family.layer_statistics(c, m.n, **kwargs) for c in cov_t]
+    state_s = [family.layer_statistics(c, m.n, **kwargs) for c in cov_s]
+    stacked_s = None if state_s[0] is None else torch.stack(state_s)
+    rows_y = list(m.rows_y)
+    out = []
+    for i in range(F.shape[0]):
+        ls = G.shape[0]
+        pair = PairMoments(m.n, cov_t[i].expand(ls, *cov_t[i].shape), cov_s, F[i].T @ G,
+                           state_x=None if state_t[i] is None else state_t[i].expand(ls, *state_t[i].shape),
+                           state_y=stacked_s, rows_x=[m.rows_x[i]] * ls, rows_y=rows_y)
+        out.append(family.finalize(pair, **kwargs))
+    return torch.stack(out)
 
 
 class Family:

@@ -12,9 +12,10 @@ Scaling and the 1/n or 1/(n − 1) of a covariance cancel, so the values are tho
 Degenerate samples. In the (n − 1)-dimensional space of centred columns, two column spaces of ranks r_x + r_y ≥ n
 must intersect, so r_x + r_y − (n − 1) canonical correlations are 1 whatever the data (all of them once a side
 reaches rank n − 1, e.g. n ≤ width): CCA then measures the sample size, not similarity. Every engine refuses it
-with a UserError naming the fixes: ``ridge=λ`` (regularised CCA: C_xx + λ·(tr C_xx/p)·I and likewise C_yy, λ
-in units of the mean eigenvalue, so the value stays scale invariant; k = min(p, q), and the ρᵢ shrink towards 0
-rather than to 1), or a PCA reduction first (``svcca[k=K]`` with 2K < n).
+with a UserError naming the fixes: ``ridge=λ`` (regularised CCA: C_xx + λ·(tr C_xx/r_x)·I on C_xx's range,
+likewise C_yy, λ in units of the mean nonzero eigenvalue, so the value stays scale invariant and zero columns
+change nothing; the ρᵢ shrink towards 0 rather than to 1, still k of them), or a PCA reduction first
+(``svcca[k=K]`` with 2K < n).
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ import torch
 from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
 from repsim.measures.linalg import clamp_rounding, eps
 from repsim.measures.linalg import svdvals as lapack_svdvals
-from repsim.measures.registry import SHAPE_INVARIANCES, Family, MetricSpec, PairMoments, register
+from repsim.measures.registry import (
+    SHAPE_INVARIANCES,
+    Family,
+    MetricSpec,
+    PairMoments,
+    finalize_by_teacher_layer,
+    layer_rows_only,
+    register,
+)
 from repsim.system.errors import UserError
 
 SUMMARIES = ("mean_r", "mean_r2")
@@ -36,8 +45,9 @@ def whitening_basis(cov: torch.Tensor, ridge: float = 0.0, top: int | None = Non
                     variance: float | None = None) -> torch.Tensor:
     """B (..., p, p) with columns vᵢ/√(λᵢ + κ) for the selected eigenpairs (λᵢ, vᵢ) of ``cov`` and exact zero
     columns for the others, so that BᵀC_xy… whitens the selected directions and the rank is the number of nonzero
-    columns (:func:`basis_rank`). Selected: the eigenvalues above 10·p·eps·λ_max (κ = 0), every one (``ridge``
-    > 0: κ = ridge·tr C/p), and among those the ``top`` largest, or the fewest largest whose sum reaches
+    columns (:func:`basis_rank`). Selected: the eigenvalues above 10·p·eps·λ_max (C's numerical range, so zero
+    columns change nothing), κ = ``ridge``·tr C/r (r that rank: ridge in units of the mean eigenvalue on the range),
+    and among those the ``top`` largest, or the fewest largest whose sum reaches
     ``variance``·tr C (PCA by explained variance). ``cov`` is read as the covariance of the unit-Frobenius side:
     it is first divided by its trace, so any positive multiple of it gives the same B. Batched over leading
     dimensions; differentiable."""
@@ -46,12 +56,8 @@ def whitening_basis(cov: torch.Tensor, ridge: float = 0.0, top: int | None = Non
     lam = lam / lam.detach().clamp_min(0).sum(dim=-1, keepdim=True)
     lam_d = lam.detach()
     total = torch.ones_like(lam_d[..., :1])
-    if ridge > 0:
-        keep = torch.ones_like(lam_d, dtype=torch.bool)
-        kappa = ridge * total / p
-    else:
-        keep = lam_d > lam_d.amax(dim=-1, keepdim=True).clamp_min(0) * (10 * p * eps(lam_d))
-        kappa = torch.zeros_like(total)
+    keep = lam_d > lam_d.amax(dim=-1, keepdim=True).clamp_min(0) * (10 * p * eps(lam_d))
+    kappa = ridge * total / keep.sum(dim=-1, keepdim=True)  # ridge × the mean eigenvalue on the range
     position = torch.arange(p - 1, -1, -1, device=cov.device).expand_as(lam_d)  # 0 for the largest eigenvalue
     if top is not None:
         keep = keep & (position < top)
@@ -152,6 +158,8 @@ class CCA(Family):
         return whitening_basis(cov, ridge)
 
     def finalize(self, m: PairMoments, summary: str = "mean_r", ridge: float = 0.0, **kwargs: Any) -> torch.Tensor:
+        if layer_rows_only(m):
+            return finalize_by_teacher_layer(self, m, summary=summary, ridge=ridge)
         Bx = m.state_x if m.state_x is not None else whitening_basis(m.cov_x, ridge)
         By = m.state_y if m.state_y is not None else whitening_basis(m.cov_y, ridge)
         if ridge == 0:

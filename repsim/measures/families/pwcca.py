@@ -26,7 +26,15 @@ import torch
 from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
 from repsim.measures.families.cca import basis_rank, check_not_degenerate, first_k, whitening_basis
 from repsim.measures.linalg import clamp_rounding
-from repsim.measures.registry import Family, MetricSpec, PairMoments, register
+from repsim.measures.registry import (
+    Family,
+    MetricSpec,
+    PairMoments,
+    finalize_by_teacher_layer,
+    layer_rows_only,
+    register,
+)
+from repsim.system.errors import UserError
 
 FIXES = "use cca[mean_r,ridge=0.1] (regularised CCA) or svcca[k=K] with 2K < n, or more samples"
 
@@ -62,6 +70,12 @@ class PWCCA(Family):
         return whitening_basis(cov)
 
     def finalize(self, m: PairMoments, **kwargs: Any) -> torch.Tensor:
+        if layer_rows_only(m):
+            if any(r.shape[1] >= m.n for r in m.rows_x):  # such a teacher is held as a rotated n-column factor
+                raise UserError(f"pwcca weighs the teacher's neurons, which this engine holds rotated when the teacher "
+                                f"is at least as wide as the {m.n} samples (then degenerate for CCA unless "
+                                "rank-deficient): compute it in memory (repsim.measures.families.pwcca.pwcca)")
+            return finalize_by_teacher_layer(self, m)
         Bx = m.state_x if m.state_x is not None else whitening_basis(m.cov_x)
         By = m.state_y if m.state_y is not None else whitening_basis(m.cov_y)
         check_not_degenerate(m.n, basis_rank(Bx), basis_rank(By), "pwcca", FIXES)

@@ -36,7 +36,15 @@ from repsim.measures.families.cca import check_not_degenerate
 from repsim.measures.families.procrustes import FAMILY as PROCRUSTES
 from repsim.measures.families.procrustes import residual_squared
 from repsim.measures.linalg import clamp_rounding, eps, refine_below, safe_sqrt
-from repsim.measures.registry import SHAPE_INVARIANCES, Family, MetricSpec, PairMoments, register
+from repsim.measures.registry import (
+    SHAPE_INVARIANCES,
+    Family,
+    MetricSpec,
+    PairMoments,
+    finalize_by_teacher_layer,
+    layer_rows_only,
+    register,
+)
 from repsim.system.errors import UserError
 
 SCORES = ("angular", "euclidean")
@@ -163,6 +171,10 @@ class Shape(Family):
         Xt, Yt = prepare(X, center, "X (teacher)"), prepare(Y, center, "Y (student)")
         return self.finalize(PairMoments.from_rows(Xt, Yt), alpha, score)
 
+    def needs(self, alpha: float = 1.0, **kwargs: Any) -> frozenset[str]:
+        """α = 1 reads the engine's nuclear norms (it is Procrustes); otherwise the covariances."""
+        return PROCRUSTES.needs(output="angular") if alpha == 1 else frozenset()
+
     def layer_statistics(self, cov: torch.Tensor, n: int, alpha: float = 1.0, **kwargs: Any) -> Any:
         """The whitening Z of one layer (:func:`whitening`; None at α = 1, where Z = I)."""
         return None if alpha == 1 else whitening(cov, alpha)
@@ -172,6 +184,8 @@ class Shape(Family):
             raise UserError(f"shape score must be one of {', '.join(SCORES)}, got {score!r}")
         if alpha == 1:  # Z = I: the Procrustes family itself, so the two ids give the same numbers
             return PROCRUSTES.finalize(m, "angular" if score == "angular" else "distance")
+        if layer_rows_only(m):
+            return finalize_by_teacher_layer(self, m, alpha=alpha, score=score)
         distance = safe_sqrt(shape_squared(m, alpha))
         return 2 * torch.asin((distance / 2).clamp(max=1.0)) if score == "angular" else distance
 

@@ -26,7 +26,15 @@ from repsim.measures.families.cca import (
     first_k,
     whitening_basis,
 )
-from repsim.measures.registry import SHAPE_INVARIANCES, Family, MetricSpec, PairMoments, register
+from repsim.measures.registry import (
+    SHAPE_INVARIANCES,
+    Family,
+    MetricSpec,
+    PairMoments,
+    finalize_by_teacher_layer,
+    layer_rows_only,
+    register,
+)
 
 FIXES = "choose a smaller K (svcca[k=K] with 2K < n) or a lower variance fraction, or use more samples"
 
@@ -69,6 +77,8 @@ class SVCCA(Family):
         return whitening_basis(cov, top=k, variance=var)
 
     def finalize(self, m: PairMoments, k: int | None = None, var: float | None = None, **kwargs: Any) -> torch.Tensor:
+        if layer_rows_only(m):
+            return finalize_by_teacher_layer(self, m, k=k, var=var)
         Bx = m.state_x if m.state_x is not None else whitening_basis(m.cov_x, top=k, variance=var)
         By = m.state_y if m.state_y is not None else whitening_basis(m.cov_y, top=k, variance=var)
         name = f"svcca[k={k}]" if k is not None else f"svcca[var={var:g}]"
