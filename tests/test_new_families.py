@@ -550,3 +550,102 @@ def test_moments_families_finalize_all_layer_pairs_at_once(metric, with_state):
     for i, x in enumerate(teacher):
         for j, y in enumerate(student):
             assert float(values[i, j]) == pytest.approx(spec(x.numpy(), y.numpy()), rel=1e-11)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the registry and the command line
+# ---------------------------------------------------------------------------------------------------------------
+
+NEW_FAMILIES = ("shape", "cca", "svcca", "pwcca", "rsa", "mutual_knn", "cknna")
+
+
+def new_ids() -> list[str]:
+    from repsim.measures.registry import get_metric, metric_names
+
+    return [i for i in metric_names() if get_metric(i).family in NEW_FAMILIES]
+
+
+def test_every_new_id_is_registered_canonical_and_labelled_with_its_direction():
+    from repsim.analysis.plot import metric_label
+    from repsim.measures.registry import get_metric
+
+    ids = new_ids()
+    assert {get_metric(i).family for i in ids} == set(NEW_FAMILIES)
+    for i in ids:
+        spec = get_metric(i)
+        assert spec.id == i and get_metric(f" {i.upper()} ") == spec
+        assert f"({spec.direction} = more similar)" in spec.label and spec.label in metric_label(i)
+    for alias, canonical in [("rsa", "rsa[rdm=correlation,compare=spearman]"), ("mutual_knn", "mutual_knn[k=10]"),
+                             ("cknna", "cknna[k=10]"), ("shape[alpha=0.50,score=angular]", "shape[alpha=0.5]"),
+                             ("rsa[compare=pearson,rdm=cosine]", "rsa[rdm=cosine,compare=pearson]")]:
+        assert get_metric(alias).id == canonical
+    for bad in ("shape", "shape[alpha=2]", "shape[alpha=0.5,score=manhattan]", "cca", "cca[mean_r,ridge=-1]",
+                "svcca[k=0]", "svcca[var=1.5]", "svcca[k=3,var=0.9]", "pwcca[k=3]", "rsa[rdm=manhattan]",
+                "rsa[compare=tau_b]", "mutual_knn[k=0]", "cknna[k=1]"):
+        with pytest.raises(UserError, match="metric"):
+            get_metric(bad)
+
+
+def test_compare_accepts_every_new_id_and_labels_each_heatmap(tmp_path, tiny_model):
+    """`repsim compare --metrics ID` on two tiny models (4 × 32 teacher, 3 × 16 student layers, 120 texts)."""
+    import random
+
+    import pandas as pd
+    from tiny_models import WORDS
+
+    from repsim.cli import main
+    from repsim.measures.allpairs import pairwise
+
+    rng = random.Random(0)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(120)))
+    teacher, student = str(tiny_model("bert", seed=0)), str(tiny_model("bert", seed=1, hidden=16, layers=2))
+    ids = new_ids()
+    assert main(["compare", teacher, student, "--data", str(texts), "--out", str(tmp_path / "o"),
+                 "--metrics", *ids]) == 0
+    table = pd.read_csv(tmp_path / "o" / "results.csv")
+    assert set(table["metric"]) == set(ids)
+    from repsim.activations.data import load_texts
+    from repsim.activations.extract import extract
+
+    t_act = extract(teacher, load_texts(str(texts)), pool="mean", progress=False)
+    s_act = extract(student, load_texts(str(texts)), pool="mean", progress=False)
+    t_layers = [np.array(t_act[i]) for i in sorted(set(table["teacher_layer"]))]
+    s_layers = [np.array(s_act[j]) for j in sorted(set(table["student_layer"]))]
+    expected = pairwise(t_layers, s_layers, metrics=ids)
+    from repsim.analysis.plot import file_stem
+
+    for i in ids:
+        rows = table[table["metric"] == i].sort_values(["teacher_layer", "student_layer"])
+        np.testing.assert_allclose(rows["value"].to_numpy(), expected[i].ravel(), rtol=1e-9, atol=1e-12)
+        assert (tmp_path / "o" / f"heatmap_{file_stem(i)}.png").exists()
+
+
+@pytest.mark.parametrize("shape", ["mixed widths", "rank-deficient", "n below the widths"])
+def test_pairwise_equals_the_in_memory_value_or_refuses_alike_for_every_new_id(shape):
+    from repsim.measures.allpairs import pairwise
+    from repsim.measures.registry import get_metric
+
+    rng = np.random.default_rng(8)
+    n = 20 if shape == "n below the widths" else 80
+    base = rng.standard_normal((n, 5))
+
+    def layer(width):
+        A = base @ rng.standard_normal((5, width)) + rng.standard_normal((n, width))
+        if shape == "rank-deficient":
+            half = width // 2
+            A[:, width - half:] = A[:, :width - half] @ rng.standard_normal((width - half, half))
+        return A
+
+    widths_t, widths_s = ((30, 24), (8,)) if shape == "n below the widths" else ((12, 12, 9), (7, 10))
+    teacher, student = [layer(w) for w in widths_t], [layer(w) for w in widths_s]
+    for i in new_ids():
+        spec = get_metric(i)
+        try:
+            expected = np.array([[spec(x, y) for y in student] for x in teacher])
+        except UserError as error:
+            with pytest.raises(UserError, match="degenerate|rotated" if "degenerate" in str(error) else None):
+                pairwise(teacher, student, metrics=[i])
+            continue
+        np.testing.assert_allclose(pairwise(teacher, student, metrics=[i])[i], expected, rtol=1e-12, atol=1e-15,
+                                   err_msg=i)
