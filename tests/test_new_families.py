@@ -649,3 +649,29 @@ def test_pairwise_equals_the_in_memory_value_or_refuses_alike_for_every_new_id(s
             continue
         np.testing.assert_allclose(pairwise(teacher, student, metrics=[i])[i], expected, rtol=1e-12, atol=1e-15,
                                    err_msg=i)
+
+
+def test_streamed_moments_give_the_in_memory_values_and_refuse_the_rows_families(monkeypatch):
+    import repsim.analysis.stats as stats
+    from repsim.measures.moments import LayerMoments
+    from repsim.measures.registry import get_metric
+
+    rng = np.random.default_rng(9)
+    base = rng.standard_normal((90, 5))
+    teacher = [base @ rng.standard_normal((5, w)) + rng.standard_normal((90, w)) for w in (12, 9)]
+    student = [base @ rng.standard_normal((5, w)) + rng.standard_normal((90, w)) for w in (7, 10)]
+    moments = LayerMoments([12, 9], [7, 10])
+    for lo in range(0, 90, 25):  # four batches
+        moments.update([x[lo:lo + 25] for x in teacher], [y[lo:lo + 25] for y in student])
+    # a bootstrap "resample" that keeps every row once
+    monkeypatch.setattr(stats, "resample_indices", lambda n, replicates, seed=0: np.arange(n)[None])
+    for i in new_ids():
+        spec = get_metric(i)
+        expected = np.array([[spec(x, y) for y in student] for x in teacher])
+        if spec.statistics == "moments":
+            np.testing.assert_allclose(moments.matrix(i), expected, rtol=1e-10, err_msg=i)
+        else:
+            with pytest.raises(UserError, match="needs the rows"):
+                moments.matrix(i)
+        replicate = stats.bootstrap_replicates(teacher, student, [i], 1, method="generic")[i][0]
+        np.testing.assert_allclose(replicate, expected, rtol=1e-10, err_msg=i)
