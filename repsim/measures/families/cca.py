@@ -116,10 +116,6 @@ DEGENERATE_FIXES = ("regularise the covariances, e.g. cca[mean_r,ridge=0.1], or 
                     "directions first, e.g. svcca[k=K] with 2K < n")
 
 
-def _g(x: float) -> str:
-    return f"{x:g}"
-
-
 class CCA(Family):
     """Mean (squared) canonical correlation (module docstring)."""
 
@@ -129,10 +125,10 @@ class CCA(Family):
 
     def spec(self, summary: str = "mean_r", ridge: float = 0.0) -> MetricSpec:
         """The spec of one convention."""
-        cid = f"cca[{summary}]" if ridge == 0 else f"cca[{summary},ridge={_g(ridge)}]"
+        cid = f"cca[{summary}]" if ridge == 0 else f"cca[{summary},ridge={ridge:g}]"
         what = "mean canonical correlation" if summary == "mean_r" else "mean squared canonical correlation"
         if ridge:
-            what += f", ridge {_g(ridge)}"
+            what += f", ridge {ridge:g}"
         invariances = SHAPE_INVARIANCES if ridge else SHAPE_INVARIANCES | {"invertible_linear"}
         return MetricSpec(cid, self.name, {"summary": summary, "ridge": float(ridge)}, "higher", (0.0, 1.0),
                           frozenset(invariances), True, "moments", f"CCA {what} (higher = more similar)")

@@ -131,10 +131,6 @@ def shape_squared(m: PairMoments, alpha: float) -> torch.Tensor:
     return clamp_rounding(squared, 0.0, 2.0, tol, f"squared shape distance 2 − 2ρ at α={alpha:g}")
 
 
-def _g(x: float) -> str:
-    return f"{x:g}"
-
-
 class Shape(Family):
     """The generalised shape metrics (module docstring)."""
 
@@ -144,12 +140,12 @@ class Shape(Family):
 
     def spec(self, alpha: float, score: str = "angular") -> MetricSpec:
         """The spec of one convention."""
-        cid = f"shape[alpha={_g(alpha)}]" if score == "angular" else f"shape[alpha={_g(alpha)},score={score}]"
+        cid = f"shape[alpha={alpha:g}]" if score == "angular" else f"shape[alpha={alpha:g},score={score}]"
         invariances = SHAPE_INVARIANCES | ({"invertible_linear"} if alpha == 0 else set())
         if score == "angular":
-            rng, what = (0.0, math.pi / 2), f"shape metric arccos ρ_α, α={_g(alpha)} (radians)"
+            rng, what = (0.0, math.pi / 2), f"shape metric arccos ρ_α, α={alpha:g} (radians)"
         else:
-            rng, what = (0.0, math.sqrt(2)), f"shape metric √(2−2ρ_α), α={_g(alpha)}"
+            rng, what = (0.0, math.sqrt(2)), f"shape metric √(2−2ρ_α), α={alpha:g}"
         return MetricSpec(cid, self.name, {"alpha": float(alpha), "score": score}, "lower", rng,
                           frozenset(invariances), True, "moments", f"{what} (lower = more similar)")
 
