@@ -264,33 +264,32 @@ def layer_rows_only(m: PairMoments) -> bool:
     return m._cov_x is None and m._cross is None and m.rows_x is not None and not isinstance(m.rows_x, torch.Tensor)
 
 
-def _padded(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The row matrices stacked (L, n, w_max), narrower ones padded with zero columns."""
-    width = max(r.shape[1] for r in rows)
-    out = rows[0].new_zeros(len(rows), rows[0].shape[0], width)
-    for i, r in enumerate(rows):
-        out[i, :, :r.shape[1]] = r
+def _padded_gram(A: torch.Tensor, B: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """AᵀB zero-padded to (rows, cols)."""
+    out = A.new_zeros(rows, cols)
+    out[:A.shape[1], :B.shape[1]] = A.T @ B
     return out
 
 
 def finalize_by_teacher_layer(family: Family, m: PairMoments, **kwargs: Any) -> torch.Tensor:
     """(Lt, Ls) values of a moments family from rows-only pair moments (:func:`layer_rows_only`): each layer's
     covariance and :meth:`Family.layer_statistics` once, then one teacher layer at a time against all student
-    layers (cross-products and ``finalize`` batched over the students; memory Ls·p·q, not Lt·Ls·p·q). Layers of
-    one side are zero-padded to a common width, which changes no second-moment metric (zero columns add no
-    variance, covariance or singular value); the rows stay available for refinement."""
-    F, G = _padded(list(m.rows_x)), _padded(list(m.rows_y))
-    cov_t, cov_s = F.mT @ F, G.mT @ G
-    state_t = [family.layer_statistics(c, m.n, **kwargs) for c in cov_t]
+    layers (``finalize`` batched over the students; memory Ls·p·q, no copy of the rows). Layers of one side are
+    zero-padded to a common width, which changes no second-moment metric (zero columns add no variance,
+    covariance or singular value); the rows stay available for refinement."""
+    rows_x, rows_y = list(m.rows_x), list(m.rows_y)
+    p, q = max(r.shape[1] for r in rows_x), max(r.shape[1] for r in rows_y)
+    cov_s = torch.stack([_padded_gram(r, r, q, q) for r in rows_y])
     state_s = [family.layer_statistics(c, m.n, **kwargs) for c in cov_s]
     stacked_s = None if state_s[0] is None else torch.stack(state_s)
-    rows_y = list(m.rows_y)
+    ls = len(rows_y)
     out = []
-    for i in range(F.shape[0]):
-        ls = G.shape[0]
-        pair = PairMoments(m.n, cov_t[i].expand(ls, *cov_t[i].shape), cov_s, F[i].T @ G,
-                           state_x=None if state_t[i] is None else state_t[i].expand(ls, *state_t[i].shape),
-                           state_y=stacked_s, rows_x=[m.rows_x[i]] * ls, rows_y=rows_y)
+    for x in rows_x:
+        cov = _padded_gram(x, x, p, p)
+        state = family.layer_statistics(cov, m.n, **kwargs)
+        pair = PairMoments(m.n, cov.expand(ls, p, p), cov_s, torch.stack([_padded_gram(x, y, p, q) for y in rows_y]),
+                           state_x=None if state is None else state.expand(ls, *state.shape), state_y=stacked_s,
+                           rows_x=[x] * ls, rows_y=rows_y)
         out.append(family.finalize(pair, **kwargs))
     return torch.stack(out)
 
