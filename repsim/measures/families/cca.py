@@ -26,6 +26,7 @@ import torch
 
 from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
 from repsim.measures.linalg import clamp_rounding, eps
+from repsim.measures.linalg import eigh as lapack_eigh
 from repsim.measures.linalg import svdvals as lapack_svdvals
 from repsim.measures.registry import (
     SHAPE_INVARIANCES,
@@ -41,6 +42,15 @@ from repsim.system.errors import UserError
 SUMMARIES = ("mean_r", "mean_r2")
 
 
+def symmetric_eigh(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues ascending, eigenvectors) of a batch of symmetric matrices: torch's (differentiable) where a
+    gradient is wanted or off the CPU, else numpy's LAPACK on one BLAS thread (:func:`repsim.measures.linalg.eigh`)."""
+    if cov.requires_grad or cov.device.type != "cpu":
+        return torch.linalg.eigh(cov)
+    lam, V = lapack_eigh(cov)
+    return lam.to(cov.dtype), V.to(cov.dtype)
+
+
 def whitening_basis(cov: torch.Tensor, ridge: float = 0.0, top: int | None = None,
                     variance: float | None = None) -> torch.Tensor:
     """B (..., p, p) with columns vᵢ/√(λᵢ + κ) for the selected eigenpairs (λᵢ, vᵢ) of ``cov`` and exact zero
@@ -52,7 +62,7 @@ def whitening_basis(cov: torch.Tensor, ridge: float = 0.0, top: int | None = Non
     it is first divided by its trace, so any positive multiple of it gives the same B. Batched over leading
     dimensions; differentiable."""
     p = cov.shape[-1]
-    lam, V = torch.linalg.eigh(cov)  # ascending
+    lam, V = symmetric_eigh(cov)  # ascending
     lam = lam / lam.detach().clamp_min(0).sum(dim=-1, keepdim=True)
     lam_d = lam.detach()
     total = torch.ones_like(lam_d[..., :1])
@@ -76,6 +86,13 @@ def basis_rank(B: torch.Tensor) -> torch.Tensor:
     return (B.detach() != 0).any(dim=-2).sum(dim=-1)
 
 
+def compact(B: torch.Tensor) -> torch.Tensor:
+    """A :func:`whitening_basis` without the columns that are zero in every matrix of the batch (the unselected
+    directions: a PCA reduction keeps K of p), so the products with it cost K, not p, columns."""
+    used = (B.detach() != 0).reshape(-1, *B.shape[-2:]).any(dim=0).any(dim=0)
+    return B if bool(used.all()) else B[..., used]
+
+
 def check_not_degenerate(n: int, rank_x: torch.Tensor, rank_y: torch.Tensor, metric: str, fixes: str,
                          what: str = "rank") -> None:
     """UserError when r_x + r_y ≥ n for any pair (module docstring): canonical correlations of 1 by construction."""
@@ -96,7 +113,8 @@ def canonical_correlations(m: PairMoments, Bx: torch.Tensor, By: torch.Tensor) -
     """(ρ descending (..., min(p, q)), k = min(rank Bx, rank By) (...)) from the moments and two whitening bases.
 
     ρ are the singular values of BₓᵀC_xyB_y, clamped into [0, 1] (only rounding may leave it)."""
-    T = Bx.mT @ m.cross @ By
+    Bx, By = compact(Bx), compact(By)
+    T = (Bx.mT @ m.cross) @ By
     if T.requires_grad or T.ndim == 2:
         rho = torch.linalg.svdvals(T)
     else:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
-from repsim.measures.families.cca import basis_rank, check_not_degenerate, first_k, whitening_basis
+from repsim.measures.families.cca import basis_rank, check_not_degenerate, compact, first_k, whitening_basis
 from repsim.measures.linalg import clamp_rounding
 from repsim.measures.registry import (
     Family,
@@ -79,7 +79,8 @@ class PWCCA(Family):
         Bx = m.state_x if m.state_x is not None else whitening_basis(m.cov_x)
         By = m.state_y if m.state_y is not None else whitening_basis(m.cov_y)
         check_not_degenerate(m.n, basis_rank(Bx), basis_rank(By), "pwcca", FIXES)
-        U, rho, _ = torch.linalg.svd(Bx.mT @ m.cross @ By, full_matrices=False)
+        Bx, By = compact(Bx), compact(By)
+        U, rho, _ = torch.linalg.svd((Bx.mT @ m.cross) @ By, full_matrices=False)
         rho = clamp_rounding(rho, 0.0, 1.0, 1e-9, "a canonical correlation")
         k = torch.minimum(basis_rank(Bx), basis_rank(By))
         weights = (m.cov_x @ Bx @ U).abs().sum(dim=-2) * first_k(rho, k)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
-from repsim.measures.families.cca import check_not_degenerate
+from repsim.measures.families.cca import check_not_degenerate, symmetric_eigh
 from repsim.measures.families.procrustes import FAMILY as PROCRUSTES
 from repsim.measures.families.procrustes import residual_squared
 from repsim.measures.linalg import clamp_rounding, eps, refine_below, safe_sqrt
@@ -62,7 +62,7 @@ def whitening(cov: torch.Tensor, alpha: float) -> torch.Tensor:
 
     ``cov`` = C (..., p, p), symmetric positive semi-definite (batched), read as the covariance of the unit-Frobenius
     side: C is first divided by its trace, so any positive multiple of it gives the same Z. Differentiable."""
-    lam, V = torch.linalg.eigh(cov)
+    lam, V = symmetric_eigh(cov)
     lam = lam / lam.detach().clamp_min(0).sum(dim=-1, keepdim=True)
     keep = lam > eigen_cutoff(lam.detach(), cov.shape[-1])
     positive = lam.clamp_min(0)
