@@ -449,6 +449,19 @@ def test_cknna_is_not_symmetric_as_in_platonic_rep():
     assert abs(cknna(X, Y) - cknna(Y, X)) > 1e-4
 
 
+def test_cknna_can_exceed_1_so_its_declared_range_is_unbounded():
+    """The masked HSIC is not an inner product (the row-wise masks differ between s(K, L), s(K, K) and s(L, L)), so
+    no Cauchy-Schwarz bound holds: 7 rows, k = 2."""
+    from repsim.measures.registry import get_metric
+
+    rng = np.random.default_rng(21)
+    X = rng.standard_normal((7, 2))
+    Y = X @ rng.standard_normal((2, 2)) + 0.5 * rng.standard_normal((7, 2))
+    assert cknna(X, Y, 2) == pytest.approx(cknna_dense(X, Y, 2), rel=1e-10)
+    assert cknna(X, Y, 2) > 1.004
+    assert get_metric("cknna[k=2]").range == (-math.inf, math.inf)
+
+
 def cknna_dense(X: np.ndarray, Y: np.ndarray, k: int) -> float:
     """CKNNA with n × n masks and matrices, as written in platonic-rep (without its 1e-6)."""
     def unit(A):
