@@ -71,14 +71,15 @@ class PWCCA(Family):
 
     def finalize(self, m: PairMoments, **kwargs: Any) -> torch.Tensor:
         if layer_rows_only(m):
-            if any(r.shape[1] >= m.n for r in m.rows_x):  # such a teacher is held as a rotated n-column factor
-                raise UserError(f"pwcca weighs the teacher's neurons, which this engine holds rotated when the teacher "
-                                f"is at least as wide as the {m.n} samples (then degenerate for CCA unless "
-                                "rank-deficient): compute it in memory (repsim.measures.families.pwcca.pwcca)")
             return finalize_by_teacher_layer(self, m)
         Bx = m.state_x if m.state_x is not None else whitening_basis(m.cov_x)
         By = m.state_y if m.state_y is not None else whitening_basis(m.cov_y)
         check_not_degenerate(m.n, basis_rank(Bx), basis_rank(By), "pwcca", FIXES)
+        if m.rows_x is not None and not isinstance(m.rows_x, torch.Tensor) and any(r.shape[1] >= m.n for r in m.rows_x):
+            # an engine's rows of a teacher at least as wide as n are a rotated n-column factor: no neurons to weigh
+            raise UserError(f"pwcca weighs the teacher's neurons, which this engine holds rotated when the teacher is "
+                            f"at least as wide as the {m.n} samples: compute it in memory "
+                            "(repsim.measures.families.pwcca.pwcca)")
         Bx, By = compact(Bx), compact(By)
         U, rho, _ = torch.linalg.svd((Bx.mT @ m.cross) @ By, full_matrices=False)
         rho = clamp_rounding(rho, 0.0, 1.0, 1e-9, "a canonical correlation")

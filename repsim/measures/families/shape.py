@@ -128,7 +128,8 @@ def shape_squared(m: PairMoments, alpha: float) -> torch.Tensor:
             exact[index] = residual_squared(Xw, Yw)
         squared = squared + (exact - squared.detach())
     tol = 1e-9 + 200.0 * m.n * eps(squared)
-    return clamp_rounding(squared, 0.0, 2.0, tol, f"squared shape distance 2 − 2ρ at α={alpha:g}")
+    return clamp_rounding(squared, 0.0, 2.0, tol, f"squared shape distance 2 − 2ρ at α={alpha:g}",
+                          resolution=None if m.rows_x is not None else eps(squared) * 2)
 
 
 class Shape(Family):
