@@ -418,8 +418,10 @@ def metric_names() -> list[str]:
 def _family(name: str, text: str) -> Family:
     fam = _FAMILIES.get(name)
     if fam is None:
-        known = sorted(set(metric_names()) | {a for f in _FAMILIES.values() for a in f.aliases})
-        raise UserError(f"unknown metric {text!r}; known: {', '.join(known)}")
+        examples = ", ".join(f.examples[0] for f in _FAMILIES.values() if f.examples)
+        aliases = ", ".join(sorted({a for f in _FAMILIES.values() for a in f.aliases}))
+        raise UserError(f"unknown metric {text!r}; known: one id per family, e.g. {examples} (every id: "
+                        f"repsim.measures.registry.metric_names()), and the aliases {aliases}")
     return fam
 
 
