@@ -91,6 +91,9 @@ def test_near_orthogonal_variant_asymptotics():
     n = big["n"]
     # 1 − CKA ≈ m ε⁴ / n², Procrustes ≈ √(E/n), Gram-Frobenius ≈ √(E² + 2mε⁴)/n
     assert big["1 - cka"] * n**2 / (m * eps**4) == pytest.approx(1, rel=1e-2)
+    # CKA's own distance √(2 − 2·CKA) ≈ √(2m)·ε²/n falls like 1/n, as Gram-Frobenius does (1 − CKA is not a distance)
+    assert big["cka_distance"] * n / (math.sqrt(2 * m) * eps**2) == pytest.approx(1, rel=1e-2)
+    assert near["cka_distance"].to_numpy() == pytest.approx(np.sqrt(2 - 2 * near["cka[linear,biased]"]), rel=1e-6)
     assert big["procrustes[distance]"] / math.sqrt(E / n) == pytest.approx(1, rel=1e-2)
     assert big["gram_frobenius"] * n / math.sqrt(E**2 + 2 * m * eps**4) == pytest.approx(1, rel=1e-2)
     # measured at n = 1000 (the closed form is the metric)

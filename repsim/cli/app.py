@@ -272,9 +272,11 @@ def _add_counterexample(sub) -> None:
 def _add_check(sub) -> None:
     p = sub.add_parser(
         "check", help="geometry check of a teacher/student pair at mapped layers (angles, not only scores)",
-        description="At each mapped layer pair: Procrustes, Gram-Frobenius, CKA, projection residual, the fraction "
-        "of eps-orthogonal teacher pairs that stay eps-orthogonal, angle distortion quantiles, the largest "
-        "inner-product error, and a verdict that flags 'CKA says similar, geometry differs'.")
+        description="At each mapped layer pair: Procrustes, Gram-Frobenius, CKA, projection residual, the overlap "
+        "of the teacher's and the student's eps-orthogonal pairs, the correlation of their pairwise cosines, angle "
+        "distortion quantiles, the largest inner-product error, each with its chance level, permutation p-value "
+        "and z-score from shuffles of the student's rows, and a verdict that flags 'CKA says similar, geometry "
+        "differs'.")
     p.add_argument("teacher", help="teacher model: HF id, short name or local folder")
     p.add_argument("student", help="student model: HF id, short name or local folder (e.g. a distilled student)")
     p.add_argument("--data", default="sst2",
@@ -296,13 +298,16 @@ def _add_check(sub) -> None:
     p.add_argument("--procrustes-threshold", type=_NONNEGATIVE, default=0.5,
                    help="Procrustes distance more than this fraction of the way from 0 to its chance level counts "
                         "as 'geometry differs'")
-    p.add_argument("--chance-permutations", type=_COUNT, default=4, metavar="K",
-                   help="student-row permutations whose mean is each chance level (default 4; 0: the ends of the "
-                        "ranges, sqrt(2) and 0)")
+    p.add_argument("--permutations", type=_COUNT, default=200, metavar="P",
+                   help="seeded shuffles of the student's rows that give every diagnostic its chance level, "
+                        "permutation p-value and z-score (default 200; 0: no null, the ends of the ranges stand in "
+                        "for the chance levels)")
+    p.add_argument("--chance-permutations", dest="permutations", type=_COUNT, help=argparse.SUPPRESS)
     p.add_argument("--preservation-threshold", type=_FRACTION, default=0.5,
-                   help="eps-orthogonal preservation below this counts as 'geometry differs'")
+                   help="overlap (Jaccard) of the teacher's and the student's eps-orthogonal pairs less than this "
+                        "fraction of the way from its chance level to 1 counts as 'geometry differs'")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
-    p.add_argument("--seed", type=_COUNT, default=0, help="seed for data sampling")
+    p.add_argument("--seed", type=_COUNT, default=0, help="seed for data sampling and the shuffles of --permutations")
     p.add_argument("--out", default=None, metavar="DIR", help="write check.csv and check.json here")
     _add_threads(p)
 

@@ -23,7 +23,7 @@ def run_check(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_length=args.max_length, device=args.device, seed=args.seed,
         cache=not args.no_cache, out=args.out, eps=args.eps, cka_threshold=args.cka_threshold,
         procrustes_threshold=args.procrustes_threshold, preservation_threshold=args.preservation_threshold,
-        chance_permutations=args.chance_permutations)
+        permutations=args.permutations)
     print(result.summary())
     if args.out:
         print(f"wrote {args.out}/check.csv, check.json and report.html")
