@@ -114,6 +114,11 @@ class ProjectionResidual(Family):
             n += 1
         return n
 
+    def evaluate(self, X: ArrayLike, Y: ArrayLike, **kwargs: Any) -> float | torch.Tensor:
+        """As :func:`projection_residual`: the sides are validated (zero variance included) before the folds."""
+        Xt, Yt = as_pair(X, Y)
+        return to_output(self.compute(Xt, Yt, **kwargs), X)
+
     def compute(self, X: torch.Tensor, Y: torch.Tensor, folds: int | None = None, ridge: float = 0.0,
                 seed: int = 0, center: bool = True) -> torch.Tensor:
         Xt, Yt = prepare(X, center, "X (teacher)"), prepare(Y, center, "Y (student)")
