@@ -46,21 +46,19 @@ def main() -> None:
              f"student {last} vs student 0 (embeddings)": np.asarray(student[0], dtype=np.float64),
              f"student {last} vs teacher {max(teacher.layers)}":
                  np.asarray(teacher[max(teacher.layers)], dtype=np.float64)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{len(texts)} texts of {getattr(texts, 'name', args.data)}, {args.permutations} shuffles, eps {args.eps:g}")
     rows = []
     for name, other in cases.items():
         res = check(ref, other, eps=args.eps, permutations=args.permutations, seed=args.seed)
         table = res.against_chance()
         table.insert(0, "case", name)
         rows.append(table)
-    long = pd.concat(rows, ignore_index=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    long.to_csv(out / "check_null.csv", index=False)
-    shown = long[long.diagnostic.isin(SHOWN)]
-    print(f"{len(texts)} texts of {getattr(texts, 'name', args.data)}, {args.permutations} shuffles, eps {args.eps:g}")
-    for name, grp in shown.groupby("case", sort=False):
+        pd.concat(rows, ignore_index=True).to_csv(out / "check_null.csv", index=False)
         print(f"\n{name}")
-        print(grp.drop(columns="case").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        shown = table[table.diagnostic.isin(SHOWN)].drop(columns="case")
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"), flush=True)
 
 
 if __name__ == "__main__":
