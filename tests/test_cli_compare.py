@@ -76,7 +76,8 @@ def test_compare_end_to_end_on_tiny_models(tmp_path, pair, texts_file):
     assert table.loc[~with_stats, ["ci_low", "ci_high", "p_value"]].isna().all().all()
     sub = table[with_stats]
     assert (sub["ci_low"] <= sub["value"] + 1e-12).all() and (sub["value"] <= sub["ci_high"] + 1e-12).all()
-    for stem in ("procrustes_distance", "gram_frobenius", "cka_linear_biased", "projection_residual_folds_5"):
+    for stem in ("procrustes_distance", "gram_frobenius", "cka_linear_biased",
+                 "projection_residual_folds_5_ridge_auto"):
         assert png_size(out / f"heatmap_{stem}.png") == HEATMAP_PX
         assert (out / f"heatmap_{stem}.svg").stat().st_size > 1000
     assert png_size(out / "best_match.png")[0] > 0
@@ -109,7 +110,7 @@ def test_model_against_itself_through_the_cli(tmp_path, tiny_model, texts_file, 
     table = pd.read_csv(tmp_path / "o" / "results.csv")
     diag = table[table["teacher_layer"] == table["student_layer"]]
     for metric, expected in [("procrustes[distance]", 0.0), ("gram_frobenius", 0.0), ("cka[linear,biased]", 1.0),
-                             ("projection_residual[folds=5]", 0.0)]:
+                             ("projection_residual[folds=5,ridge=auto]", 0.0)]:
         values = diag[diag["metric"] == metric]["value"].to_numpy()
         assert len(values) == 4
         np.testing.assert_allclose(values, expected, atol=1e-5)

@@ -102,7 +102,7 @@ def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequ
 
     - n < SMALL_N_FACTOR·r (r = min(max p, max q)) for a plug-in estimator (Procrustes, Gram-Frobenius, biased CKA):
       their bias dominates (unrelated isotropic layers score ρ ≈ 0.85·√(r/n), CKA ≈ r/n);
-    - a k-fold held-out residual whose training rows per fold n_tr = n − ⌈n/k⌉ are fewer than 2(q + 1): the expected
+    - a k-fold held-out residual without a ridge whose training rows per fold n_tr = n − ⌈n/k⌉ are fewer than 2(q + 1): the expected
       held-out error of a least-squares fit grows like n_tr/(n_tr − q − 1) (Gaussian design), more than doubled
       below 2(q + 1) rows and unbounded at q + 1;
     - bootstrap intervals of plug-in estimators under the small-n rule: they describe the estimator's spread at this
@@ -122,14 +122,15 @@ def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequ
                    "read each value against its chance level, use procrustes[distance,mom] or cka[linear,debiased], "
                    f"or use ≥ {SMALL_N_FACTOR * r} texts")
     for sp in specs:
-        folds = dict(sp.kwargs or {}).get("folds") if sp.family == "projection_residual" else None
+        kw = dict(sp.kwargs or {})
+        folds = kw.get("folds") if sp.family == "projection_residual" and not kw.get("ridge") else None
         if folds and n >= folds:
             n_tr = n - math.ceil(n / folds)
             if n_tr < 2 * (q + 1):
                 out.append(f"{sp.id}: {n_tr} training texts per fold < 2 × (student width {q} + 1): the held-out "
                            "least-squares error grows like n_tr/(n_tr − q − 1), so values near or above 1 are "
                            f"overfitting, not dissimilarity; use ≥ {math.ceil(2 * (q + 1) * folds / (folds - 1))} "
-                           f"texts or a ridge penalty, e.g. projection_residual[folds={folds},ridge=0.01]")
+                           f"texts or a ridge penalty, e.g. projection_residual[folds={folds},ridge=auto]")
     if bootstrap:
         biased = [m for m in stats_metrics if _is_plugin(_spec(m))]
         if biased and small:

@@ -367,7 +367,8 @@ def pairwise(
 
     # moments metrics, and the held-out residual (its own batched form), in one batched pass; other rows metrics
     # through their family's per-layer hooks
-    linear = [s for s in specs if s.linear or (s.family == "projection_residual" and s.kwargs.get("folds"))]
+    linear = [s for s in specs if s.linear or (s.family == "projection_residual" and s.kwargs.get("folds")
+                                               and s.kwargs.get("ridge") != "auto" and not s.kwargs.get("reverse"))]
     other = [s for s in specs if s not in linear]
     out: dict[str, np.ndarray] = {}
     if linear:

@@ -50,7 +50,8 @@ TRANSFORMS = ("translation", "isotropic_scale", "orthogonal", "permutation", "in
 #: the invariances of a shape metric (centred, unit-Frobenius, orthogonal-invariant)
 SHAPE_INVARIANCES = frozenset({"translation", "isotropic_scale", "orthogonal", "permutation"})
 #: the metrics computed when none are named
-DEFAULT_METRICS = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]", "projection_residual[folds=5]")
+DEFAULT_METRICS = ("procrustes[distance]", "gram_frobenius", "cka[linear,biased]",
+                   "projection_residual[folds=5,ridge=auto]")
 #: what a metric needs from the data: "moments" (exact from PairMoments, streamable) or "rows"
 STATISTICS = ("moments", "rows")
 

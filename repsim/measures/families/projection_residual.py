@@ -2,11 +2,15 @@
 
 Ids: ``projection_residual[in_sample]`` (a function of second moments) and ``projection_residual[folds=K]``
 (k-fold held-out; needs the rows), each optionally ``,ridge=R``; alias ``projection_residual`` (5 folds).
+``projection_residual[folds=K,ridge=auto]`` chooses the ridge per pair and per fold by generalised
+cross-validation on the training folds (:func:`gcv_ridge`); the flag ``reverse`` (with ``folds=K``) predicts the
+student from the teacher instead.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +30,10 @@ from repsim.system.errors import UserError
 
 #: accuracy (absolute) of a residual from moments beyond which a value outside [0, 1] is a breakdown
 MOMENTS_ACCURACY = 1e-9
+#: the ridge=auto grid: λ = σ_max²·10^t, t = GCV_DECADES[0] … GCV_DECADES[1] in GCV_PER_DECADE steps per decade,
+#: σ_max the largest singular value of the centred training-fold predictor
+GCV_DECADES = (-8, 2)
+GCV_PER_DECADE = 8
 
 
 def fold_assignment(n: int, folds: int, seed: int = 0) -> np.ndarray:
@@ -59,6 +67,87 @@ def least_squares(B: torch.Tensor, A: torch.Tensor, ridge: float) -> torch.Tenso
     return Vh.T @ (gain[:, None] * (U.T @ A))
 
 
+def gcv_grid(s_max: torch.Tensor) -> torch.Tensor:
+    """The ridge=auto candidates λ_g = σ_max²·10^t on a log grid (:data:`GCV_DECADES`, :data:`GCV_PER_DECADE`):
+    relative to the spectrum, so the choice is unchanged by the scale of the data."""
+    lo, hi = GCV_DECADES
+    t = torch.linspace(lo, hi, (hi - lo) * GCV_PER_DECADE + 1, dtype=s_max.dtype, device=s_max.device)
+    return s_max * s_max * torch.pow(torch.tensor(10.0, dtype=s_max.dtype, device=s_max.device), t)
+
+
+def gcv_ridge(s: torch.Tensor, proj_sq: torch.Tensor, total_sq: torch.Tensor, rows: int, intercept: bool
+              ) -> torch.Tensor:
+    """The λ of :func:`gcv_grid` minimising generalised cross-validation, for each of a batch of targets.
+
+    ``s`` (k,) the singular values of the centred training predictor Y = U diag(s) Vᵀ (thin SVD, ``rows`` rows),
+    ``proj_sq`` (..., k) a_k = ‖u_kᵀX‖² and ``total_sq`` (...) ‖X‖²_F of each centred training target X. With
+    shrinkage h_k = s_k²/(s_k² + λ) the ridge hat matrix is H = 𝟙𝟙ᵀ/rows (the intercept) + U diag(h) Uᵀ, and
+
+        GCV(λ) = rows · ‖(I − H)X‖²_F / (rows − tr H)²,
+        ‖(I − H)X‖² = ‖X‖² − Σ_k a_k + Σ_k (1 − h_k)² a_k,  rows − tr H = rows − 1 − k + Σ_k (1 − h_k)
+
+    (the denominator written with 1 − h_k = λ/(s_k² + λ) so nothing cancels; no intercept term without one).
+    Every candidate for every target is one (…, k) × (k, G) product; ties go to the smallest λ. A grid rather than
+    a line search on log λ: GCV can have several local minima in λ, and the grid is the same batched product for
+    all targets of one predictor.
+    """
+    lam = gcv_grid(s.max())
+    shrink = lam[None, :] / (s[:, None] * s[:, None] + lam[None, :])  # 1 − h_k, (k, G)
+    resid = (total_sq - proj_sq.sum(dim=-1)).clamp_min(0.0)[..., None] + proj_sq @ shrink.square()
+    dof = (rows - int(intercept) - s.shape[0]) + shrink.sum(dim=0)
+    gcv = torch.where(dof > 0, rows * resid / dof.clamp_min(torch.finfo(s.dtype).tiny) ** 2,
+                      torch.full_like(resid, math.inf))
+    return lam[gcv.argmin(dim=-1)]
+
+
+def held_out_fits(predictors: list[torch.Tensor], targets: list[torch.Tensor], folds: int, ridge: float | str,
+                  seed: int = 0, center: bool = True, chosen: list | None = None) -> torch.Tensor:
+    """(len(targets), len(predictors)) k-fold held-out residuals of every target from every predictor.
+
+    Rows prepared already (centred, unit Frobenius); folds from :func:`fold_assignment`; per fold and predictor one
+    thin SVD of its centred training rows Y = U diag(s) Vᵀ, shared by all targets: P = UᵀX (X the target's centred
+    training rows), the fit W = V diag(g) P with g_k = s_k/(s_k² + λ) (λ = ``ridge``, ``"auto"``: per target by
+    :func:`gcv_ridge`; 0: numpy's lstsq cutoff), the value Σ_folds ‖X_te − μ_X − (Y_te − μ_Y)W‖²_F. ``chosen``, when
+    a list, receives the (folds, targets, predictors) λ of ``ridge="auto"``.
+    """
+    X0 = targets[0]
+    n = X0.shape[0]
+    fold_of_row = torch.as_tensor(fold_assignment(n, folds, seed), device=X0.device)
+    out = X0.new_zeros(len(targets), len(predictors))
+    lams = X0.new_zeros(folds, len(targets), len(predictors))
+    for fold in range(int(folds)):
+        test = fold_of_row == fold
+        n_tr = int((~test).sum())
+        split = []
+        for X in targets:
+            X_tr, X_te = X[~test], X[test]
+            if center:
+                mean = X_tr.mean(dim=0)
+                X_tr, X_te = X_tr - mean, X_te - mean
+            split.append((X_tr, X_te))
+        for j, Y in enumerate(predictors):
+            Y_tr, Y_te = Y[~test], Y[test]
+            if center:
+                mean = Y_tr.mean(dim=0)
+                Y_tr, Y_te = Y_tr - mean, Y_te - mean
+            U, s, Vh = torch.linalg.svd(Y_tr, full_matrices=False)
+            Z = Y_te @ Vh.T  # (n_te, k)
+            P = [U.T @ X_tr for X_tr, _ in split]  # (k, p_i) each
+            if ridge == "auto":
+                proj_sq = torch.stack([p.square().sum(dim=1) for p in P])
+                total_sq = torch.stack([X_tr.square().sum() for X_tr, _ in split])
+                lam = gcv_ridge(s, proj_sq, total_sq, n_tr, center)
+                lams[fold, :, j] = lam
+                gains = s[None, :] / (s[None, :] * s[None, :] + lam[:, None])
+            else:
+                gains = least_squares_gains(s, float(ridge), n_tr, Y.shape[1]).expand(len(targets), -1)
+            for i, (p, (_, X_te)) in enumerate(zip(P, split, strict=True)):
+                out[i, j] += (X_te - (Z * gains[i]) @ p).square().sum()
+    if chosen is not None:
+        chosen.append(lams)
+    return out
+
+
 def in_sample_residual(Xr: torch.Tensor, Yr: torch.Tensor, ridge: float) -> torch.Tensor:
     """‖X̃ − ỸŴ‖²_F from the rows: the residual itself, so nothing cancels when it is small."""
     return (Xr - Yr @ least_squares(Yr, Xr, ridge)).square().sum()
@@ -79,30 +168,49 @@ class ProjectionResidual(Family):
     """The projection-residual family (module docstring)."""
 
     name = "projection_residual"
-    grammar = "projection_residual[in_sample] or projection_residual[folds=K] (optionally ,ridge=R)"
-    examples = ("projection_residual[in_sample]", "projection_residual[folds=5]")
+    grammar = ("projection_residual[in_sample] or projection_residual[folds=K] (optionally ,ridge=R; with folds "
+               "also ,ridge=auto and ,reverse)")
+    examples = ("projection_residual[in_sample]", "projection_residual[folds=5]",
+                "projection_residual[folds=5,ridge=auto]", "projection_residual[folds=5,ridge=auto,reverse]")
     uses = frozenset({"explained"})
     aliases = {"projection_residual": "projection_residual[folds=5]"}
 
-    def spec(self, folds: int | None = None, ridge: float = 0.0) -> MetricSpec:
-        ridge = float(ridge)
-        parts = ["in_sample" if folds is None else f"folds={folds}"] + ([f"ridge={ridge:g}"] if ridge else [])
+    def spec(self, folds: int | None = None, ridge: float | str = 0.0, reverse: bool = False) -> MetricSpec:
+        auto = ridge == "auto"
+        ridge = ridge if auto else float(ridge)
+        parts = ["in_sample" if folds is None else f"folds={folds}"] + \
+            (["ridge=auto"] if auto else [f"ridge={ridge:g}"] if ridge else []) + (["reverse"] if reverse else [])
         where = "in-sample" if folds is None else f"{folds}-fold held-out"
-        return MetricSpec(f"projection_residual[{','.join(parts)}]", self.name, {"folds": folds, "ridge": ridge},
+        how = ", GCV ridge" if auto else ""
+        what = "student from teacher" if reverse else "teacher from student"
+        kwargs: dict[str, Any] = {"folds": folds, "ridge": ridge}
+        if reverse:
+            kwargs["reverse"] = True
+        # the statistics: the held-out residual's own engine (allpairs) covers a fixed ridge, teacher from student;
+        # ridge=auto and reverse go through this family's layer_state/pair_values
+        return MetricSpec(f"projection_residual[{','.join(parts)}]", self.name, kwargs,
                           "lower", (0.0, 1.0) if folds is None else (0.0, math.inf), SHAPE_INVARIANCES, False,
                           "moments" if folds is None else "rows",
-                          f"projection residual 1−R², {where} (lower = more similar)",
-                          frozenset() if ridge else frozenset({"invertible_linear"}))
+                          f"projection residual 1−R², {where}{how}, {what} (lower = more similar)",
+                          frozenset() if ridge or reverse else frozenset({"invertible_linear"}))
 
     def parse(self, flags: list[str], options: dict[str, str], text: str) -> MetricSpec:
-        if set(options) - {"folds", "ridge"} or [f for f in flags if f != "in_sample"] or \
-                (flags and "folds" in options) or not (flags or "folds" in options):
+        if set(options) - {"folds", "ridge"} or [f for f in flags if f not in ("in_sample", "reverse")] or \
+                len(set(flags)) != len(flags) or ("in_sample" in flags) == ("folds" in options):
             raise self.error(text)
         folds = self.integer(options, "folds", None, text, 2)
+        reverse = "reverse" in flags
+        if options.get("ridge") == "auto":
+            if folds is None:
+                raise self.error(text, "ridge=auto chooses λ by cross-validation on the training folds: it needs "
+                                       "folds=K, e.g. projection_residual[folds=5,ridge=auto]")
+            return self.spec(folds, "auto", reverse)
         ridge = self.number(options, "ridge", 0.0, text)
         if not ridge >= 0:
-            raise self.error(text, f"ridge must be ≥ 0, got {ridge:g}")
-        return self.spec(folds, ridge)
+            raise self.error(text, f"ridge must be ≥ 0 or auto, got {ridge:g}")
+        if reverse and folds is None:
+            raise self.error(text, "reverse is offered with folds=K, e.g. projection_residual[folds=5,reverse]")
+        return self.spec(folds, ridge, reverse)
 
     def min_rows(self, folds: int | None = None, **kwargs: Any) -> int:
         """2, or for k folds the fewest rows with every fold non-empty and ≥ 2 training rows (n ≥ k and
@@ -119,9 +227,14 @@ class ProjectionResidual(Family):
         Xt, Yt = as_pair(X, Y)
         return to_output(self.compute(Xt, Yt, **kwargs), X)
 
-    def compute(self, X: torch.Tensor, Y: torch.Tensor, folds: int | None = None, ridge: float = 0.0,
-                seed: int = 0, center: bool = True) -> torch.Tensor:
+    def compute(self, X: torch.Tensor, Y: torch.Tensor, folds: int | None = None, ridge: float | str = 0.0,
+                seed: int = 0, center: bool = True, reverse: bool = False) -> torch.Tensor:
         Xt, Yt = prepare(X, center, "X (teacher)"), prepare(Y, center, "Y (student)")
+        if reverse or ridge == "auto":
+            if folds is None:
+                raise UserError("ridge='auto' and reverse need folds (the k-fold held-out residual)")
+            Xt, Yt = (Yt, Xt) if reverse else (Xt, Yt)
+            return held_out_fits([Yt], [Xt], folds, ridge, seed, center)[0, 0]
         if folds is None:
             return in_sample_residual(Xt, Yt, ridge)
         n = Xt.shape[0]
@@ -136,6 +249,20 @@ class ProjectionResidual(Family):
                 X_test, Y_test = X_test - mean_x, Y_test - mean_y
             value = value + (X_test - Y_test @ least_squares(Y_train, X_train, ridge)).square().sum()
         return value
+
+    def layer_state(self, X: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """The prepared layer (centred, unit Frobenius norm)."""
+        return prepare(X, True, "layer")
+
+    def pair_values(self, states_t: Sequence[Any], states_s: Sequence[Any], folds: int | None = None,
+                    ridge: float | str = 0.0, reverse: bool = False, **kwargs: Any) -> torch.Tensor:
+        """(Lt, Ls) held-out residuals from :func:`held_out_fits`: each predictor's per-fold SVD shared by every
+        target (the student layers' for teacher from student, the teacher layers' with ``reverse``)."""
+        if folds is None:
+            return super().pair_values(states_t, states_s, folds=folds, ridge=ridge, **kwargs)
+        if reverse:
+            return held_out_fits(list(states_t), list(states_s), folds, ridge).T
+        return held_out_fits(list(states_s), list(states_t), folds, ridge)
 
     def layer_statistics(self, cov: torch.Tensor, n: int, ridge: float = 0.0, **kwargs: Any) -> Any:
         """(Q, w) of the student's ỸᵀỸ (:func:`eigen_weights`), once per student layer."""
@@ -175,11 +302,12 @@ FAMILY = register(ProjectionResidual())
 def projection_residual(
     X: ArrayLike,
     Y: ArrayLike,
-    ridge: float = 0.0,
+    ridge: float | str = 0.0,
     folds: int | None = None,
     seed: int = 0,
     center: bool = True,
     *,
+    reverse: bool = False,
     dtype: torch.dtype = torch.float64,
 ) -> float | torch.Tensor:
     """Fraction of the teacher not linearly predictable from the student: min_W ‖X̃ − ỸW‖²_F (= 1 − R²).
@@ -198,7 +326,19 @@ def projection_residual(
       With ``center=False`` neither the global centring nor the intercept is applied.
     - ``ridge=λ > 0``: W minimises ‖X̃_tr − Ỹ_tr W‖² + λ‖W‖²_F (on the unit-norm data); the residual reported is
       the fit error without the penalty.
+    - ``ridge="auto"`` (needs ``folds``): per fold, λ minimises generalised cross-validation on the training rows
+      (:func:`gcv_ridge`: the intercept plus the ridge's effective degrees of freedom, over the log grid
+      :func:`gcv_grid` relative to the training predictor's largest squared singular value), then the held-out
+      residual with that λ. A ridge is not invariant to invertible linear maps of the predictor (only to orthogonal
+      ones and isotropic scaling): it prefers the predictor's large-variance directions.
+    - ``reverse=True`` (needs ``folds``): the student predicted from the teacher, the same value with X and Y
+      exchanged.
     """
-    ridge = check_number("ridge", ridge)
+    if ridge != "auto":
+        ridge = check_number("ridge", ridge)
+    elif folds is None:
+        raise UserError("ridge='auto' chooses λ on the training folds: give folds (e.g. folds=5)")
+    if reverse and folds is None:
+        raise UserError("reverse=True needs folds (the k-fold held-out residual), e.g. folds=5")
     Xt, Yt = as_pair(X, Y, dtype=dtype)
-    return to_output(FAMILY.compute(Xt, Yt, folds, ridge, seed, center), X)
+    return to_output(FAMILY.compute(Xt, Yt, folds, ridge, seed, center, bool(reverse)), X)
