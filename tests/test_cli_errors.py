@@ -84,7 +84,8 @@ BAD = [
     ("compare {t} {s} --data {txt} --bootstrap 10000000000000", "--bootstrap must be an integer in 0..100000"),
     ("compare {t} {s} --data {txt} --permutations -3", "--permutations"),
     # compare: metrics that the number of texts cannot carry, refused before extraction
-    ("compare {t} {s} --data {three}", "projection_residual[folds=5,ridge=auto] (a default metric) needs at least 5 texts"),
+    ("compare {t} {s} --data {three}",
+     "projection_residual[folds=5,ridge=auto] (a default metric) needs at least 5 texts"),
     ("compare {t} {s} --data {txt} --max-samples 4", "needs at least 5 texts, the data has 4"),
     ("compare {t} {s} --data {txt} --metrics projection_residual[folds=50]", "needs at least 50 texts"),
     ("compare {t} {s} --data {three} --metrics cka[debiased]", "needs at least 4 texts"),

@@ -184,8 +184,8 @@ def test_warnings_name_the_rule_and_what_to_do():
                                    chance_permutations=0).meta["warnings"]
     assert len(folds) == 1 and "48 training texts per fold < 2 × (student width 30 + 1)" in folds[0]
     ridged = Comparison.from_layers(_layers(rng, 60, [4]), _layers(rng, 60, [30]),
-                                    ["projection_residual[folds=5,ridge=auto]", "projection_residual[folds=5,ridge=0.1]"],
-                                    chance_permutations=0).meta["warnings"]
+                                    ["projection_residual[folds=5,ridge=auto]",
+                                     "projection_residual[folds=5,ridge=0.1]"], chance_permutations=0).meta["warnings"]
     assert ridged == []  # a ridge bounds the overfitting the rule is about
     boot = Comparison.from_layers(_layers(rng, 30, [5]), _layers(rng, 30, [5]), ["cka"], bootstrap=5,
                                   chance_permutations=0).meta["warnings"]

@@ -102,9 +102,9 @@ def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequ
 
     - n < SMALL_N_FACTOR·r (r = min(max p, max q)) for a plug-in estimator (Procrustes, Gram-Frobenius, biased CKA):
       their bias dominates (unrelated isotropic layers score ρ ≈ 0.85·√(r/n), CKA ≈ r/n);
-    - a k-fold held-out residual without a ridge whose training rows per fold n_tr = n − ⌈n/k⌉ are fewer than 2(q + 1): the expected
-      held-out error of a least-squares fit grows like n_tr/(n_tr − q − 1) (Gaussian design), more than doubled
-      below 2(q + 1) rows and unbounded at q + 1;
+    - a k-fold held-out residual without a ridge whose training rows per fold n_tr = n − ⌈n/k⌉ are fewer than
+      2(q + 1): the expected held-out error of a least-squares fit grows like n_tr/(n_tr − q − 1) (Gaussian
+      design), more than doubled below 2(q + 1) rows and unbounded at q + 1;
     - bootstrap intervals of plug-in estimators under the small-n rule: they describe the estimator's spread at this
       n, not where the value would be on more texts; and of a k-fold residual: duplicated texts fall on both
       sides of a fold.
