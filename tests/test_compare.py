@@ -69,7 +69,7 @@ def test_model_against_itself_is_identical_on_the_diagonal():
     assert np.diag(comp.matrix("procrustes[distance]")) == pytest.approx([0, 0, 0], abs=1e-6)
     assert np.diag(comp.matrix("gram_frobenius")) == pytest.approx([0, 0, 0], abs=1e-6)
     assert np.diag(comp.matrix("cka[linear,biased]")) == pytest.approx([1, 1, 1], abs=1e-9)
-    assert np.diag(comp.matrix("projection_residual[folds=5]")) == pytest.approx([0, 0, 0], abs=1e-9)
+    assert np.diag(comp.matrix("projection_residual[folds=5,ridge=auto]")) == pytest.approx([0, 0, 0], abs=1e-9)
     # and off the diagonal, independent random layers are not identical
     off = comp.matrix("procrustes[distance]")[~np.eye(3, dtype=bool)]
     assert (off > 0.3).all()
@@ -269,7 +269,7 @@ def test_save_writes_everything_and_reads_back(tmp_path, synthetic):
     names = {p.name for p in out.iterdir()}
     expected = {"results.csv", "report.json", "report.html", "best_match.png", "best_match.svg"}
     expected |= {f"heatmap_{s}.{e}" for s in ("procrustes_distance", "gram_frobenius", "cka_linear_biased",
-                                               "projection_residual_folds_5") for e in ("png", "svg")}
+                                               "projection_residual_folds_5_ridge_auto") for e in ("png", "svg")}
     assert names == expected
     assert png_size(out / "heatmap_procrustes_distance.png") == (round(HEATMAP_FIGSIZE[0] * DPI),
                                                                  round(HEATMAP_FIGSIZE[1] * DPI))
