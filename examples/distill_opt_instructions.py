@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from datasets import load_dataset
 
 import repsim.distill as D
 from repsim.distill.evaluation import rouge_l, summarize_grid
@@ -37,8 +38,6 @@ def _records(spec: dict) -> list[tuple[str, str]]:
     if "jsonl" in spec:
         rows = [json.loads(line) for line in Path(spec["jsonl"]).read_text().splitlines() if line.strip()]
     else:
-        from datasets import load_dataset
-
         rows = list(load_dataset(spec["hf"], split=spec.get("split", "train")))
     return [("\n\n".join(str(r[k]) for k in prompt_keys if r.get(k)), str(r[spec["response"]])) for r in rows]
 

@@ -17,6 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from repsim.activations import assets
+from repsim.activations.data import load_texts
+from repsim.activations.extract import extract
+from repsim.analysis.comparison import Comparison
+from repsim.analysis.curve import convergence, curve_figure
+
 METRICS = ["procrustes[distance]", "procrustes[distance,mom]", "cka[linear,biased]", "cka[linear,debiased]"]
 
 
@@ -30,12 +36,6 @@ def main() -> None:
                         help="follow the last N of the best-matching pairs (the best Procrustes pair, the best CKA "
                              "pair, last <-> last)")
     args = parser.parse_args()
-
-    from repsim.activations import assets
-    from repsim.activations.data import load_texts
-    from repsim.activations.extract import extract
-    from repsim.analysis.comparison import Comparison
-    from repsim.analysis.curve import convergence, curve_figure
 
     texts = load_texts("sst2")
     t_act = extract(assets.DEFAULT_TEACHER, texts, pool="mean", progress=False)

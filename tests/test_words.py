@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import BertTokenizerFast, GPT2TokenizerFast, PreTrainedTokenizerFast
 
+import repsim.activations.extract as extract_module
+import repsim.analysis.comparison as comparison
 from repsim.activations.data import TextData
 from repsim.activations.extract import extract
 from repsim.activations.pooling import pool_words
@@ -211,12 +213,11 @@ def test_word_level_comparison_streams_to_the_in_memory_values_and_self_is_ident
 
 
 def test_pool_tokens_with_different_tokenizers_refuses_before_extracting(tiny_model, monkeypatch):
-    import repsim.activations.extract as E
-
     def no_extraction(*a, **k):
         raise AssertionError("extracted although the tokenizers differ")
 
-    monkeypatch.setattr(E, "extract", no_extraction)
+    monkeypatch.setattr(extract_module, "extract", no_extraction)
+    monkeypatch.setattr(comparison, "extract", no_extraction)
     with pytest.raises(UserError, match="`pool='words'`"):
         compare(str(tiny_model("bert")), str(tiny_model("gpt2")), _texts(), pool="tokens")
 

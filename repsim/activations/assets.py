@@ -27,6 +27,7 @@ marker that records the pinned digest, so two processes never assemble the same 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -46,6 +47,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from filelock import FileLock, Timeout
 
 from repsim.moved import moved_name
 from repsim.system.errors import UserError, first_line
@@ -244,8 +248,6 @@ LOCK_NOTICE_S = 5.0  # seconds of silent waiting on a lock before saying what is
 def acquire_lock(lock: Any, what: str) -> None:
     """Acquire a :class:`filelock.FileLock`, waiting as long as it takes; after ``LOCK_NOTICE_S`` seconds one
     line on stderr says what is waited for, then the wait goes on."""
-    from filelock import Timeout
-
     try:
         lock.acquire(timeout=LOCK_NOTICE_S)
         return
@@ -264,8 +266,6 @@ def ensure_entry(name: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Pa
     a marker file. A file lock makes a second process wait for the first instead of building beside it.
     An entry whose main file changed size or mtime since it was built is re-verified, and rebuilt if damaged.
     """
-    from filelock import FileLock
-
     root = assets_dir()
     final = root / name
     meta = _read_complete_entry(final)
@@ -439,7 +439,7 @@ def snippets_file() -> Path:
 
 
 def _transformers_major() -> str:
-    import transformers
+    import transformers  # noqa: PLC0415 - transformers only when a model is loaded
 
     return transformers.__version__.split(".")[0]
 
@@ -452,10 +452,8 @@ def gguf_to_folder(gguf_path: str | Path, *, sha256: str | None = None, name: st
     entry = f"gguf-{digest[:16]}-transformers{_transformers_major()}"
 
     def build(tmp: Path) -> dict[str, Any]:
-        import copy
 
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - transformers only when a model is loaded
 
         _announce(f"dequantising {gguf_path.name} into a safetensors folder (once, ~20 s)")
         kwargs = {"gguf_file": gguf_path.name}
@@ -611,7 +609,7 @@ def hub_reachable(timeout: float | None = None) -> bool:
     """
     if _env_true("HF_HUB_OFFLINE"):
         return False
-    import huggingface_hub.constants as hub_constants
+    import huggingface_hub.constants as hub_constants  # noqa: PLC0415 - huggingface_hub only when the hub is used
 
     endpoint = hub_constants.ENDPOINT
     if endpoint in _HUB_STATE:
@@ -622,7 +620,7 @@ def hub_reachable(timeout: float | None = None) -> bool:
 
     def probe() -> None:
         try:
-            from huggingface_hub import get_session
+            from huggingface_hub import get_session  # noqa: PLC0415 - huggingface_hub only when the hub is used
 
             get_session().head(endpoint, timeout=timeout)
             answer.append(True)
@@ -644,8 +642,8 @@ _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokeniz
 
 
 def _resolve_hub(text: str, *, trust_remote_code: bool) -> ModelSource:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
+    from huggingface_hub import HfApi, snapshot_download  # noqa: PLC0415 - huggingface_hub only when the hub is used
+    from huggingface_hub.errors import (  # noqa: PLC0415 - huggingface_hub only when the hub is used
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,

@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from repsim.activations.assets import hub_reachable, snippets_file
 from repsim.system.errors import UserError, first_line
 
 logger = logging.getLogger(__name__)
@@ -179,8 +181,6 @@ def sample_rows(n: int, k: int, seed: int = 0) -> np.ndarray:
 
 
 def _load_sst2(split: str) -> TextData:
-    from repsim.activations.assets import hub_reachable
-
     if split not in {"validation", "train", "test"}:
         raise UserError(f"unknown sst2 split {split!r}; use validation or train")
     reachable = not _env_flag("HF_DATASETS_OFFLINE") and hub_reachable()
@@ -203,8 +203,6 @@ def _load_sst2(split: str) -> TextData:
 
 def sst_like_sample(split: str = "validation", *, reason: str | None = None) -> TextData:
     """The offline SST-like sample (see module docstring): ``validation`` (872) or ``train`` (the rest)."""
-    from repsim.activations.assets import snippets_file
-
     if split not in {"validation", "train"}:
         raise UserError(f"the offline SST-like sample has splits validation and train, not {split!r}")
     path = snippets_file()
@@ -248,8 +246,8 @@ class _HFUnavailable(Exception):
 def _hf_load(name: str, config: str | None, split: str | None, *, offline: bool) -> Any:
     """``datasets.load_dataset(name, config, split=split)``; with ``offline`` only the local cache is used, and a
     miss fails at once (no retries against an unreachable hub)."""
-    import datasets
-    import huggingface_hub.constants as hub_constants
+    import datasets  # noqa: PLC0415 - datasets only when a hub corpus is loaded
+    import huggingface_hub.constants as hub_constants  # noqa: PLC0415 - huggingface_hub only when the hub is used
 
     saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
     if offline:
@@ -271,8 +269,6 @@ _HF_SPEC = re.compile(r"^hf:(?P<name>[^:@]+)(:(?P<config>[^@]+))?(@(?P<split>.+)
 
 def _load_hf(spec: str, *, text_column: str | None, label_column: str | None, split: str | None,
              labels: bool = True) -> TextData:
-    from repsim.activations.assets import hub_reachable
-
     match = _HF_SPEC.match(spec.strip())
     if not match:
         raise UserError(f"bad data spec {spec!r}; use hf:NAME[:CONFIG][@SPLIT]")
@@ -339,8 +335,6 @@ _MISSING = object()  # a .jsonl object without the column
 
 def _read_table(path: Path, suffix: str) -> tuple[dict[str, list[Any]], list[str] | None]:
     """{column name: values in row order} and, for ``.jsonl``, each row's name ("line K") for messages."""
-    import pandas as pd
-
     if suffix == ".jsonl":
         return _read_jsonl(path)
     try:

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from safetensors import safe_open
 
 from repsim.system.errors import UserError
 
@@ -146,9 +148,6 @@ def _read_file(path: Path, side: str) -> list[Entry]:
             raise UserError(f"cannot read {path} as a .npy array ({side} activations): "
                             f"{str(exc).splitlines()[0]}") from None
         return _layers_of(path.stem, path, None, arr, side)
-    import torch
-    from safetensors import safe_open
-
     out = []
     try:
         with safe_open(str(path), framework="pt") as fh:

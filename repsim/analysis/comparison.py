@@ -26,13 +26,34 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
+import repsim
+from repsim.activations import assets
+from repsim.activations.data import TextData, check_seed, load_texts, sample_rows
+from repsim.activations.extract import (
+    check_same_tokenizer,
+    extract,
+    extract_moments,
+    prepare_model,
+    transformers_version,
+)
 from repsim.activations.layers import num_layers_of_config, parse_layers, resolve_layer_ids
 from repsim.activations.pooling import check_pool
+from repsim.activations.saved import load_saved_layers
+from repsim.activations.words import WORD_RULE, check_streamable, paired_moments
+from repsim.analysis import report, stats
+from repsim.analysis.curve import convergence, curve_figure
+from repsim.analysis.plot import heatmap, pivot, read_results, save_figures
+from repsim.measures.allpairs import pairwise
+from repsim.measures.functions import DEFAULT_METRICS, get_metric
 from repsim.moved import moved_name
 from repsim.system.errors import UserError, naming_path
+from repsim.system.outputs import is_figure_file, is_output_file, replace_folder
 
 COLUMNS = ["teacher_layer", "student_layer", "metric", "value", "chance", "chance_sd", "ci_low", "ci_high", "p_value"]
 #: the defaults under --pool words: streamed from second moments, so the held-out residual (which needs the rows)
@@ -47,15 +68,11 @@ Echo = Callable[[str], None]
 
 
 def _spec(metric: str):
-    from repsim.measures.functions import get_metric
-
     return get_metric(metric)
 
 
 def resolve_metrics(metrics: Sequence[str] | str | None) -> list[str]:
     """User metric names/aliases → canonical ids (unique, in order); None → the default four."""
-    from repsim.measures.functions import DEFAULT_METRICS
-
     if metrics is None:
         metrics = DEFAULT_METRICS
     if isinstance(metrics, str):
@@ -188,8 +205,6 @@ class Comparison:
         ``curve_subsamples`` seeded subsamples at each of ``curve_sizes`` texts
         (:func:`repsim.analysis.curve.convergence`).
         """
-        from repsim.measures.allpairs import pairwise
-
         ids = resolve_metrics(metrics)
         teacher, student = [_writable(x) for x in teacher_layers], [_writable(y) for y in student_layers]
         if not teacher or not student:
@@ -218,8 +233,6 @@ class Comparison:
 
         lows = highs = pvals = chance = chance_sd = None
         if bootstrap:
-            from repsim.analysis import stats
-
             t0 = time.perf_counter()
             with _bar(progress, bootstrap, "bootstrap") as tick:
                 intervals = stats.bootstrap(teacher, student, stat_ids, bootstrap, seed=seed, alpha=alpha,
@@ -229,8 +242,6 @@ class Comparison:
             timings["bootstrap"] = time.perf_counter() - t0
         shuffles = max(permutations, chance_permutations)
         if shuffles:
-            from repsim.analysis import stats
-
             t0 = time.perf_counter()
             with _bar(progress, shuffles, "permutations" if permutations else "chance levels") as tick:
                 null = stats.permutation_replicates(teacher, student, stat_ids, shuffles, seed=seed + 1,
@@ -268,8 +279,6 @@ class Comparison:
                 warnings.append(w)
         comp = cls(table=table, meta=meta)
         if curve:
-            from repsim.analysis.curve import convergence
-
             t0 = time.perf_counter()
             comp.curve = convergence(teacher, student, ids, comp.curve_pairs(), teacher_layer_ids=t_ids,
                                      student_layer_ids=s_ids, sizes=curve_sizes, subsamples=curve_subsamples,
@@ -292,8 +301,6 @@ class Comparison:
 
         Only measures computable from second moments are available (no intervals or p-values: those resample
         rows). Used for word-level comparison, whose rows are never all in memory."""
-        from repsim.activations.words import check_streamable
-
         ids = resolve_metrics(metrics)
         check_streamable(ids)
         if moments.n < MIN_TEXTS:
@@ -322,8 +329,6 @@ class Comparison:
     @classmethod
     def from_csv(cls, path: str | Path) -> Comparison:
         """A Comparison from a results.csv (and the report.json beside it, when present)."""
-        from repsim.analysis.plot import read_results
-
         table = read_results(path)
         for c in COLUMNS:
             if c not in table.columns:
@@ -354,8 +359,6 @@ class Comparison:
 
     def matrix(self, metric: str, column: str = "value") -> np.ndarray:
         """(L_t, L_s) array of one metric: rows = teacher layers, columns = student layers (sorted)."""
-        from repsim.analysis.plot import pivot
-
         return pivot(self.table, self._metric_id(metric), column).to_numpy(dtype=float)
 
     def best_matches(self, metric: str) -> pd.DataFrame:
@@ -398,8 +401,6 @@ class Comparison:
 
     def plot(self, metric: str):
         """The heatmap of one metric as a matplotlib Figure (``fig.savefig(...)`` to write it)."""
-        from repsim.analysis.plot import heatmap
-
         return heatmap(self.table, self._metric_id(metric), **self.figure_labels())
 
     def figure_labels(self) -> dict[str, Any]:
@@ -418,9 +419,6 @@ class Comparison:
 
     def save_curve(self, folder: str | Path) -> list[Path]:
         """Write curve.csv and curve.png/.svg of :attr:`curve` into ``folder``; return the paths."""
-        import matplotlib
-
-        from repsim.analysis.curve import curve_figure
 
         folder = Path(folder)
         self.curve.to_csv(folder / "curve.csv", index=False, float_format="%.10g")
@@ -441,9 +439,6 @@ class Comparison:
         Other files in ``out`` are kept; files of a previous set that this one does not write (the heatmap of a
         metric not computed now) go.
         """
-        from repsim.analysis.plot import save_figures
-        from repsim.system.outputs import is_output_file, replace_folder
-
         out = check_out_dir(out)
 
         def fill(tmp: Path) -> None:
@@ -615,8 +610,6 @@ class _bar:
     def __enter__(self):
         if not self.enabled:
             return None
-        from tqdm.auto import tqdm
-
         self.pbar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, leave=False)
         return self.pbar.update
 
@@ -698,8 +691,6 @@ def format_map(comp: Comparison, metric: str) -> str:
 
 def _model_shape(spec: str) -> dict[str, Any]:
     """Width and number of hidden-state layers (embeddings + blocks) from the model's config, when readable."""
-    from repsim.activations import assets
-
     resolve = getattr(assets, "resolve_model", None)
     if resolve is not None:
         src = resolve(spec)
@@ -729,7 +720,7 @@ def _config_shape(path: Path) -> tuple[int | None, int | None]:
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     try:
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # noqa: PLC0415 - transformers only when a model is loaded
 
         cfg = AutoConfig.from_pretrained(str(path))
         blocks = num_layers_of_config(cfg)
@@ -765,8 +756,6 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     ``teacher_layers``/``student_layers`` override per side. ``echo``: a callable that receives the
     terminal header lines (the CLI passes ``print``). ``out``: when given, :meth:`Comparison.save` into it.
     """
-    from repsim.activations import assets
-
     say: Echo = echo or (lambda _line: None)
     check_pool(pool)
     words = pool == "words"
@@ -776,8 +765,6 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
                          bootstrap, permutations, out, chance_permutations, seed)
     _check_curve(curve_sizes, curve_subsamples)
     if words:
-        from repsim.activations.words import check_streamable
-
         check_streamable(ids)
         if bootstrap or permutations or curve:
             raise UserError("`pool='words'` computes its measures from streamed moments; `bootstrap`, "
@@ -794,8 +781,6 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    from repsim.activations.data import TextData, load_texts
-
     texts = data if isinstance(data, TextData) else load_texts(
         data, text_column=text_column, label_column=label_column, max_samples=max_samples, seed=seed, labels=False)
     if len(texts.texts) < MIN_TEXTS:
@@ -817,8 +802,6 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
     say(f"student  {s_info['name']}  width {s_info['width']}  layers {_layers_txt(s_info, s_ids)}")
     say(f"data     {texts.name}: {len(texts.texts)} texts{fallback} — {texts.source}")
     say(f"pooling  {pool}   max length {max_length}   device {device}   metrics {', '.join(ids)}")
-
-    from repsim.activations.extract import check_same_tokenizer, extract, prepare_model
 
     if pool == "tokens":  # before any extraction: token rows pair only under one tokenizer
         check_same_tokenizer(prepare_model(teacher).tokenizer, prepare_model(student).tokenizer)
@@ -852,8 +835,6 @@ def compare(teacher: str | None = None, student: str | None = None, data: Any = 
                                  _built_otherwise("student", s_act.meta, batch_size, device)) if w],
     }
     if words:
-        from repsim.activations.words import paired_moments
-
         t0 = time.perf_counter()
         moments, counts = paired_moments(t_act, s_act, device=device)
         timings["moments"] = time.perf_counter() - t0
@@ -878,8 +859,6 @@ def _check_options(metrics: Sequence[str] | str | None, stats_metrics: Sequence[
                    max_samples: int | None, bootstrap: int, permutations: int, out: str | Path | None,
                    chance_permutations: int = 0, seed: int = 0) -> list[str]:
     """The options every comparison shares, checked before any work; returns the canonical metric ids."""
-    from repsim.activations.data import check_seed
-
     ids = resolve_metrics(metrics)
     check_stats_metrics(stats_metrics, ids)
     if max_samples is not None and max_samples < MIN_TEXTS:
@@ -915,9 +894,6 @@ def compare_saved(teacher: str | Path, student: str | Path, *, metrics: Sequence
     from the end). ``max_samples``: the same seeded subset of rows that ``compare --max-samples`` takes of the
     texts. ``meta`` records each array's file, tensor, shape, dtype and sha256.
     """
-    from repsim.activations.data import sample_rows
-    from repsim.activations.saved import load_saved_layers
-
     say: Echo = echo or (lambda _line: None)
     ids = _check_options(metrics, stats_metrics, max_samples, bootstrap, permutations, out, chance_permutations,
                          seed)
@@ -980,8 +956,6 @@ def _built_otherwise(side: str, act_meta: dict, batch_size: int, device: str) ->
 
 
 def _word_meta(counts: dict[str, int]) -> dict[str, Any]:
-    from repsim.activations.words import WORD_RULE
-
     return {"rule": WORD_RULE, **counts, "streamed": True}
 
 
@@ -994,9 +968,6 @@ def _word_line(counts: dict[str, int]) -> str:
 def _compare_words_streaming(teacher, student, texts, data, ids, t_ids, s_ids, t_info, s_info, opts, timings,
                              seed, out, say) -> Comparison:
     """``pool="words"`` without the cache: both models run batch by batch and only the moments are kept."""
-    from repsim.activations.data import TextData
-    from repsim.activations.extract import extract_moments
-
     t0 = time.perf_counter()
     moments = extract_moments(teacher, student, texts, layers=t_ids if t_ids is not None else "all",
                               student_layers=s_ids if s_ids is not None else "all", pool="words",
@@ -1026,10 +997,6 @@ def _compare_words_streaming(teacher, student, texts, data, ids, t_ids, s_ids, t
 
 
 def _versions() -> dict[str, str]:
-    import torch
-
-    import repsim
-    from repsim.activations.extract import transformers_version
 
     return {"repsim": repsim.__version__, "torch": torch.__version__, "transformers": transformers_version(),
             "numpy": np.__version__, "pandas": pd.__version__, "python": platform.python_version()}
@@ -1040,8 +1007,6 @@ def _versions() -> dict[str, str]:
 
 def write_report(comp: Comparison, path: str | Path) -> Path:
     """Write ``comp``'s report.html (:mod:`repsim.analysis.report`) to ``path``."""
-    from repsim.analysis import report
-
     return report.write(path, report.comparison_html(comp))
 
 
@@ -1061,9 +1026,6 @@ def redraw(results: str | Path, out: str | Path | None = None) -> tuple[Comparis
     the report.json beside it, when present) into ``out`` (default: beside the CSV), replacing the earlier figures
     as one set; other files stay. Returns (comparison, folder, figure files); ``comparison.meta`` is empty when
     there was no report.json."""
-    from repsim.analysis.plot import save_figures
-    from repsim.system.outputs import is_figure_file, replace_folder
-
     results = Path(results)
     if results.is_dir():
         results = results / "results.csv"

@@ -20,6 +20,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from repsim.measures.allpairs import pairwise
+from repsim.measures.functions import get_metric
 from repsim.system.errors import UserError
 
 CURVE_COLUMNS = ["metric", "teacher_layer", "student_layer", "n", "subsample", "value", "chance"]
@@ -48,9 +50,6 @@ def convergence(teacher_layers: Sequence, student_layers: Sequence, metrics: Seq
     (default :func:`default_sizes`); each must be in [4, n]. At the full n every subsample is the whole data, so
     it is computed once (subsample 0). ``chance``: the metric with the student's rows of that subsample shuffled
     by one seeded permutation (seed ``[seed, subsample, size]``); NaN with ``chance=False``."""
-    from repsim.measures.allpairs import pairwise
-    from repsim.measures.functions import get_metric
-
     ids = list(dict.fromkeys(get_metric(m).id for m in metrics))
     t_ids = list(teacher_layer_ids) if teacher_layer_ids is not None else list(range(len(teacher_layers)))
     s_ids = list(student_layer_ids) if student_layer_ids is not None else list(range(len(student_layers)))
@@ -98,8 +97,6 @@ def curve_figure(curve: pd.DataFrame, *, title: str | None = None) -> Figure:
     """One panel per measure family, x = number of texts (log scale): the mean over subsamples of each (metric,
     pair), a band from its smallest to its largest subsample, and its chance level dotted. Colour = layer pair,
     line style = estimator (solid: the first id of the family, dashed: the next, e.g. a corrected estimator)."""
-    from repsim.measures.functions import get_metric
-
     summary = curve_summary(curve)
     metrics = list(dict.fromkeys(summary["metric"]))
     families = list(dict.fromkeys(get_metric(m).family for m in metrics))

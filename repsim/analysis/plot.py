@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from repsim.measures.functions import get_metric
 from repsim.system.errors import UserError
 
 HEATMAP_FIGSIZE = (7.0, 5.5)  # inches
@@ -24,8 +26,6 @@ REQUIRED_COLUMNS = ("teacher_layer", "student_layer", "metric", "value")
 
 
 def _spec(metric: str):
-    from repsim.measures.functions import get_metric
-
     return get_metric(metric)
 
 
@@ -218,8 +218,6 @@ def save_figures(table: pd.DataFrame, out_dir: str | Path, *, teacher_name: str 
     figures = [(f"heatmap_{file_stem(_spec(m).id)}", heatmap(table, m, **names))
                for m in dict.fromkeys(table["metric"])]
     figures.append(("best_match", best_match_curve(table, **names)))
-    import matplotlib
-
     # SVG text stays text (editable in a paper, 1/3 smaller, faster to write than glyph outlines); the
     # constrained layout is solved on the first save and frozen for the other formats
     with matplotlib.rc_context({"svg.fonttype": "none"}):

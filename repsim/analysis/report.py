@@ -20,9 +20,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import matplotlib
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
+from matplotlib.figure import Figure
 
+import repsim
+from repsim.analysis.plot import best_match_curve, file_stem, heatmap
+from repsim.measures.functions import get_metric
 from repsim.system.errors import UserError
 
 TEMPLATE = "report.html.j2"
@@ -55,15 +62,11 @@ FORMULAS = {
 
 
 def _spec(metric: str):
-    from repsim.measures.functions import get_metric
-
     return get_metric(metric)
 
 
 def anchor(metric: str) -> str:
     """The page anchor of a measure's definition, e.g. ``def-cka_linear_biased``."""
-    from repsim.analysis.plot import file_stem
-
     return "def-" + file_stem(metric)
 
 
@@ -101,9 +104,6 @@ def _cell(v: Any, num: bool = False, link: str | None = None) -> dict[str, Any]:
 
 def svg_of(fig: Any, salt: str) -> str:
     """A matplotlib Figure as an inline ``<svg>`` element (text kept as text, ids salted per figure)."""
-    import matplotlib
-    from markupsafe import Markup
-
     buf = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
         fig.savefig(buf, format="svg", metadata={"Date": None})
@@ -114,9 +114,6 @@ def svg_of(fig: Any, salt: str) -> str:
 
 def render(context: dict[str, Any]) -> str:
     """The HTML page for ``context`` (title, subtitle, provenance, warnings, sections, definitions)."""
-    import jinja2
-
-    import repsim
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("repsim.analysis", "templates"),
                              autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
@@ -207,8 +204,6 @@ def comparison_provenance(comp: Any) -> list[tuple[str, str]]:
 
 def map_figure(comp: Any, metric: str) -> Any:
     """The heatmap of ``metric`` with the suggested monotone teacher → student map drawn as a white path."""
-    from repsim.analysis.plot import heatmap
-
     fig = heatmap(comp.table, metric, **comp.figure_labels())
     ax = fig.axes[0]
     mapping = comp.suggest_map(metric)
@@ -257,8 +252,6 @@ def best_table(comp: Any, metric: str) -> dict[str, Any]:
 
 
 def comparison_context(comp: Any) -> dict[str, Any]:
-    from repsim.analysis.plot import best_match_curve
-
     meta = comp.meta
     t_name = _short((meta.get("teacher") or {}).get("name", "teacher"))
     s_name = _short((meta.get("student") or {}).get("name", "student"))
@@ -332,8 +325,6 @@ def table_section(title: str, table: pd.DataFrame, *, text: str = "", anchor_nam
 
 def metrics_by_pair_figure(table: pd.DataFrame, label_column: str | None = None) -> Any:
     """One panel per measure column: its value at each mapped layer pair (one line per ``label_column`` value)."""
-    from matplotlib.figure import Figure
-
     ids = metric_columns(table.columns)
     cols = list(ids)
     fig = Figure(figsize=(3.2 * max(1, len(cols)), 3.0), dpi=100, layout="constrained")
@@ -374,8 +365,6 @@ def check_html(table: pd.DataFrame, meta: dict[str, Any], *, title: str = "repsi
     for key in ("data", "data_source", "layer_map", "pool", "n", "seed", "check_options"):
         if key in meta and meta[key] not in (None, "", {}):
             prov.append((key.replace("_", " "), str(meta[key])))
-    import repsim
-
     prov.append(("versions", f"repsim {repsim.__version__}"))
     fig = metrics_by_pair_figure(table, label_column) if ids else None
     text = "Each row is one mapped (teacher layer, student layer) pair." + (

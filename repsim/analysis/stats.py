@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from repsim.measures.allpairs import pairwise
 from repsim.measures.arrays import as_matrix, power_of_two_exponent, scale_by_power_of_two
 from repsim.measures.linalg import nuclear_norms
 from repsim.measures.registry import PairMoments, get_metric
@@ -169,8 +170,6 @@ def _gram_values(spec, cross: torch.Tensor, t_sq, t_tr, s_sq, s_tr, n: int, rows
 
 
 def _generic_values(teacher, student, specs, tol: float = 1e-9) -> dict[str, np.ndarray]:
-    from repsim.measures.allpairs import pairwise
-
     ids = [s.id for s in specs]
     res = pairwise(teacher, student, metrics=ids, device=teacher[0].device, tol=tol)
     return {k: _numpy(res[k]) for k in ids}

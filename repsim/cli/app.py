@@ -487,7 +487,7 @@ def _run(argv: Sequence[str] | None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _warning_printer(warnings.showwarning, args.flags)
             if getattr(args, "threads", None) is not None:
-                from repsim.system.threads import set_threads
+                from repsim.system.threads import set_threads  # noqa: PLC0415 - torch only after argument parsing
 
                 set_threads(args.threads)
             result = args.func(args)

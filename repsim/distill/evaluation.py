@@ -15,10 +15,12 @@ tables, a figure.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import torch
@@ -136,10 +138,8 @@ def markdown(table: pd.DataFrame, digits: int = 4) -> str:
 
 def plot_grid(runs: pd.DataFrame, path: str | Path, metric: str = "accuracy", title: str | None = None) -> Path:
     """Mean ± sd of ``metric`` per loss (error bars) with each seed as a dot; written to ``path`` (PNG)."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot after matplotlib.use('Agg')
 
     losses = _ordered(list(runs["loss"].unique()))
     fig, ax = plt.subplots(figsize=(1.4 * len(losses) + 2, 3.6))
@@ -189,8 +189,6 @@ def summarize_grid(runs: pd.DataFrame, out: str | Path, metric: str = "accuracy"
 
 def _rouge_tokens(text: str) -> list[str]:
     """rouge-score's default tokenisation: lowercase, non-alphanumerics become spaces, split (no stemming)."""
-    import re
-
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
 
 

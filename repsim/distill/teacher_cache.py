@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from repsim.activations.assets import cache_dir
 from repsim.activations.models import model_fingerprint
@@ -31,9 +33,6 @@ def teacher_outputs(teacher: nn.Module, encoded: Encoded, teacher_layers: Sequen
     the longest text (rows beyond a text's length are zero). Cached as one safetensors file per key (teacher
     weights digest, tokenised-data digest, layers, pooling); written atomically.
     """
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-
     device = device or next(teacher.parameters()).device
     layers = sorted(set(int(k) for k in teacher_layers))
     key_src = json.dumps({"model": f"{type(teacher).__name__}:{model_fingerprint(teacher)}",

@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from repsim.activations.layers import num_layers, parse_layer_map
 from repsim.activations.models import hidden_width
@@ -266,8 +267,6 @@ class DistillTrainer:
     # -- the loop
     def fit(self, resume: bool = True) -> pd.DataFrame:
         """Train to the configured number of epochs (resuming from ``out/checkpoint.pt`` when present)."""
-        from tqdm.auto import tqdm
-
         cfg = self.config
         restored = resume and self.load_checkpoint()
         if not restored:

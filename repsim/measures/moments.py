@@ -68,6 +68,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from repsim.measures.arrays import (
     as_matrix,
@@ -382,8 +383,6 @@ class LayerMoments:
         Without an initialised process group (a plain ``python script.py``) there is one process, a world of one:
         the statistics are already the pooled ones and nothing changes. Naming a ``group`` then is an error.
         """
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             if group is not None:
                 raise UserError("all_reduce got a process group, but torch.distributed is not initialised "

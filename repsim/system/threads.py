@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+from threadpoolctl import ThreadpoolController, threadpool_limits
+
 from repsim.system.errors import UserError
 
 
@@ -14,9 +17,6 @@ def set_threads(n: int) -> None:
     a core); ``benchmarks/RESULTS.md`` has the measurements."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"`threads` must be a positive integer, got {n!r}")
-    import torch
-    from threadpoolctl import threadpool_limits
-
     torch.set_num_threads(n)
     threadpool_limits(limits=n)  # applies now, for the rest of the process (not used as a context manager)
 
@@ -30,7 +30,5 @@ def blas_threads(n: int):
     searches the loaded libraries again on every call), so it is cheap enough to wrap single small products."""
     global _CONTROLLER
     if _CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-
         _CONTROLLER = ThreadpoolController()
     return _CONTROLLER.limit(limits=n, user_api="blas")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import torch
@@ -173,10 +174,8 @@ def save_figure(fig: Any, path: Path) -> None:
 
 
 def plot_theorem1(sweep: pd.DataFrame, near: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot after matplotlib.use('Agg')
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
@@ -204,10 +203,8 @@ def plot_theorem1(sweep: pd.DataFrame, near: pd.DataFrame, path: Path) -> None:
 
 
 def plot_synthetic(history: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot after matplotlib.use('Agg')
 
     sizes = history[["k", "d_t", "d_s"]].drop_duplicates().itertuples(index=False)
     sizes = list(sizes)

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import kendalltau
 
 from repsim.measures.arrays import ArrayLike, as_pair, prepare, to_output
 from repsim.measures.registry import SHAPE_INVARIANCES, Family, MetricSpec, register
@@ -117,8 +118,6 @@ class KendallState:
 
 def kendall_tau_a(x: KendallState, y: KendallState) -> float:
     """(C − D)/N₀, N₀ = m(m − 1)/2, from scipy's τ_b = (C − D)/√((N₀ − T_x)(N₀ − T_y)) (T the tied pairs)."""
-    from scipy.stats import kendalltau
-
     m = x.values.size
     total = m * (m - 1) // 2
     if x.ties == total or y.ties == total:
