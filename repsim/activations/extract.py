@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import time
@@ -449,11 +450,10 @@ def subset_of(superset: Activations, layers: Sequence[int], rows: np.ndarray | N
 
 
 def transformers_version() -> str:
-    """The installed transformers version, read from its distribution metadata (importing it costs ~0.3 s, which
-    a run served from the activation cache never needs)."""
-    from importlib.metadata import version  # noqa: PLC0415
+    """The installed transformers version, read from its distribution metadata (importing it is slow, and
+    a run served from the activation cache never needs it)."""
 
-    return version("transformers")
+    return importlib.metadata.version("transformers")
 
 
 def _extract_in_memory(runner: Runner, texts: list[str], lengths: np.ndarray, batches: list[np.ndarray],

@@ -35,7 +35,7 @@ n ≤ GRAM_MAX_N). Every other metric (Procrustes, projection residual, debiased
 replicate by :func:`repsim.measures.allpairs.pairwise` on the resampled rows (on the comparison's device).
 ``method="fast"`` also offers an exact distinct-row Procrustes path (Z = √w ∘ (X − μ_w) gives ZᵀZ' = the
 resample's centred cross product on ~0.63·n rows, then singular values); at the default's shapes on CPU it
-measured ~2× slower than ``pairwise`` (18.5 s vs 9.2 s per replicate), so "auto" does not use it.
+is slower than ``pairwise`` (benchmarks/RESULTS.md), so "auto" does not use it.
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def _weighted_unit(X: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n
 #: accuracy asked of each replicate's Procrustes ρ: the nuclear norm's Gram fast path is accepted when its rounding
 #: bound is below this (point estimates use 1e-9). A percentile interval from B = 200 replicates carries a Monte-Carlo
 #: error of a few percent of its width, so 1e-6 on ρ leaves every reported digit unchanged while sparing the exact
-#: SVD that real features (near-null directions) need for 1e-9: measured 0.9 s of SVDs per replicate on the default.
+#: SVD that real features (near-null directions) need for 1e-9 (its cost per replicate: benchmarks/RESULTS.md).
 REPLICATE_TOL = 1e-6
 
 

@@ -126,8 +126,7 @@ def _on_cpu_lapack(g: torch.Tensor) -> bool:
 
 def eigvalsh(g: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (ascending) of a batch of symmetric matrices (..., k, k), lower triangles read. On the CPU by
-    numpy's LAPACK through ``_lapack_batched``: measured on the 2-core dev box for 91 matrices of 384 × 384,
-    torch (MKL) 0.56 s, numpy 0.40 s on one thread, 0.21 s on two (benchmarks/RESULTS.md)."""
+    numpy's LAPACK through ``_lapack_batched``, faster there than torch's MKL ``syevd`` (benchmarks/RESULTS.md)."""
     return _lapack_batched(np.linalg.eigvalsh, g) if _on_cpu_lapack(g) else torch.linalg.eigvalsh(g)
 
 
@@ -140,8 +139,7 @@ def svdvals(d: torch.Tensor) -> torch.Tensor:
 
 def eigh(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues ascending, eigenvectors) of one symmetric matrix; on the CPU by numpy's LAPACK with
-    single-threaded BLAS (torch's MKL ``syevd`` measured 12 ms one-threaded and 36 ms two-threaded for
-    384 × 384 on the 2-core dev box)."""
+    single-threaded BLAS (faster there than torch's MKL ``syevd``; benchmarks/RESULTS.md)."""
     if g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64):
         return torch.linalg.eigh(g)
     with blas_threads(1):

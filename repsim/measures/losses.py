@@ -24,7 +24,7 @@ cleanly to a loss computed under autocast.
 Gradient safety:
 - The nuclear norm's gradient is the polar factor d‖M‖_*/dM = U_r V_rᵀ, taken over the singular values above
   the rank tolerance only. It comes from one SVD in the forward pass (on CUDA by default from ``eigh`` of the
-  small Gram matrix, ~5× faster there than cuSOLVER's SVD) and never differentiates U or V, so
+  small Gram matrix, faster there than cuSOLVER's SVD: benchmarks/RESULTS.md) and never differentiates U or V, so
   repeated singular values (e.g. a rotated copy) and zero ones (n < width, a zero cross-product block) give finite
   gradients. Where ‖·‖_* has a kink (rank-deficient M) U_r V_rᵀ is the minimum-norm subgradient, which is
   exactly what a central finite difference measures, so ``torch.autograd.gradcheck`` passes there too.
@@ -190,7 +190,8 @@ class ProcrustesLoss(_GeometryLoss):
     in [0, π/2] (Williams et al. 2021); gradient 0 at ρ ≥ 1.
     Invariant to translation, isotropic scaling and orthogonal maps of either side; not to general linear maps.
     ``method``: how ‖·‖_* and its gradient are computed: "svd" (thin SVD of the p×q matrix), "gram" (eigh of the
-    min(p,q)-sized Gram matrix, ~5× faster on GPUs) or "auto" (gram on CUDA, svd elsewhere); they agree to ~1e-12.
+    min(p,q)-sized Gram matrix, faster on GPUs: benchmarks/RESULTS.md) or "auto" (gram on CUDA, svd elsewhere);
+    they agree to ~1e-12.
     Cost: one n×p×q matrix product and one p×q SVD (or Gram eigh) forward, one n×p×q product backward.
     """
 
