@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from repsim.analysis.comparison import Comparison, monotone_map, parse_layers
+from repsim.analysis.comparison import Comparison, monotone_map, parse_layers, sample_size_warnings
 from repsim.analysis.plot import DPI, HEATMAP_FIGSIZE
 from repsim.measures import functions as M
+from repsim.measures.registry import get_metric
 from repsim.system.errors import UserError
 
 DEFAULTS = list(M.DEFAULT_METRICS)
@@ -317,3 +318,29 @@ def test_plot_returns_a_figure_with_labelled_colour_bar(synthetic):
     assert near[:, 1].all() and not near[0, 0]  # student layer 1 is independent noise, layer 0 a map of teacher 0
     no_chance = Comparison.from_layers(teacher, student, ["procrustes"], chance_permutations=0).plot("procrustes")
     assert len(no_chance.axes[0].patches) == 3
+
+
+def test_declared_plugin_bias_is_a_small_sample_bias_on_unrelated_layers():
+    """Independent isotropic layers of width r at n = 3r: a convention declared plug-in biased sits far from its
+    unrelated value (biased CKA ≈ r/n, Procrustes ρ ≈ 0.85·√(r/n)), its unbiased sibling stays near it."""
+    rng = np.random.default_rng(0)
+    r, n = 20, 60
+    X, Y = rng.standard_normal((n, r)), rng.standard_normal((n, r))
+    biased, debiased = get_metric("cka"), get_metric("cka[linear,debiased]")
+    assert biased.plugin_biased and not debiased.plugin_biased
+    assert biased(X, Y) > 0.5 * r / n
+    assert abs(debiased(X, Y)) < 0.1
+    plugin, mom = get_metric("procrustes"), get_metric("procrustes[distance,mom]")
+    assert plugin.plugin_biased and not mom.plugin_biased
+    rho = 1 - plugin(X, Y) ** 2 / 2
+    assert rho > 0.5 * 0.85 * np.sqrt(r / n)
+
+
+def test_small_sample_warning_names_exactly_the_plugin_biased_conventions():
+    ids = ["procrustes[distance]", "procrustes[distance,mom]", "cka[linear,biased]", "cka[linear,debiased]",
+           "gram_frobenius", "projection_residual"]
+    declared = [m for m in ids if get_metric(m).plugin_biased]
+    assert declared == ["procrustes[distance]", "cka[linear,biased]", "gram_frobenius"]
+    small = [w for w in sample_size_warnings(ids, 100, [64], [64]) if "small-sample bias" in w]
+    assert len(small) == 1 and small[0].split(": ", 1)[1].startswith(", ".join(declared) + " are dominated")
+    assert not [w for w in sample_size_warnings(ids, 10 * 64, [64], [64]) if "small-sample bias" in w]

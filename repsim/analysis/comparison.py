@@ -102,16 +102,6 @@ def in_sample_projection_warning(metric_ids: Sequence[str], n: int, student_widt
 SMALL_N_FACTOR = 10
 
 
-def _is_plugin(spec) -> bool:
-    """Whether a metric is a plug-in estimator whose small-sample bias the small-n rule is about."""
-    kw = dict(spec.kwargs or {})
-    if spec.family == "procrustes":
-        return kw.get("estimator", "plugin") == "plugin"
-    if spec.family == "cka":
-        return kw.get("estimator", "biased") == "biased"
-    return spec.family == "gram_frobenius"
-
-
 def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequence[int],
                          student_widths: Sequence[int], *, bootstrap: int = 0,
                          stats_metrics: Sequence[str] = ()) -> list[str]:
@@ -130,7 +120,7 @@ def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequ
     specs = [_spec(m) for m in metric_ids]
     r = min(max(teacher_widths), max(student_widths))
     q = max(student_widths)
-    plugin = [sp.id for sp in specs if _is_plugin(sp)]
+    plugin = [sp.id for sp in specs if sp.plugin_biased]
     small = n < SMALL_N_FACTOR * r
     if plugin and small:
         rho = 0.85 * math.sqrt(min(1.0, r / n))
@@ -149,7 +139,7 @@ def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequ
                            f"overfitting, not dissimilarity; use ≥ {math.ceil(2 * (q + 1) * folds / (folds - 1))} "
                            f"texts or a ridge penalty, e.g. projection_residual[folds={folds},ridge=auto]")
     if bootstrap:
-        biased = [m for m in stats_metrics if _is_plugin(_spec(m))]
+        biased = [m for m in stats_metrics if _spec(m).plugin_biased]
         if biased and small:
             out.append(f"bootstrap intervals of {', '.join(biased)} at n = {n}: they show the estimator's spread over "
                        "resampled texts at this n (recentred on the estimate), not where the value would lie on more "

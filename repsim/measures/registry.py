@@ -85,6 +85,11 @@ class MetricSpec:
         return self.statistics == "moments"
 
     @property
+    def plugin_biased(self) -> bool:
+        """A plug-in estimate with a small-sample bias (:meth:`Family.plugin_biased`)."""
+        return self.family_object.plugin_biased(**self.kwargs)
+
+    @property
     def family_object(self) -> Family:
         """The registered :class:`Family` of this metric."""
         return _family(self.family, self.id)
@@ -349,6 +354,11 @@ class Family:
     def needs(self, **kwargs: Any) -> frozenset[str]:
         """The optional PairMoments statistics :meth:`finalize` reads for this convention (default ``uses``)."""
         return self.uses
+
+    def plugin_biased(self, **kwargs: Any) -> bool:
+        """Whether this convention is a plug-in estimate whose bias dominates at small n (two unrelated layers of
+        rank r score a level that falls only like r/n or √(r/n)); the comparison warns below 10·r rows."""
+        return False
 
     # ---------------------------------------------------------------- in memory
     def min_rows(self, **kwargs: Any) -> int:

@@ -188,6 +188,9 @@ class CKA(Family):
             raise self.error(text, f"sigma must be > 0, got {sigma:g}")
         return self.spec(kernel, estimators[0] if estimators else "biased", sigma)
 
+    def plugin_biased(self, estimator: str = "biased", **kwargs: Any) -> bool:
+        return estimator == "biased"  # unrelated isotropic layers of rank r score ≈ r/n; the U-statistic ≈ 0
+
     def needs(self, estimator: str = "biased", **kwargs: Any) -> frozenset[str]:
         return self.uses | {"debiasing"} if estimator == "debiased" else self.uses
 

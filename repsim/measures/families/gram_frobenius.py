@@ -55,6 +55,9 @@ class GramFrobenius(Family):
     examples = ("gram_frobenius", "gram_frobenius[squared]")
     uses = frozenset({"cross_sq", "self_sq"})
 
+    def plugin_biased(self, **kwargs: Any) -> bool:
+        return True  # normalised Grams of unrelated layers overlap by ≈ r/n
+
     def spec(self, squared: bool = False) -> MetricSpec:
         return MetricSpec("gram_frobenius[squared]" if squared else "gram_frobenius", self.name,
                           {"squared": squared}, "lower", (0.0, 2.0 if squared else math.sqrt(2)), SHAPE_INVARIANCES,

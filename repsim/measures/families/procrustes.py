@@ -188,6 +188,9 @@ class Procrustes(Family):
     uses = frozenset({"nuclear"})
     aliases = {"procrustes": "procrustes[distance]", "angular": "procrustes[angular]"}
 
+    def plugin_biased(self, estimator: str = "plugin", **kwargs: Any) -> bool:
+        return estimator == "plugin"  # ρ of unrelated isotropic layers ≈ 0.85·√(r/n); the moments estimator is not
+
     def spec(self, output: str = "distance", estimator: str = "plugin", moments: int = MOM_MOMENTS) -> MetricSpec:
         """The spec of one convention."""
         if estimator == "mom":
