@@ -257,7 +257,7 @@ def _prepare_side(layers: list[torch.Tensor], name: str, dtype: torch.dtype, dev
 
 def _column_gram(x: torch.Tensor) -> torch.Tensor:
     """xᵀx (width × width). On the CPU by numpy's matmul, which computes xᵀx with BLAS ``syrk`` (half the
-    flops of a GEMM; measured 0.72 s vs 1.25 s for torch's GEMM on 13 layers of 5000 × 768, one thread), with
+    flops of a GEMM, faster than torch's GEMM; benchmarks/RESULTS.md times the all-pairs path), with
     as many BLAS threads as torch uses."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         a = x.detach().numpy()
