@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from repsim.activations import store
 from repsim.activations.data import fingerprint_texts
@@ -56,6 +57,7 @@ from repsim.activations.models import LoadedModel, as_loaded, model_fingerprint,
 from repsim.activations.pooling import POOLS, check_pool, pool_hidden, pool_words
 from repsim.activations.rows import Activations, rows_of
 from repsim.activations.words import WORD_RULE, check_offsets, encode_words, word_counts
+from repsim.measures.moments import LayerMoments
 from repsim.moved import moved_name
 from repsim.system.devices import MODEL_DTYPES, dist_info, dtype_name, resolve_device, resolve_dtype
 from repsim.system.errors import UserError
@@ -290,8 +292,6 @@ class Runner:
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     return tqdm(total=total, initial=initial, desc=desc, unit="text", disable=not enabled, dynamic_ncols=True,
                 smoothing=0.1)
 
@@ -518,8 +518,6 @@ def extract_moments(
     ``layers`` selects teacher layers, ``student_layers`` student layers (default: same as ``layers`` when
     that is given as indices, else all). ``on_batch(rows_so_far)`` is called after each batch on this rank.
     """
-    from repsim.measures.moments import LayerMoments  # noqa: PLC0415
-
     for k in ("cache",):
         unused.pop(k, None)
     if unused:

@@ -66,7 +66,7 @@ def load_model(spec: str | Path, *, task: str = "base", device: str | torch.devi
     token gets its eos token (or unk) as pad token. Returns ``(model, tokenizer, source)``.
     """
     import transformers  # noqa: PLC0415 - transformers loads only with a model
-    from transformers import (  # noqa: PLC0415
+    from transformers import (  # noqa: PLC0415 - transformers only when a model is loaded
         AutoModel,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,

@@ -91,7 +91,7 @@ def _slug(name: str) -> str:
 
 
 def key_fields(meta: dict) -> dict:
-    import transformers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415 - transformers only when a model is loaded
 
     fields = {k: meta.get(k) for k in KEY_FIELDS}
     fields["format"] = FORMAT_VERSION

@@ -40,6 +40,8 @@ import numpy as np
 import regex
 import torch
 
+from repsim.measures.functions import get_metric
+from repsim.measures.moments import LayerMoments
 from repsim.system.errors import UserError
 
 WORD_RULE = "words-v1: runs of L/M/N with internal ' ’ -, each Han ideograph, each other non-space grapheme"
@@ -134,8 +136,6 @@ def encode_words(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple
 
 def streamable(metric: str) -> bool:
     """True when a measure is computed exactly from pooled second moments (word-level comparison streams)."""
-    from repsim.measures.functions import get_metric  # noqa: PLC0415
-
     spec = get_metric(metric)
     return bool(spec.linear) and dict(spec.kwargs).get("folds") is None
 
@@ -156,8 +156,6 @@ def paired_moments(teacher: Any, student: Any, *, chunk_rows: int = 8192, device
     offsets).
     Rows are read ``chunk_rows`` at a time (memory-mapped from the store). Returns (moments, counts) with
     counts = {n_words, n_used, dropped_teacher, dropped_student, dropped}."""
-    from repsim.measures.moments import LayerMoments  # noqa: PLC0415
-
     for side, act in (("teacher", teacher), ("student", student)):
         if act.meta.get("pool") != "words" or act.token_ids is None:
             raise UserError(f"the {side} activations are not word-pooled (pool={act.meta.get('pool')!r})")
