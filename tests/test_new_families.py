@@ -395,6 +395,42 @@ def test_the_correlation_rdm_sees_rotations_of_the_features_but_not_their_order(
     assert "orthogonal" in RSA.spec("cosine", "pearson").invariances
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(-4, 4), min_size=1, max_size=300), st.integers(0, 2**31 - 1))
+def test_average_ranks_equal_scipy_rankdata_on_vectors_with_ties(values, seed):
+    """The unstable sort orders tied entries arbitrarily; their shared mean rank must not depend on it."""
+    rng = np.random.default_rng(seed)
+    v = np.asarray(values, dtype=float) / 3 + rng.choice([0.0, 1e-300, -0.0], len(values))
+    np.testing.assert_array_equal(average_ranks(torch.as_tensor(v)).numpy(), rankdata(v))
+
+
+def test_rsa_refuses_all_pairs_beyond_the_available_memory_with_the_estimate(monkeypatch, tmp_path, capsys):
+    """The RDMs of all pairs are estimated before any is built; too large: one line naming the metric, the GiB and
+    max_samples, exit 2 through the CLI (and the same rows pass under a budget just large enough)."""
+    from repsim.cli import main
+    from repsim.measures.allpairs import pairwise
+    from repsim.measures.families import rsa as rsa_module
+
+    rng = np.random.default_rng(0)
+    teacher = rng.standard_normal((3, 40, 6))
+    student = rng.standard_normal((2, 40, 4))
+    need = rsa_module.rsa_memory_bytes(40, 2)
+    assert need == 8 * 780 * (2 + rsa_module.WORKING_VECTORS)
+    monkeypatch.setattr(rsa_module, "available_bytes", lambda device: need - 1)
+    with pytest.raises(UserError, match=r"rsa\[rdm=correlation,compare=spearman\].*GiB.*max_samples"):
+        pairwise(list(teacher), list(student), metrics=["rsa"])
+    np.save(tmp_path / "t.npy", teacher)
+    np.save(tmp_path / "s.npy", student)
+    out = tmp_path / "out"
+    code = main(["compare", "--teacher-acts", str(tmp_path / "t.npy"), "--student-acts", str(tmp_path / "s.npy"),
+                 "--metrics", "rsa", "--device", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "max_samples" in err and "Traceback" not in err
+    monkeypatch.setattr(rsa_module, "available_bytes", lambda device: need)
+    values = pairwise(list(teacher), list(student), metrics=["rsa"])["rsa[rdm=correlation,compare=spearman]"]
+    assert values[2, 1] == pytest.approx(rsa(teacher[2], student[1]), rel=1e-12)
+
+
 @pytest.mark.parametrize("compare", list(COMPARE_NAMES))
 def test_rsa_all_pairs_equal_the_pair_by_pair_values(compare):
     rng = np.random.default_rng(4)

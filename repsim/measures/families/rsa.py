@@ -19,14 +19,17 @@ preserved by a rotation of the features). A row with zero norm (correlation: zer
 correlation or cosine RDM entry: UserError.
 
 Cost: each layer's RDM vector (m float64, 8·m bytes: 1.4 MB at n = 600, 100 MB at n = 5000, 1.6 GB at n = 20000)
-and its ranks are computed once per layer (O(n²·width) from row blocks of the Gram matrix, ranks O(m log m)); the
-spearman, pearson and cosine values of all layer pairs are one (L_t × m)·(m × L_s) product of standardised
-vectors. kendall_a counts discordant pairs in O(m log m) per layer pair (scipy's merge-sort count).
+and its ranks are computed once per layer (O(n²·width) from row blocks of the Gram matrix, ranks O(m log m) by
+one sort). Over all layer pairs the L_s student vectors are kept and the teacher vectors built one at a time, so
+the peak is about 8·m·(L_s + 6) bytes (:func:`rsa_memory_bytes`; UserError naming the estimate beyond the
+available memory); spearman, pearson and cosine are dot products of standardised vectors. kendall_a counts
+discordant pairs in O(m log m) per layer pair (scipy's merge-sort count).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,12 +88,15 @@ def rdm_vector(X: torch.Tensor, rdm: str, name: str = "X") -> torch.Tensor:
 
 
 def average_ranks(v: torch.Tensor) -> torch.Tensor:
-    """Ranks 1 … m of v's entries, tied entries sharing the mean of their ranks (scipy's ``rankdata``)."""
-    order = torch.argsort(v, stable=True)
-    sorted_v = v[order]
+    """Ranks 1 … m of v's entries, tied entries sharing the mean of their ranks (scipy's ``rankdata``).
+
+    One unstable sort: equal values are compared exactly, and each run of equal sorted values gets the mean of
+    its positions, so the order within a run does not matter."""
+    sorted_v, order = torch.sort(v)
     _, counts = torch.unique_consecutive(sorted_v, return_counts=True)
-    ends = counts.cumsum(0).to(v.dtype)  # 1-based rank of each group's last member
-    group_rank = ends - (counts.to(v.dtype) - 1) / 2
+    del sorted_v
+    group_rank = counts.cumsum(0).to(v.dtype)  # 1-based rank of each group's last member
+    group_rank -= (counts.to(v.dtype) - 1) / 2
     ranks = torch.empty_like(v)
     ranks[order] = torch.repeat_interleave(group_rank, counts)
     return ranks
@@ -124,6 +130,40 @@ def kendall_tau_a(x: KendallState, y: KendallState) -> float:
         raise UserError("an RDM is constant: Kendall's tau with another RDM is undefined")
     tau_b = kendalltau(x.values, y.values, variant="b", method="asymptotic").statistic
     return float(tau_b) * math.sqrt(total - x.ties) * math.sqrt(total - y.ties) / total
+
+
+def available_bytes(device: torch.device) -> int:
+    """Bytes a computation may allocate now: free memory of a CUDA device, else the host's available memory
+    (``MemAvailable`` of /proc/meminfo, or free pages × page size where that file is missing)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+#: m-entry float64 vectors alive while one layer's RDM is ranked (RDM, sorted values, permutation, run lengths,
+#: run ranks, ranks) beyond the layers already held
+WORKING_VECTORS = 6
+
+
+def rsa_memory_bytes(n: int, student_layers: int) -> int:
+    """Peak bytes of the RDM vectors of all layer pairs: the ``student_layers`` kept vectors plus the one being
+    built, 8·m·(student_layers + WORKING_VECTORS) with m = n(n − 1)/2."""
+    return 8 * (n * (n - 1) // 2) * (student_layers + WORKING_VECTORS)
+
+
+class LayerRows:
+    """A layer's prepared rows, from which its RDM vector is built only when :meth:`RSA.pair_values` needs it
+    (the student layers' vectors are kept, the teacher layers' built one at a time)."""
+
+    def __init__(self, X: torch.Tensor, name: str) -> None:
+        self.X, self.name = X, name
 
 
 class RSA(Family):
@@ -163,27 +203,42 @@ class RSA(Family):
 
     def layer_state(self, X: torch.Tensor, rdm: str = "correlation", compare: str = "spearman",
                     center: bool = True, name: str = "X", **kwargs: Any) -> Any:
-        """The layer's RDM vector, standardised for its comparison (ranks for spearman, centred for pearson,
-        unit norm for pearson, spearman and cosine), or its values with tie count for kendall_a."""
+        """The layer's prepared rows (:class:`LayerRows`); its RDM vector is built by :meth:`pair_values`."""
         if X.shape[0] < 3:
             raise UserError(f"RSA needs at least 3 samples (rows), got {X.shape[0]}")
-        v = rdm_vector(prepare(X, center, name), rdm, name)
+        return LayerRows(prepare(X, center, name), name)
+
+    @staticmethod
+    def rdm_state(layer: LayerRows, rdm: str, compare: str) -> Any:
+        """The layer's RDM vector, standardised for its comparison (ranks for spearman, centred for pearson,
+        unit norm for pearson, spearman and cosine), or its values with tie count for kendall_a."""
+        v = rdm_vector(layer.X, rdm, layer.name)
         if compare == "kendall_a":
             return KendallState(v)
         if compare == "spearman":
             v = average_ranks(v)
-        return _standardised(v, compare != "cosine", name)
+        return _standardised(v, compare != "cosine", layer.name)
 
     def pair_values(self, states_t: Sequence[Any], states_s: Sequence[Any], rdm: str = "correlation",
                     compare: str = "spearman", **kwargs: Any) -> torch.Tensor:
-        if compare == "kendall_a":
-            out = torch.empty(len(states_t), len(states_s), dtype=torch.float64)
-            for i, x in enumerate(states_t):
-                for j, y in enumerate(states_s):
-                    out[i, j] = kendall_tau_a(x, y)
-            return out.to(states_t[0].device)
-        values = torch.stack(list(states_t)) @ torch.stack(list(states_s)).T
-        return values.clamp(-1.0, 1.0)
+        """All layer pairs: the student layers' RDM states are built and kept, then each teacher layer's is built,
+        compared with them and dropped. UserError when the estimate :func:`rsa_memory_bytes` exceeds the
+        available memory."""
+        n, device = states_t[0].X.shape[0], states_t[0].X.device
+        need = rsa_memory_bytes(n, len(states_s))
+        have = available_bytes(device)
+        if need > have:
+            raise UserError(f"rsa[rdm={rdm},compare={compare}] on {n} rows keeps {len(states_s)} student RDMs of "
+                            f"{n * (n - 1) // 2} entries: about {need / 2**30:.1f} GiB, more than the "
+                            f"{have / 2**30:.1f} GiB available; use fewer rows (max_samples)")
+        kept = [self.rdm_state(y, rdm, compare) for y in states_s]
+        out = torch.empty(len(states_t), len(states_s), dtype=torch.float64)
+        for i, x in enumerate(states_t):
+            vx = self.rdm_state(x, rdm, compare)
+            for j, vy in enumerate(kept):
+                out[i, j] = kendall_tau_a(vx, vy) if compare == "kendall_a" else float(vx @ vy)
+            del vx
+        return out.clamp(-1.0, 1.0).to(device)
 
 
 FAMILY = register(RSA())
