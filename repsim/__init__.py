@@ -27,6 +27,7 @@ _LAZY = {
     "DEFAULT_METRICS": "repsim.measures.functions",
     "MetricSpec": "repsim.measures.functions",
     "get_metric": "repsim.measures.functions",
+    "metric_names": "repsim.measures.registry",
     "pairwise": "repsim.measures.allpairs",
     "CrossMoments": "repsim.measures.moments",
     "LayerMoments": "repsim.measures.moments",
