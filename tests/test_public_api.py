@@ -73,7 +73,7 @@ def test_ci_runs_the_readme_test_command_and_it_is_repeatable():
     root = Path(__file__).resolve().parents[1]
     lines = (root / "README.md").read_text().splitlines()
     readme_command = lines[lines.index("# 2. the tests (CI runs exactly this line, read from this file by .ci/run, "
-                                       "then `ruff check .`)") + 1]
+                                       "then `ruff check .` and `lint-imports`)") + 1]
     printed = subprocess.run(["bash", str(root / ".ci" / "run"), "--print-command"], capture_output=True, text=True,
                              check=True).stdout.strip()
     assert printed == readme_command and readme_command.endswith("python -m pytest -q")
