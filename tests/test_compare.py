@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from repsim.analysis.comparison import Comparison, monotone_map, parse_layers, sample_size_warnings
 from repsim.analysis.plot import DPI, HEATMAP_FIGSIZE
 from repsim.measures import functions as M
-from repsim.measures.registry import get_metric
+from repsim.measures.registry import get_metric, metric_names
 from repsim.system.errors import UserError
 
 DEFAULTS = list(M.DEFAULT_METRICS)
@@ -344,3 +344,24 @@ def test_small_sample_warning_names_exactly_the_plugin_biased_conventions():
     small = [w for w in sample_size_warnings(ids, 100, [64], [64]) if "small-sample bias" in w]
     assert len(small) == 1 and small[0].split(": ", 1)[1].startswith(", ".join(declared) + " are dominated")
     assert not [w for w in sample_size_warnings(ids, 10 * 64, [64], [64]) if "small-sample bias" in w]
+
+
+def test_the_fit_declarations_say_what_each_metric_does():
+    """The comparison's warnings and default statistics read each spec's declarations; they must match the values:
+    an in-sample fit is 0 at n ≤ q for an unrelated student (its blind spot), a held-out fit has the id's k folds,
+    and only fits without a ridge declare the least-squares overfitting regime."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((30, 8)), rng.standard_normal((30, 40))  # n = 30 ≤ q = 40, unrelated
+    in_sample = []
+    for mid in metric_names():
+        sp = get_metric(mid)
+        k = int(mid.split("folds=")[1].split(",")[0].rstrip("]")) if "folds=" in mid else None
+        assert sp.held_out_folds == k, mid
+        assert sp.unregularised_folds == (k if k and "ridge" not in mid else None), mid
+        if sp.fits_in_sample:
+            in_sample.append(mid)
+            assert sp(X, Y) < 1e-10, mid
+    assert in_sample == ["projection_residual[in_sample]"]
+    warned = sample_size_warnings(["projection_residual[folds=5]", "projection_residual[folds=5,ridge=auto]"], 100,
+                                  [8], [40])
+    assert len(warned) == 1 and warned[0].startswith("projection_residual[folds=5]:")

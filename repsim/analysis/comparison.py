@@ -90,7 +90,7 @@ def in_sample_projection_warning(metric_ids: Sequence[str], n: int, student_widt
         return None
     for m in metric_ids:
         spec = _spec(m)
-        if spec.family == "projection_residual" and not (spec.kwargs or {}).get("folds"):
+        if spec.fits_in_sample:
             return (f"{m}: n = {n} texts ≤ student width {q}; the in-sample projection residual is ~0 for any "
                     f"student of rank n−1 (a blind spot, not similarity); use projection_residual[folds=5]")
     return None
@@ -129,8 +129,7 @@ def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequ
                    "read each value against its chance level, use procrustes[distance,mom] or cka[linear,debiased], "
                    f"or use ≥ {SMALL_N_FACTOR * r} texts")
     for sp in specs:
-        kw = dict(sp.kwargs or {})
-        folds = kw.get("folds") if sp.family == "projection_residual" and not kw.get("ridge") else None
+        folds = sp.unregularised_folds
         if folds and n >= folds:
             n_tr = n - math.ceil(n / folds)
             if n_tr < 2 * (q + 1):
@@ -145,8 +144,7 @@ def sample_size_warnings(metric_ids: Sequence[str], n: int, teacher_widths: Sequ
                        "resampled texts at this n (recentred on the estimate), not where the value would lie on more "
                        "texts (the estimator's bias moves it further than the interval's width); compare cells of one "
                        "run, and their chance levels, not runs of different n")
-        leaky = [m for m in stats_metrics if _spec(m).family == "projection_residual"
-                 and dict(_spec(m).kwargs or {}).get("folds")]
+        leaky = [m for m in stats_metrics if _spec(m).held_out_folds]
         if leaky:
             out.append(f"bootstrap intervals of {', '.join(leaky)} are optimistic: duplicated texts fall on both "
                        "sides of a fold; drop it from `stats_metrics` for a valid interval")
@@ -510,8 +508,7 @@ def check_stats_metrics(stats_metrics: Sequence[str] | None, ids: Sequence[str])
     costliest metric per replicate. Name it in ``stats_metrics`` to get its intervals and p-values anyway."""
     if stats_metrics is None:
         specs = [_spec(m) for m in ids]
-        valid = [sp.id for sp in specs if not (sp.family == "projection_residual"
-                                               and dict(sp.kwargs).get("folds") is not None)]
+        valid = [sp.id for sp in specs if sp.held_out_folds is None]
         return valid or list(ids)
     chosen = list(dict.fromkeys(_spec(m).id for m in stats_metrics))
     missing = [m for m in chosen if m not in ids]

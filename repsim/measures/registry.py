@@ -90,6 +90,21 @@ class MetricSpec:
         return self.family_object.plugin_biased(**self.kwargs)
 
     @property
+    def held_out_folds(self) -> int | None:
+        """k of a k-fold held-out fit (:meth:`Family.held_out_folds`), None for other metrics."""
+        return self.family_object.held_out_folds(**self.kwargs)
+
+    @property
+    def unregularised_folds(self) -> int | None:
+        """k of an unregularised k-fold least-squares fit (:meth:`Family.unregularised_folds`), else None."""
+        return self.family_object.unregularised_folds(**self.kwargs)
+
+    @property
+    def fits_in_sample(self) -> bool:
+        """An in-sample fit that reaches 0 once n ≤ the predictor's width (:meth:`Family.fits_in_sample`)."""
+        return self.family_object.fits_in_sample(**self.kwargs)
+
+    @property
     def family_object(self) -> Family:
         """The registered :class:`Family` of this metric."""
         return _family(self.family, self.id)
@@ -358,6 +373,21 @@ class Family:
     def plugin_biased(self, **kwargs: Any) -> bool:
         """Whether this convention is a plug-in estimate whose bias dominates at small n (two unrelated layers of
         rank r score a level that falls only like r/n or √(r/n)); the comparison warns below 10·r rows."""
+        return False
+
+    def held_out_folds(self, **kwargs: Any) -> int | None:
+        """k when the value is a k-fold held-out fit: bootstrap replicates then put copies of one text on both sides
+        of a fold (optimistic intervals), so the comparison leaves it out of its default statistics."""
+        return None
+
+    def unregularised_folds(self, **kwargs: Any) -> int | None:
+        """k when the value is an unregularised k-fold least-squares fit, whose held-out error grows like
+        n_tr/(n_tr − q − 1) with n_tr training rows per fold and q predictors (the comparison warns)."""
+        return None
+
+    def fits_in_sample(self, **kwargs: Any) -> bool:
+        """Whether the value is an in-sample fit that is exactly 0 once the predictor reaches rank n − 1 (a blind
+        spot at n ≤ width, not similarity; the comparison warns)."""
         return False
 
     # ---------------------------------------------------------------- in memory

@@ -212,6 +212,15 @@ class ProjectionResidual(Family):
             raise self.error(text, "reverse is offered with folds=K, e.g. projection_residual[folds=5,reverse]")
         return self.spec(folds, ridge, reverse)
 
+    def held_out_folds(self, folds: int | None = None, **kwargs: Any) -> int | None:
+        return folds
+
+    def unregularised_folds(self, folds: int | None = None, ridge: float | str = 0.0, **kwargs: Any) -> int | None:
+        return folds if not ridge else None
+
+    def fits_in_sample(self, folds: int | None = None, **kwargs: Any) -> bool:
+        return folds is None
+
     def min_rows(self, folds: int | None = None, **kwargs: Any) -> int:
         """2, or for k folds the fewest rows with every fold non-empty and ≥ 2 training rows (n ≥ k and
         n − ⌈n/k⌉ ≥ 2, :func:`fold_assignment`'s rule)."""
