@@ -50,18 +50,18 @@ _SAVER = textwrap.dedent("""
 _PLOT_KILLER = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
-    import repsim.analysis.plot as plot
+    import repsim.analysis.comparison as comparison
     from repsim.analysis.comparison import Comparison
 
     rng = np.random.default_rng(1)
     comp = Comparison.from_layers([rng.standard_normal((12, 3))], [rng.standard_normal((12, 3))], ["cka"])
-    draw = plot.save_figures
+    draw = comparison.save_figures
 
     def save_figures(*args, **kwargs):
         draw(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    plot.save_figures = save_figures
+    comparison.save_figures = save_figures  # the name the comparison calls
     comp.save(sys.argv[1])
 """)
 
