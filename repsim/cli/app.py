@@ -357,6 +357,10 @@ def _add_distill(sub) -> None:
                    "student_layer, JSON pairs, or the line compare --suggest-map prints")
     p.add_argument("--features", choices=["mean", "tokens"], default="mean",
                    help="feature loss on mean-pooled texts or on tokens (tokens need identical tokenizers)")
+    p.add_argument("--first-token", choices=["auto", "mask", "keep"], default="auto",
+                   help="with --features tokens: leave each text's first token out of the feature loss (mask), keep "
+                   "it (keep), or mask it when the teacher has massive activations there (auto: its norm > 20x the "
+                   "median token norm at a mapped layer, with a warning)")
     p.add_argument("--finetune-teacher", action="store_true",
                    help="fine-tune the teacher's head on --data first when it has none")
     p.add_argument("--teacher-epochs", type=_POSITIVE, default=None,

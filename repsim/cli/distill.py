@@ -18,7 +18,8 @@ def training_kwargs(args: argparse.Namespace) -> dict:
 def run_distill(args: argparse.Namespace) -> int:
     print(distill_command(args.teacher, args.student, **training_kwargs(args), losses=args.loss,
                           seeds=args.seeds, alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-                          layer_map=args.layer_map, features=args.features, finetune_teacher=args.finetune_teacher,
+                          layer_map=args.layer_map, features=args.features,
+                          first_token=args.first_token, finetune_teacher=args.finetune_teacher,
                           teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
                           teacher_batch_size=args.teacher_batch_size, keep_students=args.keep_students))
     return 0

@@ -26,6 +26,9 @@ FEATURE_LOSSES = ("none", "projection", "cka", "procrustes", "gram_frobenius")
 FEATURE_MODES = ("mean", "tokens")
 
 
+FIRST_TOKEN_MODES = ("auto", "mask", "keep")
+
+
 @dataclass
 class DistillConfig:
     """Everything that decides a training run (saved as ``config.json`` next to the results).
@@ -35,6 +38,9 @@ class DistillConfig:
     ``lr`` peaks after a linear warm-up over ``warmup_ratio`` of the steps and decays linearly to 0 (AdamW).
     ``checkpoint_every`` (optimizer steps, 0 = only at the end of each epoch). ``stop_after`` halts this
     invocation after that many optimizer steps in total (with a checkpoint), as an interruption would.
+    ``first_token`` (token-level features only): ``"mask"`` leaves each text's first real token out of the feature
+    loss, ``"keep"`` keeps it, ``"auto"`` masks when the teacher has massive activations there
+    (:mod:`repsim.distill.massive`).
     """
 
     task: str = "sequence-classification"
@@ -58,6 +64,7 @@ class DistillConfig:
     device: str = "auto"
     cache_teacher: bool = True
     progress: bool = True
+    first_token: str = "auto"
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -77,6 +84,10 @@ class DistillConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise UserError(f"{name} must be a finite number ≥ 0, got {value}")
+        if self.first_token not in FIRST_TOKEN_MODES:
+            raise UserError(f"unknown first_token {self.first_token!r}; choose one of {', '.join(FIRST_TOKEN_MODES)}")
+        if self.first_token == "mask" and self.features != "tokens":
+            raise UserError("first_token='mask' applies to token-level features only; add features='tokens'")
         if self.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be ≥ 0, got {self.checkpoint_every}")
 

@@ -49,6 +49,7 @@ from repsim.activations.layers import num_layers, parse_layer_map
 from repsim.activations.models import hidden_width
 from repsim.distill.config import RUNTIME_ONLY, DistillConfig, resolve_device
 from repsim.distill.data import Encoded, check_same_tokenization, collate, encode, pooled_mean
+from repsim.distill.massive import drop_first_token, resolve_first_token
 from repsim.distill.teacher_cache import teacher_outputs
 from repsim.measures.losses import make_feature_loss
 from repsim.system.errors import UserError
@@ -104,6 +105,11 @@ class DistillTrainer:
             for _pair in self.layer_map:
                 self.feature_losses.append(make_feature_loss(config.loss, hidden_width(teacher), hidden_width(student)))
             self.feature_losses.to(self.device)
+        self.mask_first_token, self.first_token_ratios = False, {}  # token-level features: repsim.distill.massive
+        if self.layer_map and config.features == "tokens":
+            self.mask_first_token, self.first_token_ratios = resolve_first_token(
+                config.first_token, teacher, train, [t for t, _ in self.layer_map], self.pad_id,
+                padding_side=self.padding_side, device=self.device)
         self.cached = None
         if teacher is not None and not causal:
             teacher_data, teacher_pad = train, self.pad_id
@@ -171,6 +177,7 @@ class DistillTrainer:
         if self.layer_map:
             feat = zero
             width = mask.shape[1]
+            token_mask = drop_first_token(mask) if self.mask_first_token else mask
             for (t, s), loss_fn in zip(self.layer_map, self.feature_losses, strict=True):
                 h_s = out.hidden_states[s]
                 if t_hidden is not None:
@@ -183,7 +190,7 @@ class DistillTrainer:
                 if cfg.features == "mean":
                     feat = feat + loss_fn(h_t, pooled_mean(h_s, mask))
                 else:
-                    feat = feat + loss_fn(h_t, h_s, attention_mask=mask)
+                    feat = feat + loss_fn(h_t, h_s, attention_mask=token_mask)
             terms["feature"] = feat
         total = terms["ce"]
         if "kd" in terms:
