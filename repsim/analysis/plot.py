@@ -7,6 +7,7 @@ Figures are built on :class:`matplotlib.figure.Figure` objects (no pyplot state,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -235,11 +236,16 @@ def read_results(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"results file not found: {path}")
+    return read_csv_table(path, REQUIRED_COLUMNS, "a repsim results file")
+
+
+def read_csv_table(path: str | Path, columns: Sequence[str], kind: str = "the expected table") -> pd.DataFrame:
+    """Read a CSV file that must hold ``columns``; UserError (one line) when it is unreadable or lacks one."""
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not a readable CSV file: {str(exc).splitlines()[0]}") from exc
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise UserError(f"{path} is not a repsim results file: missing column(s) {', '.join(missing)}")
+        raise UserError(f"{path} is not {kind}: missing column(s) {', '.join(missing)}")
     return table

@@ -83,8 +83,9 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     return out
 
 
-def _ordered(losses: Sequence[str]) -> list[str]:
-    known = [name for name in LOSS_ORDER if name in losses]
+def ordered(losses: Sequence[str], order: Sequence[str] = LOSS_ORDER) -> list[str]:
+    """The distinct names of ``losses``: those in ``order`` first, in that order, then the rest sorted."""
+    known = [name for name in order if name in losses]
     return known + sorted(set(losses) - set(known))
 
 
@@ -101,7 +102,7 @@ def summary_table(runs: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
     for extra in ("mcc", "f1"):
         if extra in runs and extra != metric:
             table[f"{extra}_mean"] = groups[extra].mean()
-    return table.loc[_ordered(list(table.index))].reset_index()
+    return table.loc[ordered(list(table.index))].reset_index()
 
 
 def paired_table(runs: pd.DataFrame, metric: str = "accuracy", baselines: Sequence[str] = ("none", "cka")
@@ -112,7 +113,7 @@ def paired_table(runs: pd.DataFrame, metric: str = "accuracy", baselines: Sequen
     for base in baselines:
         if base not in wide:
             continue
-        for loss in _ordered(list(wide.columns)):
+        for loss in ordered(list(wide.columns)):
             if loss == base:
                 continue
             both = wide[[loss, base]].dropna()
@@ -141,7 +142,7 @@ def plot_grid(runs: pd.DataFrame, path: str | Path, metric: str = "accuracy", ti
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415 - pyplot after matplotlib.use('Agg')
 
-    losses = _ordered(list(runs["loss"].unique()))
+    losses = ordered(list(runs["loss"].unique()))
     fig, ax = plt.subplots(figsize=(1.4 * len(losses) + 2, 3.6))
     for i, loss in enumerate(losses):
         vals = runs.loc[runs["loss"] == loss, metric].to_numpy()
