@@ -222,3 +222,40 @@ def test_cli_flag_reaches_the_config():
     args = build_parser().parse_args(["distill", "t", "drop:1", "--features", "tokens", "--first-token", "keep"])
     assert args.first_token == "keep"
     assert build_parser().parse_args(["distill", "t", "drop:1"]).first_token == D.DistillConfig().first_token
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("first_token", ["keep", "mask"])
+def test_classification_token_features_pair_each_real_token_under_either_padding(tiny_model, padding_side,
+                                                                               first_token):
+    """Classification caches the teacher's token features (computed right-padded, so each text's tokens start at
+    row 0); a left-padded student batch must still pair token i of a text with the teacher's token i."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = tiny_model("llama", padding_side=padding_side)
+    tok = AutoTokenizer.from_pretrained(path)
+    teacher = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    student, _ = D.make_student("drop:2", teacher, tok, "sequence-classification", 2, seed=0)
+    labels = [i % 2 for i in range(len(TEXTS))]
+    cfg = dataclasses.replace(CONFIG, task="sequence-classification", first_token=first_token)
+    trainer = D.DistillTrainer(teacher, student, tok, D.encode(tok, TEXTS, labels, cfg.max_length), cfg,
+                               teacher_tokenizer=tok, train_texts=TEXTS)
+    value = _feature(trainer)
+    batch = collate(trainer.train, list(range(len(TEXTS))), trainer.pad_id, padding_side)
+    with torch.no_grad():
+        s_hidden = trainer.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   output_hidden_states=True).hidden_states
+        t_hidden = [teacher(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+                    for ids in trainer.train.input_ids]  # each text alone: the teacher's own token states
+    expected = 0.0
+    for t, s in trainer.layer_map:
+        X, Y = [], []
+        for j, row_mask in enumerate(batch["attention_mask"].tolist()):
+            real = [i for i, m in enumerate(row_mask) if m]
+            for k, i in enumerate(real):
+                if k == 0 and first_token == "mask":
+                    continue
+                X.append(t_hidden[j][t][0, k].double().numpy())
+                Y.append(s_hidden[s][j, i].double().numpy())
+        expected += slow_procrustes_distance(np.stack(X), np.stack(Y))
+    assert value == pytest.approx(expected, rel=1e-5)

@@ -57,6 +57,18 @@ def collate(encoded: Encoded, index: Sequence[int], pad_id: int,
     return batch
 
 
+def align_token_rows(cached: torch.Tensor, mask: torch.Tensor, padding_side: str) -> torch.Tensor:
+    """Cached teacher token features (batch, longest, width), each text's tokens from row 0 (computed right-padded),
+    as the student's batch lays them out: the first ``mask.shape[1]`` rows, shifted right by each row's padding
+    when the batch is left-padded (pad rows then hold a copy of row 0; the mask drops them)."""
+    width = mask.shape[1]
+    if padding_side != "left":
+        return cached[:, :width]
+    pads = width - mask.sum(dim=1, keepdim=True)
+    rows = (torch.arange(width, device=mask.device).unsqueeze(0) - pads).clamp(min=0)
+    return cached.gather(1, rows.unsqueeze(-1).expand(-1, -1, cached.shape[-1]))
+
+
 def check_same_tokenization(teacher_tok: Any, student_tok: Any, texts: Sequence[str], max_length: int,
                             what: str) -> None:
     """Raise UserError unless both tokenizers turn every text into the same ids (needed for token-level work)."""

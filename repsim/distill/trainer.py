@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from repsim.activations.layers import num_layers, parse_layer_map
 from repsim.activations.models import hidden_width
 from repsim.distill.config import RUNTIME_ONLY, DistillConfig, resolve_device
-from repsim.distill.data import Encoded, check_same_tokenization, collate, encode, pooled_mean
+from repsim.distill.data import Encoded, align_token_rows, check_same_tokenization, collate, encode, pooled_mean
 from repsim.distill.massive import drop_first_token, resolve_first_token
 from repsim.distill.teacher_cache import teacher_outputs
 from repsim.measures.losses import make_feature_loss
@@ -176,7 +176,6 @@ class DistillTrainer:
             t_hidden = None
         if self.layer_map:
             feat = zero
-            width = mask.shape[1]
             token_mask = drop_first_token(mask) if self.mask_first_token else mask
             for (t, s), loss_fn in zip(self.layer_map, self.feature_losses, strict=True):
                 h_s = out.hidden_states[s]
@@ -186,7 +185,7 @@ class DistillTrainer:
                 else:
                     h_t = self.cached[f"feat{t}"][list(index)].to(self.device)
                     if cfg.features == "tokens":
-                        h_t = h_t[:, :width]
+                        h_t = align_token_rows(h_t, mask, self.padding_side)
                 if cfg.features == "mean":
                     feat = feat + loss_fn(h_t, pooled_mean(h_s, mask))
                 else:
