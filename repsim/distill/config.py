@@ -29,6 +29,19 @@ FEATURE_MODES = ("mean", "tokens")
 FIRST_TOKEN_MODES = ("auto", "mask", "keep")
 
 
+#: how the feature term is weighted: ``fixed`` (β as given) or ``gradient`` (β × the calibrated per-pair weights)
+FEATURE_SCALES = ("fixed", "gradient")
+
+
+#: how the projection baseline's linear maps start: ``random`` (nn.Linear's init) or ``ridge`` (closed form)
+PROJECTION_INITS = ("random", "ridge")
+
+
+#: controls of a distillation grid besides the feature losses: ``ce_only`` trains on the labels alone (α = 0, no
+#: feature term); ``none`` (a feature loss) is the KD-only control (CE + KD)
+CONTROLS = ("ce_only",)
+
+
 @dataclass
 class DistillConfig:
     """Everything that decides a training run (saved as ``config.json`` next to the results).
@@ -41,6 +54,14 @@ class DistillConfig:
     ``first_token`` (token-level features only): ``"mask"`` leaves each text's first real token out of the feature
     loss, ``"keep"`` keeps it, ``"auto"`` masks when the teacher has massive activations there
     (:mod:`repsim.distill.massive`).
+
+    ``feature_scale="gradient"`` weights mapped pair k by w_k = mean ‖∂(CE + α·KD)/∂H_k‖_F / mean ‖∂ℓ_k/∂H_k‖_F,
+    H_k the student's hidden state at the pair's layer, measured once at initialisation (eval mode) on the first
+    ``calibration_batches`` batches of the training data in data order (the same for every seed): every feature
+    loss then starts by pushing each trained layer as hard as the task does, and β scales that push.
+    ``projection_init="ridge"`` starts each projection map at the ridge least-squares fit (GCV-chosen λ) from the
+    student's features at initialisation to the teacher's on the first ``ridge_rows`` training texts;
+    ``projection_lr`` is its own peak learning rate (default: ``lr``), on the same schedule.
     """
 
     task: str = "sequence-classification"
@@ -65,6 +86,11 @@ class DistillConfig:
     cache_teacher: bool = True
     progress: bool = True
     first_token: str = "auto"
+    feature_scale: str = "fixed"
+    calibration_batches: int = 4
+    projection_init: str = "random"
+    projection_lr: float | None = None
+    ridge_rows: int = 1024
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -88,6 +114,17 @@ class DistillConfig:
             raise UserError(f"unknown first_token {self.first_token!r}; choose one of {', '.join(FIRST_TOKEN_MODES)}")
         if self.first_token == "mask" and self.features != "tokens":
             raise UserError("first_token='mask' applies to token-level features only; add features='tokens'")
+        if self.feature_scale not in FEATURE_SCALES:
+            raise UserError(f"unknown feature scale {self.feature_scale!r}; choose one of {', '.join(FEATURE_SCALES)}")
+        if self.projection_init not in PROJECTION_INITS:
+            raise UserError(f"unknown projection init {self.projection_init!r}; choose one of "
+                            f"{', '.join(PROJECTION_INITS)}")
+        if self.calibration_batches < 1 or self.ridge_rows < 2:
+            raise UserError("calibration_batches must be ≥ 1 and ridge_rows ≥ 2")
+        if self.projection_lr is not None and not (math.isfinite(self.projection_lr) and self.projection_lr > 0):
+            raise UserError(f"projection_lr must be a finite number > 0, got {self.projection_lr}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise UserError(f"max_grad_norm must be a finite number ≥ 0 (0: no clipping), got {self.max_grad_norm}")
         if self.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be ≥ 0, got {self.checkpoint_every}")
 
@@ -126,6 +163,8 @@ class DistillResult:
     tokenizer: Any
     out: Path | None = None
     layer_map: list[tuple[int, int]] = field(default_factory=list)
+    feature_losses: nn.ModuleList | None = None
+    validation_features: list[torch.Tensor] | None = None  # classification: hidden_states[0..L] mean-pooled
 
 
 def resolve_device(device: str) -> torch.device:

@@ -31,7 +31,7 @@ from torch import nn
 from repsim.distill.data import Encoded, collate
 from repsim.system.errors import UserError
 
-LOSS_ORDER = ("none", "projection", "cka", "procrustes", "gram_frobenius")
+LOSS_ORDER = ("ce_only", "none", "projection", "cka", "procrustes", "gram_frobenius")
 
 
 def classification_metrics(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, float]:

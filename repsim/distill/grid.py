@@ -15,10 +15,19 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from repsim.activations.layers import parse_layer_map
 from repsim.analysis.comparison import check_out_dir
-from repsim.distill.config import FEATURE_LOSSES, RUNTIME_ONLY, DistillConfig, DistillResult, teacher_finetune_config
+from repsim.distill.config import (
+    CONTROLS,
+    FEATURE_LOSSES,
+    RUNTIME_ONLY,
+    DistillConfig,
+    DistillResult,
+    teacher_finetune_config,
+)
 from repsim.distill.data import encode, label_count, load_train_validation, texts_labels
-from repsim.distill.evaluation import evaluate, summarize_grid
+from repsim.distill.evaluation import classification_metrics, evaluate, summarize_grid
+from repsim.distill.geometry import geometry_table, layer_features, loss_values
 from repsim.distill.students import has_trained_head, load, make_student
 from repsim.distill.trainer import DistillTrainer, seed_everything
 from repsim.system.errors import UserError
@@ -42,14 +51,16 @@ def finetune(model: str | tuple[nn.Module, Any], train: Any, validation: Any = N
 
 def distill(teacher: str | tuple[nn.Module, Any], student: str | tuple[nn.Module, Any], train: Any,
             validation: Any = None, *, config: DistillConfig | None = None, out: str | Path | None = None,
-            finetune_teacher: bool = False, teacher_config: DistillConfig | None = None) -> DistillResult:
+            finetune_teacher: bool = False, teacher_config: DistillConfig | None = None,
+            save_student: bool = True) -> DistillResult:
     """Distil ``teacher`` into ``student`` (see the module docstring for the loss) and evaluate on ``validation``.
 
     ``teacher``: spec (hub id, short name, local folder) or a loaded (model, tokenizer). A classifier teacher
     without a trained head raises UserError unless ``finetune_teacher`` (then it is fine-tuned first with
     ``teacher_config``, saved under ``out/teacher``). ``student``: spec, ``drop:N``, ``drop:i,j``,
     ``narrow:HIDDEN:LAYERS`` (see :func:`make_student`) or a loaded pair. With ``out``, writes ``config.json``,
-    ``train_log.csv``, ``metrics.json``, ``checkpoint.pt`` (resumable) and the student under ``out/student``.
+    ``train_log.csv``, ``metrics.json``, ``checkpoint.pt`` (resumable), ``predictions.csv`` (classification: index,
+    label, prediction, correct per validation text) and, with ``save_student``, the student under ``out/student``.
     """
     config = config or DistillConfig()
     config.validate()
@@ -72,11 +83,13 @@ def distill(teacher: str | tuple[nn.Module, Any], student: str | tuple[nn.Module
         s_model, s_tok = make_student(str(student), t_model, t_tok, config.task, label_count(labels), config.seed)
     else:
         s_model, s_tok = student
-    return _run(t_model, s_model, s_tok, texts, labels, validation, config, out, teacher_tokenizer=t_tok)
+    return _run(t_model, s_model, s_tok, texts, labels, validation, config, out, teacher_tokenizer=t_tok,
+                save_model=save_student)
 
 
 def _run(teacher: nn.Module | None, student: nn.Module, tokenizer: Any, texts: list[str], labels: list[int] | None,
-         validation: Any, config: DistillConfig, out: str | Path | None, *, teacher_tokenizer: Any) -> DistillResult:
+         validation: Any, config: DistillConfig, out: str | Path | None, *, teacher_tokenizer: Any,
+         save_model: bool = True) -> DistillResult:
     out_path = Path(out) if out is not None else None
     encoded = encode(tokenizer, texts, labels, config.max_length)
     trainer = DistillTrainer(teacher, student, tokenizer, encoded, config, teacher_tokenizer=teacher_tokenizer,
@@ -84,18 +97,72 @@ def _run(teacher: nn.Module | None, student: nn.Module, tokenizer: Any, texts: l
     if out_path is not None:
         write_text_atomic(out_path / "config.json", json.dumps(dataclasses.asdict(config), indent=2))
     history = trainer.fit(resume=out_path is not None)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
+    validation_features = None
     if trainer.finished and validation is not None:
         v_texts, v_labels = texts_labels(validation)
-        metrics = evaluate(trainer.student, tokenizer, encode(tokenizer, v_texts, v_labels, config.max_length),
-                           config.task, config.eval_batch_size)
+        v_encoded = encode(tokenizer, v_texts, v_labels, config.max_length)
+        if config.task == "sequence-classification" and v_labels is not None:
+            logits, validation_features = layer_features(trainer.student, v_encoded, trainer.pad_id,
+                                                         batch_size=config.eval_batch_size, device=trainer.device)
+            predictions = logits.argmax(-1).numpy()
+            metrics = classification_metrics(v_labels, predictions)
+            if out_path is not None:
+                table = pd.DataFrame({"index": range(len(v_labels)), "label": v_labels, "prediction": predictions})
+                table["correct"] = (table["label"] == table["prediction"]).astype(int)
+                write_text_atomic(out_path / "predictions.csv", table.to_csv(index=False))
+        else:
+            metrics = evaluate(trainer.student, tokenizer, v_encoded, config.task, config.eval_batch_size)
         metrics["train_seconds"] = float(getattr(trainer, "train_seconds", float("nan")))
-    if out_path is not None and trainer.finished:
+        metrics.update(training_facts(trainer))
+    if out_path is not None and trainer.finished and save_model:
         _save_model(trainer.student, tokenizer, out_path / ("model" if teacher is None else "student"))
         if metrics:
             write_text_atomic(out_path / "metrics.json", json.dumps(metrics, indent=2))
     return DistillResult(metrics=metrics, history=history, student=trainer.student, tokenizer=tokenizer,
-                         out=out_path, layer_map=trainer.layer_map)
+                         out=out_path, layer_map=trainer.layer_map, feature_losses=trainer.feature_losses,
+                         validation_features=validation_features)
+
+
+def training_facts(trainer: DistillTrainer) -> dict[str, Any]:
+    """What a run's optimisation did: steps, the fraction of steps whose gradient norm was clipped, the median
+    gradient norm, the feature weights w_k (1 unless calibrated) and the projection maps' ridge λ (if fitted)."""
+    history = pd.DataFrame(trainer.history)
+    facts: dict[str, Any] = {"steps": int(trainer.step)}
+    if len(history):
+        facts["clipped_fraction"] = float(history["clipped"].mean()) if "clipped" in history else float("nan")
+        facts["grad_norm_median"] = float(history["grad_norm"].median())
+    if trainer.layer_map:
+        facts["feature_weights"] = [float(w) for w in trainer.feature_weights]
+    if trainer.ridge_lambdas:
+        facts["ridge_lambdas"] = trainer.ridge_lambdas
+    return facts
+
+
+def arm_config(config: DistillConfig, arm: str) -> DistillConfig:
+    """The settings of one arm of a grid: a feature loss (``none``: CE + KD, the KD-only control) or a control of
+    :data:`repsim.distill.config.CONTROLS` (``ce_only``: CE alone, α = 0 and no feature term)."""
+    if arm == "ce_only":
+        return dataclasses.replace(config, loss="none", alpha=0.0)
+    return dataclasses.replace(config, loss=arm)
+
+
+def write_geometry(teacher_layers: list, student_layers: list, trained: Sequence[tuple[int, int]] | None,
+                   maps: dict | None, config: DistillConfig, permutations: int, out: Path) -> None:
+    """Write ``out/geometry.csv``: :func:`repsim.distill.geometry.geometry_table` and
+    :func:`repsim.distill.geometry.loss_values` of the student's layers against the teacher's on the same held-out
+    texts; ``trained``: the run's layer map (None: the pairs ``config.layer_map`` would train); ``maps``: a
+    projection student's trained maps by pair."""
+    pairs = [tuple(p) for p in trained] if trained else _uniform_pairs(teacher_layers, student_layers, config)
+    table = pd.concat([geometry_table(teacher_layers, student_layers, pairs, permutations=permutations),
+                       loss_values(teacher_layers, student_layers, pairs, batch_size=config.batch_size,
+                                   trained_maps=maps)], ignore_index=True)
+    write_text_atomic(out / "geometry.csv", table.to_csv(index=False))
+
+
+def _uniform_pairs(teacher_layers: list, student_layers: list, config: DistillConfig) -> list[tuple[int, int]]:
+    """The pairs a run of this grid's layer map would train (for arms without a feature loss)."""
+    return parse_layer_map(config.layer_map, len(teacher_layers) - 1, len(student_layers) - 1)
 
 
 def _same_settings(saved_config: Path, config: DistillConfig) -> bool:
@@ -123,20 +190,23 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
              losses: Sequence[str] = FEATURE_LOSSES, seeds: int | Sequence[int] = 5,
              config: DistillConfig | None = None, out: str | Path, finetune_teacher: bool = False,
              teacher_config: DistillConfig | None = None, title: str | None = None,
-             keep_students: bool = False) -> pd.DataFrame:
-    """Every loss × every seed with the same teacher, data and settings; then tables, tests and a figure.
+             keep_students: bool = False, geometry_permutations: int = 0) -> pd.DataFrame:
+    """Every arm × every seed with the same teacher, data and settings; then tables, tests and a figure.
 
-    Each run lives in ``out/runs/<loss>/seed<k>/``; finished runs (with ``metrics.json``) are skipped, so an
-    interrupted grid continues where it stopped. Student weights are deleted after evaluation unless
-    ``keep_students`` (then ``.../seedK/student`` is a loadable model folder, e.g. for geometry checks).
-    Returns one row per run (loss, seed, metrics, seconds) and writes the summary files of
-    :func:`repsim.distill.evaluation.summarize_grid` into ``out``.
+    ``losses``: the arms, feature losses or controls (:func:`arm_config`). Each run lives in
+    ``out/runs/<arm>/seed<k>/`` (config.json, train_log.csv, metrics.json, predictions.csv for classification);
+    finished runs (with ``metrics.json``) are skipped, so an interrupted grid continues where it stopped. Student
+    weights are not saved unless ``keep_students`` (then ``.../seedK/student`` is a loadable model
+    folder). With ``geometry_permutations`` > 0 (classification with validation texts) each run also writes
+    ``geometry.csv`` (:func:`run_geometry` on the validation texts) and ``out/before/geometry.csv`` holds the same
+    for the untrained student of the first seed. Returns one row per run (loss, seed, metrics) and writes the
+    summary files of :func:`repsim.distill.evaluation.summarize_grid` into ``out``.
     """
 
     config = config or DistillConfig()
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    for loss in losses:
-        dataclasses.replace(config, loss=loss).validate()
+    for arm in losses:
+        arm_config(config, arm).validate()
     out = Path(out)
     texts, labels = texts_labels(train)
     t_model, t_tok = load(teacher, config.task, label_count(labels)) if isinstance(teacher, (str, Path)) else teacher
@@ -146,30 +216,45 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
                             "(repsim finetune, or `finetune_teacher=True`)")
         tcfg = teacher_config or teacher_finetune_config(config)
         t_model = finetune((t_model, t_tok), (texts, labels), validation, config=tcfg, out=out / "teacher").student
+    teacher_layers, v_encoded = None, None
     if validation is not None and config.task == "sequence-classification":
         v_texts, v_labels = texts_labels(validation)
-        teacher_metrics = evaluate(t_model, t_tok, encode(t_tok, v_texts, v_labels, config.max_length), config.task)
+        v_encoded = encode(t_tok, v_texts, v_labels, config.max_length)
+        teacher_metrics = evaluate(t_model, t_tok, v_encoded, config.task)
         write_text_atomic(out / "teacher_metrics.json", json.dumps(teacher_metrics, indent=2))
+        if geometry_permutations:
+            pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else 0
+            teacher_layers = layer_features(t_model, v_encoded, pad, batch_size=config.eval_batch_size, cache=True)[1]
+            if not (out / "before" / "geometry.csv").exists():
+                s_model, s_tok = make_student(student, t_model, t_tok, config.task, label_count(labels), seed_list[0])
+                s_pad = s_tok.pad_token_id if s_tok.pad_token_id is not None else 0
+                before = layer_features(s_model, encode(s_tok, v_texts, v_labels, config.max_length), s_pad,
+                                        batch_size=config.eval_batch_size)[1]
+                write_geometry(teacher_layers, before, None, None, config, geometry_permutations, out / "before")
     rows = []
     for seed in seed_list:
-        for loss in losses:
-            run_dir = out / "runs" / loss / f"seed{seed}"
+        for arm in losses:
+            run_dir = out / "runs" / arm / f"seed{seed}"
             done = run_dir / "metrics.json"
-            cfg = dataclasses.replace(config, loss=loss, seed=seed)
+            cfg = dataclasses.replace(arm_config(config, arm), seed=seed)
             if done.exists() and not _same_settings(run_dir / "config.json", cfg):
                 raise UserError(f"{run_dir} holds a finished run with other settings; use another `out`")
             if not done.exists():
                 seed_everything(seed)
                 s_model, s_tok = make_student(student, t_model, t_tok, cfg.task, label_count(labels), seed)
                 result = distill((t_model, t_tok), (s_model, s_tok), (texts, labels), validation, config=cfg,
-                                 out=run_dir)
-                if not keep_students:  # keep the grid small: curves and metrics
-                    shutil.rmtree(run_dir / "student", ignore_errors=True)
+                                 out=run_dir, save_student=keep_students)
+                if result.metrics and teacher_layers is not None:
+                    maps = None
+                    if result.layer_map and cfg.loss == "projection":
+                        maps = dict(zip(map(tuple, result.layer_map), result.feature_losses, strict=True))
+                    write_geometry(teacher_layers, result.validation_features, result.layer_map or None, maps, cfg,
+                                   geometry_permutations, run_dir)
                 (run_dir / "checkpoint.pt").unlink(missing_ok=True)
                 if not result.metrics:
                     continue
             metrics = json.loads(done.read_text())
-            rows.append({"loss": loss, "seed": seed, **metrics})
+            rows.append({"loss": arm, "seed": seed, **{k: v for k, v in metrics.items() if not isinstance(v, list)}})
         if rows:  # after every seed, so a long grid has readable partial results
             summarize_grid(pd.DataFrame(rows), out, "perplexity" if config.task == "causal-lm" else "accuracy", title)
     return pd.DataFrame(rows)
@@ -181,7 +266,7 @@ def _loss_list(losses: Sequence[str]) -> list[str]:
         for name in str(item).split(","):
             name = name.strip()
             if name == "all":
-                names.extend(FEATURE_LOSSES)
+                names.extend([*CONTROLS, *FEATURE_LOSSES])
             elif name:
                 names.append(name)
     return list(dict.fromkeys(names))
@@ -211,8 +296,8 @@ def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data:
     config = DistillConfig(**options)
     if not _loss_list(losses):
         raise UserError(f"no feature loss given; choose from {', '.join(FEATURE_LOSSES)} or all")
-    for loss in _loss_list(losses):
-        dataclasses.replace(config, loss=loss).validate()
+    for arm in _loss_list(losses):
+        arm_config(config, arm).validate()
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise UserError(f"seeds must be an integer ≥ 1, got {seeds!r}")
     check_out_dir(out)

@@ -51,6 +51,7 @@ from repsim.distill.config import RUNTIME_ONLY, DistillConfig, resolve_device
 from repsim.distill.data import Encoded, align_token_rows, check_same_tokenization, collate, encode, pooled_mean
 from repsim.distill.massive import drop_first_token, resolve_first_token
 from repsim.distill.teacher_cache import teacher_outputs
+from repsim.measures.families.projection_residual import gcv_ridge, least_squares
 from repsim.measures.losses import make_feature_loss
 from repsim.system.errors import UserError
 from repsim.system.files import write_atomic, write_text_atomic
@@ -101,7 +102,6 @@ class DistillTrainer:
         torch.manual_seed(config.seed)
         self.feature_losses = nn.ModuleList()
         if self.layer_map:
-
             for _pair in self.layer_map:
                 self.feature_losses.append(make_feature_loss(config.loss, hidden_width(teacher), hidden_width(student)))
             self.feature_losses.to(self.device)
@@ -121,11 +121,19 @@ class DistillTrainer:
             self.cached = teacher_outputs(teacher, teacher_data, [t for t, _ in self.layer_map], config.features,
                                           teacher_pad, batch_size=config.eval_batch_size, device=self.device,
                                           cache=config.cache_teacher, progress=config.progress)
-        params = [p for p in self.student.parameters() if p.requires_grad] + list(self.feature_losses.parameters())
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.ridge_lambdas: list[float] = []
+        if config.projection_init == "ridge" and self.layer_map and _is_projection(config.loss):
+            self.ridge_lambdas = self.init_projection_ridge()
+        self.feature_weights = torch.ones(len(self.layer_map))
+        if config.feature_scale == "gradient" and self.layer_map:
+            self.feature_weights = self.calibrate_feature_weights()
+        student_params = [p for p in self.student.parameters() if p.requires_grad]
+        groups = []
+        for params, lr in ((student_params, config.lr),
+                           (list(self.feature_losses.parameters()), config.projection_lr or config.lr)):
+            groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay, "lr": lr},
+                       {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
         self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         warmup = int(config.warmup_ratio * self.total_steps)
@@ -146,13 +154,14 @@ class DistillTrainer:
         return torch.randperm(len(self.train), generator=g).tolist()
 
     # -- losses
-    def _loss_terms(self, index: Sequence[int]) -> dict[str, torch.Tensor]:
+    def _forward(self, index: Sequence[int]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], tuple]:
+        """The student on the examples ``index``: the task terms (``ce``, ``kd``), the feature loss of every mapped
+        pair (unweighted, in layer-map order) and the student's hidden states (empty without a layer map)."""
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in collate(self.train, index, self.pad_id, self.padding_side).items()}
         mask = batch["attention_mask"]
         want_hidden = bool(self.layer_map)
         out = self.student(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=want_hidden)
-        zero = out.logits.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         T = cfg.temperature
         if cfg.task == "causal-lm":
@@ -174,30 +183,112 @@ class DistillTrainer:
                 t_logits = self.cached["logits"][list(index)].to(self.device)
                 terms["kd"] = _kd(out.logits.float(), t_logits, T)
             t_hidden = None
-        if self.layer_map:
-            feat = zero
-            token_mask = drop_first_token(mask) if self.mask_first_token else mask
-            for (t, s), loss_fn in zip(self.layer_map, self.feature_losses, strict=True):
-                h_s = out.hidden_states[s]
-                if t_hidden is not None:
-                    h_t = t_hidden[t].float()
-                    h_t = pooled_mean(h_t, mask) if cfg.features == "mean" else h_t
-                else:
-                    h_t = self.cached[f"feat{t}"][list(index)].to(self.device)
-                    if cfg.features == "tokens":
-                        h_t = align_token_rows(h_t, mask, self.padding_side)
-                if cfg.features == "mean":
-                    feat = feat + loss_fn(h_t, pooled_mean(h_s, mask))
-                else:
-                    feat = feat + loss_fn(h_t, h_s, attention_mask=token_mask)
-            terms["feature"] = feat
-        total = terms["ce"]
-        if "kd" in terms:
-            total = total + cfg.alpha * terms["kd"]
-        if "feature" in terms:
-            total = total + cfg.beta * terms["feature"]
+        pair_losses = []
+        token_mask = drop_first_token(mask) if self.mask_first_token else mask
+        for (t, s), loss_fn in zip(self.layer_map, self.feature_losses, strict=True):
+            h_s = out.hidden_states[s]
+            if t_hidden is not None:
+                h_t = t_hidden[t].float()
+                h_t = pooled_mean(h_t, mask) if cfg.features == "mean" else h_t
+            else:
+                h_t = self.cached[f"feat{t}"][list(index)].to(self.device)
+                if cfg.features == "tokens":
+                    h_t = align_token_rows(h_t, mask, self.padding_side)
+            if cfg.features == "mean":
+                pair_losses.append(loss_fn(h_t, pooled_mean(h_s, mask)))
+            else:
+                pair_losses.append(loss_fn(h_t, h_s, attention_mask=token_mask))
+        return terms, pair_losses, (out.hidden_states if want_hidden else ())
+
+    def _task_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """CE + α·KD (CE alone without a teacher)."""
+        return terms["ce"] + self.config.alpha * terms["kd"] if "kd" in terms else terms["ce"]
+
+    def _loss_terms(self, index: Sequence[int]) -> dict[str, torch.Tensor]:
+        terms, pair_losses, _hidden = self._forward(index)
+        total = self._task_loss(terms)
+        if pair_losses:
+            weights = self.feature_weights.to(self.device)
+            terms["feature"] = torch.stack(pair_losses).sum()  # unweighted: the losses' own values
+            total = total + self.config.beta * (weights.to(pair_losses[0].dtype) * torch.stack(pair_losses)).sum()
         terms["total"] = total
         return terms
+
+    # -- the fair-comparison settings: feature weights from gradients, a fitted projection map
+    def _fixed_batches(self, count: int, size: int) -> list[list[int]]:
+        """The first ``count`` batches of ``size`` examples in data order (independent of the seed)."""
+        n = len(self.train)
+        return [list(range(a, min(n, a + size))) for a in range(0, min(n, count * size), size)]
+
+    def calibrate_feature_weights(self) -> torch.Tensor:
+        """w_k = mean ‖∂(CE + α·KD)/∂H_k‖_F / mean ‖∂ℓ_k/∂H_k‖_F over the calibration batches (see DistillConfig)."""
+        was_training = self.student.training
+        self.student.eval()
+        task_norm = torch.zeros(len(self.layer_map), dtype=torch.float64)
+        feat_norm = torch.zeros(len(self.layer_map), dtype=torch.float64)
+        for index in self._fixed_batches(self.config.calibration_batches, self.config.batch_size):
+            terms, pair_losses, hidden = self._forward(index)
+            task = self._task_loss(terms)
+            for k, ((_t, s), loss) in enumerate(zip(self.layer_map, pair_losses, strict=True)):
+                (g_task,) = torch.autograd.grad(task, hidden[s], retain_graph=True)
+                (g_feat,) = torch.autograd.grad(loss, hidden[s], retain_graph=True)
+                task_norm[k] += float(g_task.double().norm())
+                feat_norm[k] += float(g_feat.double().norm())
+        self.student.train(was_training)
+        if not bool((feat_norm > 0).all() and (task_norm > 0).all()):
+            raise UserError("a feature loss or the task sends no gradient to a mapped layer at initialisation "
+                            f"(task {task_norm.tolist()}, feature {feat_norm.tolist()}); use feature_scale='fixed'")
+        return (task_norm / feat_norm).to(torch.float32)
+
+    @torch.no_grad()
+    def init_projection_ridge(self) -> list[float]:
+        """Set each projection map to the ridge fit X ≈ YW + b from the student's (at initialisation, eval mode)
+        features Y to the teacher's X on the first ``ridge_rows`` training texts; λ by generalised cross-validation
+        (:func:`repsim.measures.families.projection_residual.gcv_ridge`). Returns the chosen λ per pair."""
+        cfg = self.config
+        was_training = self.student.training
+        self.student.eval()
+        rows: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in self.layer_map]
+        for index in self._fixed_batches(math.ceil(min(cfg.ridge_rows, len(self.train)) / cfg.eval_batch_size),
+                                         cfg.eval_batch_size):
+            index = [i for i in index if i < cfg.ridge_rows]
+            batch = collate(self.train, index, self.pad_id, self.padding_side)
+            mask = batch["attention_mask"].to(self.device)
+            out = self.student(input_ids=batch["input_ids"].to(self.device), attention_mask=mask,
+                               output_hidden_states=True)
+            t_hidden = None
+            if self.cached is None:
+                t_hidden = self.teacher(input_ids=batch["input_ids"].to(self.device), attention_mask=mask,
+                                        output_hidden_states=True).hidden_states
+            for k, (t, s) in enumerate(self.layer_map):
+                h_s = out.hidden_states[s].double()
+                if t_hidden is not None:
+                    h_t = t_hidden[t].double()
+                    h_t = pooled_mean(h_t, mask) if cfg.features == "mean" else h_t
+                else:
+                    h_t = self.cached[f"feat{t}"][index].to(self.device).double()
+                    h_t = h_t if cfg.features == "mean" else align_token_rows(h_t, mask, self.padding_side)
+                if cfg.features == "mean":
+                    rows[k][0].append(h_t)
+                    rows[k][1].append(pooled_mean(h_s, mask))
+                else:
+                    keep = (drop_first_token(mask) if self.mask_first_token else mask).bool()
+                    rows[k][0].append(h_t[keep])
+                    rows[k][1].append(h_s[keep])
+        self.student.train(was_training)
+        chosen = []
+        for (t_rows, s_rows), loss_fn in zip(rows, self.feature_losses, strict=True):
+            X, Y = torch.cat(t_rows), torch.cat(s_rows)
+            mu_x, mu_y = X.mean(0), Y.mean(0)
+            Xc, Yc = X - mu_x, Y - mu_y
+            U, sv, _ = torch.linalg.svd(Yc, full_matrices=False)
+            lam = float(gcv_ridge(sv, (U.T @ Xc).square().sum(1), Xc.square().sum(), X.shape[0], True))
+            W = least_squares(Yc, Xc, lam)  # (q, p): X ≈ Y W + b
+            loss_fn.proj.weight.copy_(W.T.to(loss_fn.proj.weight.dtype))
+            if loss_fn.proj.bias is not None:
+                loss_fn.proj.bias.copy_((mu_x - mu_y @ W).to(loss_fn.proj.bias.dtype))
+            chosen.append(lam)
+        return chosen
 
     def train_step(self, index: Sequence[int]) -> dict[str, float]:
         """One optimizer step on the examples ``index``; returns the loss terms (floats)."""
@@ -216,6 +307,7 @@ class DistillTrainer:
         self.step += 1
         values = {k: float(v.detach()) for k, v in terms.items()}
         values["grad_norm"] = float(grad_norm)
+        values["clipped"] = float(bool(self.config.max_grad_norm) and values["grad_norm"] > self.config.max_grad_norm)
         return values
 
     # -- checkpoints
@@ -237,6 +329,7 @@ class DistillTrainer:
             "history": json.dumps(self.history),
             "config": json.dumps(dataclasses.asdict(self.config)),
             "train_seconds": torch.tensor(self._bank_seconds(), dtype=torch.float64),
+            "feature_weights": self.feature_weights,
         }
         write_atomic(path, lambda fh: torch.save(state, fh))  # through a Python file: a full disk is an OSError
         self.write_log()
@@ -263,6 +356,8 @@ class DistillTrainer:
         self.step = int(state["step"])
         self.history = json.loads(state["history"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        if "feature_weights" in state:  # calibrated at the run's start, not on the partly trained student
+            self.feature_weights = state["feature_weights"].cpu()
         return True
 
     def write_log(self) -> None:
@@ -326,6 +421,10 @@ class DistillTrainer:
             self._call_start = now
         self._banked_at_step = self.step
         return self.train_seconds
+
+
+def _is_projection(loss: str) -> bool:
+    return "".join(loss.split()).lower() == "projection"
 
 
 def _kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
