@@ -115,9 +115,10 @@ def _run(teacher: nn.Module | None, student: nn.Module, tokenizer: Any, texts: l
             metrics = evaluate(trainer.student, tokenizer, v_encoded, config.task, config.eval_batch_size)
         metrics["train_seconds"] = float(getattr(trainer, "train_seconds", float("nan")))
         metrics.update(training_facts(trainer))
-    if out_path is not None and trainer.finished and save_model:
-        _save_model(trainer.student, tokenizer, out_path / ("model" if teacher is None else "student"))
-        if metrics:
+    if out_path is not None and trainer.finished:
+        if save_model:
+            _save_model(trainer.student, tokenizer, out_path / ("model" if teacher is None else "student"))
+        if metrics:  # last: a run folder with metrics.json is finished (run_grid skips it)
             write_text_atomic(out_path / "metrics.json", json.dumps(metrics, indent=2))
     return DistillResult(metrics=metrics, history=history, student=trainer.student, tokenizer=tokenizer,
                          out=out_path, layer_map=trainer.layer_map, feature_losses=trainer.feature_losses,
@@ -239,6 +240,8 @@ def run_grid(teacher: str | tuple[nn.Module, Any], student: str, train: Any, val
             cfg = dataclasses.replace(arm_config(config, arm), seed=seed)
             if done.exists() and not _same_settings(run_dir / "config.json", cfg):
                 raise UserError(f"{run_dir} holds a finished run with other settings; use another `out`")
+            if done.exists() and teacher_layers is not None and not (run_dir / "geometry.csv").exists():
+                done.unlink()  # stopped between its scores and its geometry: run it again (it is deterministic)
             if not done.exists():
                 seed_everything(seed)
                 s_model, s_tok = make_student(student, t_model, t_tok, cfg.task, label_count(labels), seed)
