@@ -35,6 +35,7 @@ import torch
 
 import repsim.distill as D
 from repsim.activations.assets import cache_dir
+from repsim.distill.study import write_study_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,14 +127,13 @@ def main() -> None:
                "n_test": len(validation.texts), "machine": platform.machine(),
                "torch_threads": 1 if args.workers > 1 else torch.get_num_threads(), "torch": torch.__version__}
     (args.out / "setting.json").write_text(json.dumps(setting, indent=2))
-    report = D.write_study_report(args.out) if hasattr(D, "write_study_report") else {}
+    write_study_report(args.out)
     args.figures.mkdir(parents=True, exist_ok=True)
     for name in ("study_accuracy.png", "study_geometry_accuracy.png"):
         if (args.out / name).exists():
             shutil.copyfile(args.out / name, args.figures / f"distill_sst_{name.removeprefix('study_')}")
     print((args.out / "summary.md").read_text() if (args.out / "summary.md").exists() else runs)
-    if report:
-        print((args.out / "study.md").read_text())
+    print((args.out / "study.md").read_text())
     print(f"total {time.time() - started:.0f} s")
 
 

@@ -37,34 +37,42 @@ def teacher(tmp_path_factory, tiny_model):
             AutoTokenizer.from_pretrained(out / "model"))
 
 
-def trainer_for(teacher, loss: str, **changes) -> DistillTrainer:
+def trainer_for(teacher, loss: str, student: str = "drop:1", **changes) -> DistillTrainer:
     t_model, t_tok = teacher
     cfg = dataclasses.replace(RECIPE, loss=loss, **changes)
-    student, tok = D.make_student("drop:1", t_model, t_tok, cfg.task, 2, seed=0)
+    student, tok = D.make_student(student, t_model, t_tok, cfg.task, 2, seed=0)
     encoded = D.encode(tok, TRAIN[0], TRAIN[1], cfg.max_length)
     return DistillTrainer(t_model, student, tok, encoded, cfg, teacher_tokenizer=t_tok, train_texts=TRAIN[0])
 
 
-def pushes(trainer: DistillTrainer) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ‖∂(CE + α·KD)/∂H_k‖ and mean ‖∂(w_k·ℓ_k)/∂H_k‖ over the calibration batches, recomputed here."""
+def pushes(trainer: DistillTrainer) -> tuple[float, np.ndarray]:
+    """Mean ‖∇_θ(CE + α·KD)‖ and mean ‖∇_θ(w_k·ℓ_k)‖ over the calibration batches (θ: the student's weights),
+    recomputed here with backward() on fresh gradients."""
     trainer.student.eval()
-    task, feat = np.zeros(len(trainer.layer_map)), np.zeros(len(trainer.layer_map))
+    params = [p for p in trainer.student.parameters() if p.requires_grad]
+
+    def grad_norm(loss: torch.Tensor) -> float:
+        for p in params:
+            p.grad = None
+        loss.backward(retain_graph=True)
+        return float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None)))
+
+    task, feat = 0.0, np.zeros(len(trainer.layer_map))
     batches = trainer._fixed_batches(trainer.config.calibration_batches, trainer.config.batch_size)
     for index in batches:
-        terms, losses, hidden = trainer._forward(index)
-        total = terms["ce"] + trainer.config.alpha * terms["kd"]
-        for k, ((_t, s), loss) in enumerate(zip(trainer.layer_map, losses, strict=True)):
-            task[k] += torch.autograd.grad(total, hidden[s], retain_graph=True)[0].norm().item()
-            weighted = trainer.feature_weights[k] * loss
-            feat[k] += torch.autograd.grad(weighted, hidden[s], retain_graph=True)[0].norm().item()
+        terms, losses, _hidden = trainer._forward(index)
+        task += grad_norm(terms["ce"] + trainer.config.alpha * terms["kd"])
+        for k, loss in enumerate(losses):
+            feat[k] += grad_norm(trainer.feature_weights[k] * loss)
     return task / len(batches), feat / len(batches)
 
 
 @pytest.mark.parametrize("loss", ["projection", "cka", "procrustes", "gram_frobenius"])
 def test_calibrated_feature_pushes_as_hard_as_the_task(teacher, loss):
-    trainer = trainer_for(teacher, loss)
+    trainer = trainer_for(teacher, loss, student="drop:2")
+    assert len(trainer.layer_map) == 2
     task, feat = pushes(trainer)
-    np.testing.assert_allclose(feat, task, rtol=1e-4)
+    np.testing.assert_allclose(feat * len(trainer.layer_map), task, rtol=1e-4)
     assert not np.allclose(trainer.feature_weights.numpy(), 1.0)  # the unweighted losses push differently
 
 
@@ -210,3 +218,13 @@ def test_loss_values_of_a_linear_map_fool_only_the_projection():
     # a batch of 32 rows is not the population: the batch means differ from the all-rows values
     assert table.loc[(1, "loss:procrustes@batch32"), "value"] != pytest.approx(
         table.loc[(1, "loss:procrustes@all"), "value"], rel=1e-3)
+
+
+def test_clipping_bounds_the_student_not_the_projection_maps(teacher):
+    trainer = trainer_for(teacher, "projection", max_grad_norm=1e-3)
+    row = trainer.train_step(list(range(16)))
+    student = torch.sqrt(sum((p.grad ** 2).sum() for p in trainer.student.parameters() if p.grad is not None))
+    maps = torch.sqrt(sum((p.grad ** 2).sum() for p in trainer.feature_losses.parameters()))
+    assert row["clipped"] == 1.0 and row["grad_norm"] > 1e-3
+    assert float(student) == pytest.approx(1e-3, rel=1e-4)
+    assert float(maps) > 1e-2  # the auxiliary maps keep their own gradient

@@ -55,13 +55,15 @@ class DistillConfig:
     loss, ``"keep"`` keeps it, ``"auto"`` masks when the teacher has massive activations there
     (:mod:`repsim.distill.massive`).
 
-    ``feature_scale="gradient"`` weights mapped pair k by w_k = mean ‖∂(CE + α·KD)/∂H_k‖_F / mean ‖∂ℓ_k/∂H_k‖_F,
-    H_k the student's hidden state at the pair's layer, measured once at initialisation (eval mode) on the first
-    ``calibration_batches`` batches of the training data in data order (the same for every seed): every feature
-    loss then starts by pushing each trained layer as hard as the task does, and β scales that push.
+    ``feature_scale="gradient"`` weights mapped pair k by w_k = mean ‖∇_θ(CE + α·KD)‖ / (K · mean ‖∇_θ ℓ_k‖), θ the
+    student's trainable parameters, K the number of mapped pairs, measured once at initialisation (eval mode) on the
+    first ``calibration_batches`` batches of the training data in data order (the same for every seed): each pair
+    term starts with 1/K of the task's push on the student's weights, so the feature term as a whole pushes about
+    as hard as the task, whichever loss it is; β scales that push.
     ``projection_init="ridge"`` starts each projection map at the ridge least-squares fit (GCV-chosen λ) from the
     student's features at initialisation to the teacher's on the first ``ridge_rows`` training texts;
-    ``projection_lr`` is its own peak learning rate (default: ``lr``), on the same schedule.
+    ``projection_lr`` is its own peak learning rate (default: ``lr``), on the same schedule. ``max_grad_norm``
+    clips the student's gradient norm (0: no clipping); the projection maps are not clipped.
     """
 
     task: str = "sequence-classification"

@@ -56,6 +56,8 @@ ARM_ORDER = ("ce_only", "none", "projection", "cka", "procrustes", "gram_frobeni
 CONTROL_ARMS = ("ce_only", "none")
 PREDICTION_COLUMNS = ("index", "label", "prediction", "correct")
 GEOMETRY_COLUMNS = ("teacher_layer", "student_layer", "trained", "measure", "value", "z")
+#: prefix of the loss rows of a geometry.csv (repsim.distill.geometry.loss_values)
+LOSS_PREFIX = "loss:"
 #: prefix of the per-run geometry summaries :func:`read_study` adds to the runs table
 GEOMETRY_PREFIX = "geometry."
 DEFAULT_REPLICATES = 10_000
@@ -99,21 +101,72 @@ def _read_metrics(path: Path) -> dict[str, object]:
 
 def geometry_summary(table: pd.DataFrame, path: str | Path = "geometry.csv") -> dict[str, float]:
     """One run's geometry.csv as columns: per measure m the mean over its layer pairs of ``value`` and ``z``, on the
-    trained pairs (``geometry.<m>.trained``, ``geometry.<m>.trained.z``) and on the others (``...untrained``)."""
+    trained pairs (``geometry.<m>.trained``, ``geometry.<m>.trained.z``) and on the untrained pairs that carry a
+    null (``...untrained``; all untrained pairs when none does). Loss rows (``loss:...``) are left out: they are
+    the before/after table's (:func:`before_after`)."""
     path = Path(path)
     for column in GEOMETRY_COLUMNS:
         if column not in table.columns:
             raise UserError(f"{path} lacks the column {column}")
-    table = table.reset_index(drop=True)
+    table = table[~table["measure"].astype(str).str.startswith(LOSS_PREFIX)].reset_index(drop=True)
     trained = _as_bool(table["trained"], path)
     out: dict[str, float] = {}
     for measure, rows in table.groupby("measure", sort=True):
         for flag, name in ((True, "trained"), (False, "untrained")):
             part = rows[trained[rows.index] == flag]
+            if not flag and part["z"].notna().any():
+                part = part[part["z"].notna()]
             if len(part):
                 out[f"{GEOMETRY_PREFIX}{measure}.{name}"] = float(part["value"].astype(float).mean())
                 out[f"{GEOMETRY_PREFIX}{measure}.{name}.z"] = float(part["z"].astype(float).mean())
     return out
+
+
+def _reported_rows(path: Path) -> pd.DataFrame:
+    """A geometry.csv's rows on the reported pairs (those with a null, and every loss row)."""
+    table = read_csv_table(path, GEOMETRY_COLUMNS, "a geometry table")
+    keep = table["measure"].astype(str).str.startswith(LOSS_PREFIX) | table["z"].notna()
+    table = table[keep].copy()
+    table["trained"] = _as_bool(table["trained"], path)
+    return table
+
+
+def before_after(out: str | Path, *, replicates: int = DEFAULT_REPLICATES, seed: int = 0, alpha: float = 0.05
+                 ) -> pd.DataFrame:
+    """Per arm, measure and pair group (``trained``: the layer map's pairs; ``untrained``: the reported pairs no
+    loss saw, :func:`repsim.distill.geometry.reported_pairs`): the untrained student's value (``out/before``), the
+    mean over seeds of each run's mean over the group's pairs, its sd and a percentile bootstrap interval over
+    seeds, and the mean z against the row-permutation null. Values in each measure's own units (loss rows: the
+    loss's value on all test texts at once, ``@all``, or averaged over batches, ``@batchB``)."""
+    out = Path(out)
+    before_path = out / "before" / "geometry.csv"
+    before = {}
+    if before_path.is_file():
+        table = _reported_rows(before_path)
+        before = table.groupby(["measure", "trained"])["value"].mean().to_dict()
+    runs = []
+    for path in sorted((out / "runs").glob("*/seed*/geometry.csv")):
+        table = _reported_rows(path)
+        summary = table.groupby(["measure", "trained"]).agg(value=("value", "mean"), z=("z", "mean")).reset_index()
+        summary["arm"], summary["seed"] = path.parent.parent.name, path.parent.name
+        runs.append(summary)
+    if not runs:
+        raise UserError(f"no geometry.csv under {out / 'runs'}")
+    runs = pd.concat(runs, ignore_index=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (arm, measure, trained), part in runs.groupby(["arm", "measure", "trained"], sort=False):
+        values = part["value"].to_numpy(np.float64)
+        draws = values[rng.integers(0, len(values), size=(replicates, len(values)))].mean(axis=1)
+        low, high = percentile_interval(draws[:, None], alpha)
+        rows.append({"arm": arm, "measure": measure, "pairs": "trained" if trained else "untrained",
+                     "before": before.get((measure, trained), math.nan), "after_mean": float(values.mean()),
+                     "after_sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                     "ci_low": float(low[0]), "ci_high": float(high[0]), "z_mean": float(part["z"].mean()),
+                     "n_seeds": len(values)})
+    table = pd.DataFrame(rows)
+    table["arm_order"] = [ordered(list(table["arm"].unique()), ARM_ORDER).index(a) for a in table["arm"]]
+    return table.sort_values(["measure", "pairs", "arm_order"]).drop(columns="arm_order").reset_index(drop=True)
 
 
 def read_study(out: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, list[int]]]:
@@ -542,6 +595,38 @@ def plot_geometry_accuracy(runs: pd.DataFrame, distance: str, path: str | Path, 
     return _save(fig, path)
 
 
+#: the measures the before/after figure shows, one panel each
+BEFORE_AFTER_MEASURES = ("procrustes", "cka", "gram_frobenius")
+
+
+def plot_before_after(table: pd.DataFrame, path: str | Path) -> Path:
+    """One panel per measure of :data:`BEFORE_AFTER_MEASURES`: per arm the mean over seeds after training with its
+    95 % interval over seeds, on the trained pairs (filled) and the untrained ones (hollow); dashed lines: the
+    untrained student's values. PNG, atomic."""
+    plt = _pyplot()
+    measures = [m for m in BEFORE_AFTER_MEASURES if m in set(table["measure"])]
+    if not measures:
+        raise UserError("the before/after table has none of the measures " + ", ".join(BEFORE_AFTER_MEASURES))
+    arms = ordered(list(table["arm"].unique()), ARM_ORDER)
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.8), squeeze=False)
+    for ax, measure in zip(axes[0], measures, strict=True):
+        for offset, pairs, face in ((-0.12, "trained", "black"), (0.12, "untrained", "white")):
+            part = table[(table["measure"] == measure) & (table["pairs"] == pairs)].set_index("arm")
+            xs = [i + offset for i, a in enumerate(arms) if a in part.index]
+            rows = part.loc[[a for a in arms if a in part.index]]
+            ax.errorbar(xs, rows["after_mean"], yerr=[rows["after_mean"] - rows["ci_low"],
+                        rows["ci_high"] - rows["after_mean"]], fmt="o", color="black", markerfacecolor=face,
+                        capsize=4, label=f"{pairs} pairs")
+            if len(rows) and np.isfinite(rows["before"].iloc[0]):
+                ax.axhline(rows["before"].iloc[0], ls="--", lw=0.8, color="grey" if pairs == "untrained" else "black")
+        ax.set_xticks(range(len(arms)), arms, rotation=30, fontsize=8)
+        ax.set_title(f"{measure} (dashed: before training)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -582,6 +667,18 @@ def write_study_report(out: str | Path, *, replicates: int = DEFAULT_REPLICATES,
                  "per arm, distance permuted within arms.\n"]
     else:
         text += ["\nNo run has a geometry.csv: the geometry–accuracy test was not run.\n"]
+    if any((out / "runs").glob("*/seed*/geometry.csv")):
+        table = before_after(out, replicates=replicates, seed=seed)
+        paths["before_after"] = out / "study_before_after.csv"
+        write_text_atomic(paths["before_after"], table.to_csv(index=False))
+        text += ["\n### Geometry before and after training (test texts)\n\n",
+                 markdown(table.drop(columns=["after_sd"])),
+                 "\nbefore: the untrained student; after: mean over seeds of each run's mean over the pair group, "
+                 "95 % interval over seeds; z: against the run's row-permutation null (negative = closer than chance "
+                 "for distances, positive for CKA). loss:NAME@all is the loss on all test texts at once, @batchB the "
+                 "mean over batches of B texts; projection_optimal refits the map on the test texts, "
+                 "projection_trained uses the student's own maps.\n"]
+        paths["before_after_figure"] = plot_before_after(table, out / "study_before_after.png")
     write_text_atomic(paths["markdown"], "".join(text))
     plot_study(runs, correct, paths["accuracy_figure"], intervals=intervals)
     if distance is not None:

@@ -221,24 +221,27 @@ class DistillTrainer:
         return [list(range(a, min(n, a + size))) for a in range(0, min(n, count * size), size)]
 
     def calibrate_feature_weights(self) -> torch.Tensor:
-        """w_k = mean ‖∂(CE + α·KD)/∂H_k‖_F / mean ‖∂ℓ_k/∂H_k‖_F over the calibration batches (see DistillConfig)."""
+        """w_k = mean ‖∇_θ(CE + α·KD)‖ / (K · mean ‖∇_θ ℓ_k‖) over the calibration batches, θ the student's
+        trainable parameters, K the number of mapped pairs (see DistillConfig)."""
         was_training = self.student.training
         self.student.eval()
-        task_norm = torch.zeros(len(self.layer_map), dtype=torch.float64)
-        feat_norm = torch.zeros(len(self.layer_map), dtype=torch.float64)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+
+        def norm(loss: torch.Tensor) -> float:
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+
+        task_norm, feat_norm = 0.0, torch.zeros(len(self.layer_map), dtype=torch.float64)
         for index in self._fixed_batches(self.config.calibration_batches, self.config.batch_size):
-            terms, pair_losses, hidden = self._forward(index)
-            task = self._task_loss(terms)
-            for k, ((_t, s), loss) in enumerate(zip(self.layer_map, pair_losses, strict=True)):
-                (g_task,) = torch.autograd.grad(task, hidden[s], retain_graph=True)
-                (g_feat,) = torch.autograd.grad(loss, hidden[s], retain_graph=True)
-                task_norm[k] += float(g_task.double().norm())
-                feat_norm[k] += float(g_feat.double().norm())
+            terms, pair_losses, _hidden = self._forward(index)
+            task_norm += norm(self._task_loss(terms))
+            for k, loss in enumerate(pair_losses):
+                feat_norm[k] += norm(loss)
         self.student.train(was_training)
-        if not bool((feat_norm > 0).all() and (task_norm > 0).all()):
-            raise UserError("a feature loss or the task sends no gradient to a mapped layer at initialisation "
-                            f"(task {task_norm.tolist()}, feature {feat_norm.tolist()}); use feature_scale='fixed'")
-        return (task_norm / feat_norm).to(torch.float32)
+        if not bool((feat_norm > 0).all() and task_norm > 0):
+            raise UserError("a feature loss or the task sends no gradient to the student at initialisation "
+                            f"(task {task_norm}, feature {feat_norm.tolist()}); use feature_scale='fixed'")
+        return (task_norm / (len(self.layer_map) * feat_norm)).to(torch.float32)
 
     @torch.no_grad()
     def init_projection_ridge(self) -> list[float]:
@@ -297,7 +300,8 @@ class DistillTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms = self._loss_terms(index)
         terms["total"].backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        # the student's gradient norm (clipped); a projection map is an auxiliary head with its own learning rate
+        params = [p for p in self.student.parameters() if p.requires_grad]
         if self.config.max_grad_norm:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
