@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--student", default="drop:3")
     ap.add_argument("--arms", nargs="+", default=ARMS)
     ap.add_argument("--seeds", type=int, default=20)
-    ap.add_argument("--max-train", type=int, default=1000, help="student training texts (a fixed random subset)")
+    ap.add_argument("--max-train", type=int, default=800, help="student training texts (a fixed random subset)")
     ap.add_argument("--max-val", type=int, default=None, help="test texts (default: all 872 of the validation split)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--feature-scale", default="gradient", choices=["gradient", "fixed"])
     ap.add_argument("--projection-init", default="ridge", choices=["ridge", "random"])
     ap.add_argument("--projection-lr", type=float, default=1e-3)
-    ap.add_argument("--max-grad-norm", type=float, default=5.0)
+    ap.add_argument("--max-grad-norm", type=float, default=20.0)
     ap.add_argument("--permutations", type=int, default=20, help="row permutations for each geometry null")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--teacher-train", type=int, default=2000, help="texts the teacher's head is fine-tuned on")
@@ -102,7 +102,8 @@ def main() -> None:
     teacher_dir = work / f"teacher-{args.teacher_train}-{args.teacher_epochs}-{args.teacher_lr:g}-{args.max_length}"
     if not (teacher_dir / "model" / "config.json").exists():
         tcfg = dataclasses.replace(D.DistillConfig(), epochs=args.teacher_epochs, lr=args.teacher_lr, seed=0,
-                                   max_length=args.max_length, device=args.device, progress=not args.no_progress)
+                                   max_grad_norm=1.0, max_length=args.max_length, device=args.device,
+                                   progress=not args.no_progress)
         print(f"fine-tuning the teacher {args.teacher} on {args.teacher_train} texts ...", flush=True)
         tune = D.finetune(args.teacher, D.load_train_validation("sst2", max_train=args.teacher_train)[0],
                           validation, config=tcfg, out=teacher_dir)

@@ -104,14 +104,16 @@ def test_ridge_projection_init_is_the_ridge_solution(teacher):
     trainer = trainer_for(teacher, "projection", ridge_rows=150)
     (t, s), = trainer.layer_map
     lam = trainer.ridge_lambdas[0]
-    # the same rows, recomputed independently: the student at initialisation in eval mode, numpy normal equations
+    # the same rows (after the 2 calibration batches of 16), recomputed independently: the student at
+    # initialisation in eval mode, numpy normal equations
+    rows = list(range(32, 182))
     trainer.student.eval()
-    batch = D.collate(trainer.train, list(range(150)), trainer.pad_id)
+    batch = D.collate(trainer.train, rows, trainer.pad_id)
     with torch.no_grad():
         out = trainer.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               output_hidden_states=True)
     Y = D.pooled_mean(out.hidden_states[s].double(), batch["attention_mask"]).numpy()
-    X = trainer.cached[f"feat{t}"][:150].double().numpy()
+    X = trainer.cached[f"feat{t}"][rows].double().numpy()
     Yc, Xc = Y - Y.mean(0), X - X.mean(0)
     W = np.linalg.solve(Yc.T @ Yc + lam * np.eye(Yc.shape[1]), Yc.T @ Xc)
     proj = trainer.feature_losses[0].proj

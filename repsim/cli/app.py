@@ -347,7 +347,8 @@ def _add_distill(sub) -> None:
     p.add_argument("student", help="hub id or folder, drop:N / drop:i,j,k (teacher blocks kept, 1-based), or "
                    "narrow:HIDDEN:LAYERS (random init from the teacher's config)")
     p.add_argument("--loss", nargs="+", default=["none"],
-                   help="feature loss(es): none projection cka procrustes gram_frobenius, or all")
+                   help="arms: feature loss(es) none (CE + KD) projection cka procrustes gram_frobenius, the control "
+                   "ce_only (CE alone), or all (every one of them)")
     p.add_argument("--seeds", type=_POSITIVE, default=1, help="run seeds seed..seed+N-1 for every loss")
     p.add_argument("--alpha", type=_NONNEGATIVE, default=1.0, help="weight of the KD term")
     p.add_argument("--beta", type=_NONNEGATIVE, default=1.0, help="weight of the summed feature loss")
@@ -361,6 +362,18 @@ def _add_distill(sub) -> None:
                    help="with --features tokens: leave each text's first token out of the feature loss (mask), keep "
                    "it (keep), or mask it when the teacher has massive activations there (auto: its norm > 20x the "
                    "median token norm at a mapped layer, with a warning)")
+    p.add_argument("--feature-scale", choices=["gradient", "fixed"], default="gradient",
+                   help="gradient: weight each mapped pair so that at initialisation it pushes the student's weights "
+                   "with 1/K of the task's gradient norm (K pairs), then times --beta; fixed: --beta alone")
+    p.add_argument("--calibration-batches", type=_POSITIVE, default=2,
+                   help="training batches (the first ones, in data order) that measure those gradient norms")
+    p.add_argument("--projection-init", choices=["ridge", "random"], default="ridge",
+                   help="start the projection maps at their ridge fit (GCV) to the teacher, or at random")
+    p.add_argument("--projection-lr", type=_POSITIVE_REAL, default=1e-3,
+                   help="peak learning rate of the projection maps (same schedule as --lr)")
+    p.add_argument("--max-grad-norm", type=_NONNEGATIVE, default=20.0,
+                   help="clip the student's gradient norm at this value (0: no clipping); metrics.json reports "
+                   "the fraction of clipped steps")
     p.add_argument("--finetune-teacher", action="store_true",
                    help="fine-tune the teacher's head on --data first when it has none")
     p.add_argument("--teacher-epochs", type=_POSITIVE, default=None,

@@ -19,7 +19,10 @@ def run_distill(args: argparse.Namespace) -> int:
     print(distill_command(args.teacher, args.student, **training_kwargs(args), losses=args.loss,
                           seeds=args.seeds, alpha=args.alpha, beta=args.beta, temperature=args.temperature,
                           layer_map=args.layer_map, features=args.features,
-                          first_token=args.first_token, finetune_teacher=args.finetune_teacher,
+                          first_token=args.first_token, feature_scale=args.feature_scale,
+                          calibration_batches=args.calibration_batches, projection_init=args.projection_init,
+                          projection_lr=args.projection_lr, max_grad_norm=args.max_grad_norm,
+                          finetune_teacher=args.finetune_teacher,
                           teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
                           teacher_batch_size=args.teacher_batch_size, keep_students=args.keep_students))
     return 0

@@ -61,8 +61,9 @@ class DistillConfig:
     term starts with 1/K of the task's push on the student's weights, so the feature term as a whole pushes about
     as hard as the task, whichever loss it is; β scales that push.
     ``projection_init="ridge"`` starts each projection map at the ridge least-squares fit (GCV-chosen λ) from the
-    student's features at initialisation to the teacher's on the first ``ridge_rows`` training texts;
-    ``projection_lr`` is its own peak learning rate (default: ``lr``), on the same schedule. ``max_grad_norm``
+    student's features at initialisation to the teacher's on up to ``ridge_rows`` training texts (those after the
+    calibration batches, so the calibration sees the map on texts it was not fitted to);
+    ``projection_lr`` is its own peak learning rate (None: ``lr``), on the same schedule. ``max_grad_norm``
     clips the student's gradient norm (0: no clipping); the projection maps are not clipped.
     """
 
@@ -79,7 +80,7 @@ class DistillConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 20.0
     max_length: int = 64
     seed: int = 0
     checkpoint_every: int = 0
@@ -88,10 +89,10 @@ class DistillConfig:
     cache_teacher: bool = True
     progress: bool = True
     first_token: str = "auto"
-    feature_scale: str = "fixed"
-    calibration_batches: int = 4
-    projection_init: str = "random"
-    projection_lr: float | None = None
+    feature_scale: str = "gradient"
+    calibration_batches: int = 2
+    projection_init: str = "ridge"
+    projection_lr: float | None = 1e-3
     ridge_rows: int = 1024
 
     def validate(self) -> None:

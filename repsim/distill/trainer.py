@@ -220,6 +220,16 @@ class DistillTrainer:
         n = len(self.train)
         return [list(range(a, min(n, a + size))) for a in range(0, min(n, count * size), size)]
 
+    def _ridge_batches(self) -> list[list[int]]:
+        """The ridge fit's rows: up to ``ridge_rows`` training texts in data order after the calibration batches
+        (so the calibration measures the map on texts it was not fitted to), or from the start when fewer than
+        two would be left; in batches of ``eval_batch_size``."""
+        cfg, n = self.config, len(self.train)
+        first = min(n, cfg.calibration_batches * cfg.batch_size) if cfg.feature_scale == "gradient" else 0
+        first = first if n - first >= 2 else 0
+        rows = list(range(first, min(n, first + cfg.ridge_rows)))
+        return [rows[a:a + cfg.eval_batch_size] for a in range(0, len(rows), cfg.eval_batch_size)]
+
     def calibrate_feature_weights(self) -> torch.Tensor:
         """w_k = mean ‖∇_θ(CE + α·KD)‖ / (K · mean ‖∇_θ ℓ_k‖) over the calibration batches, θ the student's
         trainable parameters, K the number of mapped pairs (see DistillConfig)."""
@@ -246,15 +256,13 @@ class DistillTrainer:
     @torch.no_grad()
     def init_projection_ridge(self) -> list[float]:
         """Set each projection map to the ridge fit X ≈ YW + b from the student's (at initialisation, eval mode)
-        features Y to the teacher's X on the first ``ridge_rows`` training texts; λ by generalised cross-validation
+        features Y to the teacher's X on the rows of :meth:`_ridge_batches`; λ by generalised cross-validation
         (:func:`repsim.measures.families.projection_residual.gcv_ridge`). Returns the chosen λ per pair."""
         cfg = self.config
         was_training = self.student.training
         self.student.eval()
         rows: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [([], []) for _ in self.layer_map]
-        for index in self._fixed_batches(math.ceil(min(cfg.ridge_rows, len(self.train)) / cfg.eval_batch_size),
-                                         cfg.eval_batch_size):
-            index = [i for i in index if i < cfg.ridge_rows]
+        for index in self._ridge_batches():
             batch = collate(self.train, index, self.pad_id, self.padding_side)
             mask = batch["attention_mask"].to(self.device)
             out = self.student(input_ids=batch["input_ids"].to(self.device), attention_mask=mask,
