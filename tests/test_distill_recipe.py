@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_distill import FAST, TRAIN, VALID
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from test_distill import FAST, TRAIN, VALID, load_teacher, teacher_dir  # noqa: F401
 
 import repsim.distill as D
 from repsim.distill.geometry import geometry_table, loss_values, reported_pairs
@@ -26,15 +25,9 @@ RECIPE = dataclasses.replace(FAST, feature_scale="gradient", projection_init="ri
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, tiny_model):
-    """A tiny BERT classifier with a trained head (two blocks, so drop:1 leaves a student of one block)."""
-    base = tiny_model("bert")
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
-    tok = AutoTokenizer.from_pretrained(base)
-    out = tmp_path_factory.mktemp("recipe-teacher")
-    D.finetune((model, tok), TRAIN, VALID, config=dataclasses.replace(FAST, epochs=4, lr=3e-3), out=out)
-    return (AutoModelForSequenceClassification.from_pretrained(out / "model"),
-            AutoTokenizer.from_pretrained(out / "model"))
+def teacher(teacher_dir):  # noqa: F811 - test_distill's fine-tuned tiny BERT classifier
+    """A tiny BERT classifier with a trained head (three blocks)."""
+    return load_teacher(teacher_dir)
 
 
 def trainer_for(teacher, loss: str, student: str = "drop:1", **changes) -> DistillTrainer:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from test_distill import TRAIN, VALID
+from test_distill import TRAIN, VALID, teacher_dir  # noqa: F401 - the fixture behind `teacher`
 from test_distill_recipe import RECIPE
 from test_distill_recipe import teacher as teacher  # noqa: F401 - the module-scoped fixture
 
