@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--feature-scale", default="gradient", choices=["gradient", "fixed"])
     ap.add_argument("--projection-init", default="ridge", choices=["ridge", "random"])
     ap.add_argument("--projection-lr", type=float, default=1e-3)
-    ap.add_argument("--max-grad-norm", type=float, default=20.0)
+    ap.add_argument("--max-grad-norm", type=float, default=50.0)
     ap.add_argument("--permutations", type=int, default=20, help="row permutations for each geometry null")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--teacher-train", type=int, default=2000, help="texts the teacher's head is fine-tuned on")

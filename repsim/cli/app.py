@@ -371,7 +371,7 @@ def _add_distill(sub) -> None:
                    help="start the projection maps at their ridge fit (GCV) to the teacher, or at random")
     p.add_argument("--projection-lr", type=_POSITIVE_REAL, default=1e-3,
                    help="peak learning rate of the projection maps (same schedule as --lr)")
-    p.add_argument("--max-grad-norm", type=_NONNEGATIVE, default=20.0,
+    p.add_argument("--max-grad-norm", type=_NONNEGATIVE, default=50.0,
                    help="clip the student's gradient norm at this value (0: no clipping); metrics.json reports "
                    "the fraction of clipped steps")
     p.add_argument("--finetune-teacher", action="store_true",

@@ -80,7 +80,7 @@ class DistillConfig:
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
-    max_grad_norm: float = 20.0
+    max_grad_norm: float = 50.0
     max_length: int = 64
     seed: int = 0
     checkpoint_every: int = 0

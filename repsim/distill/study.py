@@ -585,7 +585,8 @@ def plot_geometry_accuracy(runs: pd.DataFrame, distance: str, path: str | Path, 
         part = runs[runs["arm"] == arm]
         ax.scatter(part[distance], 100 * part[accuracy], s=16, alpha=0.75, color=colours(i % 10), label=arm)
     data = runs[[distance, accuracy]].dropna()
-    rho = stats.spearmanr(data[distance], data[accuracy]).statistic if len(data) >= 3 else math.nan
+    varies = len(data) >= 3 and data[distance].nunique() > 1 and data[accuracy].nunique() > 1
+    rho = stats.spearmanr(data[distance], data[accuracy]).statistic if varies else math.nan  # else undefined
     ax.set_title(f"Spearman ρ over {len(data)} runs = {rho:.3f}", fontsize=9)
     ax.set_xlabel(distance.removeprefix(GEOMETRY_PREFIX))
     ax.set_ylabel(f"test {accuracy}, %")
