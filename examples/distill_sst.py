@@ -130,7 +130,7 @@ def main() -> None:
     (args.out / "setting.json").write_text(json.dumps(setting, indent=2))
     write_study_report(args.out)
     args.figures.mkdir(parents=True, exist_ok=True)
-    for name in ("study_accuracy.png", "study_geometry_accuracy.png"):
+    for name in ("study_accuracy.png", "study_geometry_accuracy.png", "study_before_after.png"):
         if (args.out / name).exists():
             shutil.copyfile(args.out / name, args.figures / f"distill_sst_{name.removeprefix('study_')}")
     print((args.out / "summary.md").read_text() if (args.out / "summary.md").exists() else runs)
