@@ -13,6 +13,7 @@ import torch
 from test_distill import FAST, TRAIN, VALID, load_teacher, teacher_dir  # noqa: F401
 
 import repsim.distill as D
+from repsim.cli import main
 from repsim.distill.geometry import geometry_table, loss_values, reported_pairs
 from repsim.distill.grid import arm_config
 from repsim.distill.trainer import DistillTrainer
@@ -223,3 +224,23 @@ def test_clipping_bounds_the_student_not_the_projection_maps(teacher):
     assert row["clipped"] == 1.0 and row["grad_norm"] > 1e-3
     assert float(student) == pytest.approx(1e-3, rel=1e-4)
     assert float(maps) > 1e-2  # the auxiliary maps keep their own gradient
+
+
+def test_command_line_passes_the_recipe_and_runs_the_controls(teacher_dir, tmp_path, capsys):  # noqa: F811
+    data = tmp_path / "toy.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(*TRAIN, strict=True)))
+    out = tmp_path / "o"
+    args = ["distill", str(teacher_dir), "drop:1", "--data", str(data), "--loss", "ce_only", "projection",
+            "--feature-scale", "fixed", "--projection-init", "random", "--projection-lr", "0.002",
+            "--max-grad-norm", "0", "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--no-progress",
+            "--out", str(out)]
+    assert main(args) == 0
+    control = json.loads((out / "runs" / "ce_only" / "seed0" / "config.json").read_text())
+    assert (control["loss"], control["alpha"]) == ("none", 0.0)
+    run = json.loads((out / "runs" / "projection" / "seed0" / "config.json").read_text())
+    assert (run["feature_scale"], run["projection_init"], run["projection_lr"], run["max_grad_norm"]) == (
+        "fixed", "random", 0.002, 0.0)
+    metrics = json.loads((out / "runs" / "projection" / "seed0" / "metrics.json").read_text())
+    assert metrics["feature_weights"] == [1.0] and metrics["clipped_fraction"] == 0.0
+    assert "ce_only" in capsys.readouterr().out
+    assert main([*args[:-2], "--out", str(tmp_path / "p"), "--feature-scale", "both"]) == 2
