@@ -354,6 +354,7 @@ def test_write_study_report_writes_the_tables_of_the_functions_and_the_figures(t
     pd.testing.assert_frame_equal(pd.read_csv(paths["comparisons"]), expected, check_dtype=False, rtol=1e-9)
     geometry = pd.read_csv(paths["geometry"])
     assert set(geometry["distance"]) == set(study.geometry_columns(runs))
+    np.testing.assert_allclose(geometry["p_holm"], study.holm(geometry["p_permutation"].to_numpy()), rtol=1e-12)
     for key in ("accuracy_figure", "geometry_figure"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| procrustes | cka |" in paths["markdown"].read_text()

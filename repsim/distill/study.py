@@ -660,12 +660,13 @@ def write_study_report(out: str | Path, *, replicates: int = DEFAULT_REPLICATES,
         geometry = pd.concat([geometry_predicts_accuracy(runs, c, permutations=permutations, seed=seed,
                                                          replicates=replicates) for c in columns],
                              ignore_index=True)
+        geometry["p_holm"] = holm(geometry["p_permutation"].to_numpy(np.float64))  # over every column and scope
         paths["geometry"] = out / "study_geometry_accuracy.csv"
         write_text_atomic(paths["geometry"], geometry.to_csv(index=False))
         text += ["\n### Does geometry predict accuracy? Spearman ρ over runs\n\n",
                  markdown(geometry.drop(columns=["accuracy", "permutations", "replicates"])),
                  f"\n{permutations} permutations, {replicates} bootstrap replicates; within arms: ranks centred "
-                 "per arm, distance permuted within arms.\n"]
+                 "per arm, distance permuted within arms; p_holm: Holm over every row of this table.\n"]
     else:
         text += ["\nNo run has a geometry.csv: the geometry–accuracy test was not run.\n"]
     if any((out / "runs").glob("*/seed*/geometry.csv")):
