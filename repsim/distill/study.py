@@ -600,12 +600,18 @@ def plot_geometry_accuracy(runs: pd.DataFrame, distance: str, path: str | Path, 
 BEFORE_AFTER_MEASURES = ("procrustes", "cka", "gram_frobenius")
 
 
+def before_after_measures(table: pd.DataFrame) -> list[str]:
+    """The measure ids of ``table`` whose family is in :data:`BEFORE_AFTER_MEASURES`, in that order."""
+    ids = sorted(set(table["measure"].astype(str)))
+    return [m for family in BEFORE_AFTER_MEASURES for m in ids if m.split("[", 1)[0] == family]
+
+
 def plot_before_after(table: pd.DataFrame, path: str | Path) -> Path:
     """One panel per measure of :data:`BEFORE_AFTER_MEASURES`: per arm the mean over seeds after training with its
     95 % interval over seeds, on the trained pairs (filled) and the untrained ones (hollow); dashed lines: the
     untrained student's values. PNG, atomic."""
     plt = _pyplot()
-    measures = [m for m in BEFORE_AFTER_MEASURES if m in set(table["measure"])]
+    measures = before_after_measures(table)
     if not measures:
         raise UserError("the before/after table has none of the measures " + ", ".join(BEFORE_AFTER_MEASURES))
     arms = ordered(list(table["arm"].unique()), ARM_ORDER)
@@ -680,7 +686,8 @@ def write_study_report(out: str | Path, *, replicates: int = DEFAULT_REPLICATES,
                  "for distances, positive for CKA). loss:NAME@all is the loss on all test texts at once, @batchB the "
                  "mean over batches of B texts; projection_optimal refits the map on the test texts, "
                  "projection_trained uses the student's own maps.\n"]
-        paths["before_after_figure"] = plot_before_after(table, out / "study_before_after.png")
+        if before_after_measures(table):
+            paths["before_after_figure"] = plot_before_after(table, out / "study_before_after.png")
     write_text_atomic(paths["markdown"], "".join(text))
     plot_study(runs, correct, paths["accuracy_figure"], intervals=intervals)
     if distance is not None:
