@@ -73,7 +73,7 @@ def main() -> None:
     base = D.DistillConfig(task="causal-lm", features=cfg["features"], layer_map=cfg["layer_map"],
                            alpha=cfg["alpha"], beta=cfg["beta"], temperature=cfg["temperature"], epochs=cfg["epochs"],
                            batch_size=cfg["batch_size"], lr=cfg["lr"], max_length=cfg["max_length"],
-                           device=cfg["device"], cache_teacher=False)
+                           device=cfg["device"], cache_teacher=False, first_token=cfg.get("first_token", "auto"))
     teacher = D.load(cfg["teacher"], "causal-lm")
     if cfg.get("finetune_teacher_epochs", 0):
         tcfg = dataclasses.replace(base, epochs=cfg["finetune_teacher_epochs"])
