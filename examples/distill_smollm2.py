@@ -161,8 +161,10 @@ def main() -> None:
     results["student_validation_procrustes_before"] = validation_distances(teacher, student, tok, valid, layer_map)
     results["runs"] = previous_runs(args)
     print(json.dumps(results, indent=2), flush=True)
+    # the recipe of the first one-seed run of this demo: fixed β = 1 and clipping at 1 (not the calibrated default)
     base = D.DistillConfig(task="causal-lm", features="tokens", epochs=args.epochs, batch_size=args.batch_size,
-                           lr=args.lr, max_length=args.max_length, cache_teacher=False, progress=False)
+                           lr=args.lr, max_length=args.max_length, cache_teacher=False, progress=False,
+                           feature_scale="fixed", max_grad_norm=1.0)
     for seed in args.seeds:
         for arm in args.arms:
             if any(r["arm"] == arm and r["seed"] == seed for r in results["runs"]):
