@@ -244,3 +244,18 @@ def test_command_line_passes_the_recipe_and_runs_the_controls(teacher_dir, tmp_p
     assert metrics["feature_weights"] == [1.0] and metrics["clipped_fraction"] == 0.0
     assert "ce_only" in capsys.readouterr().out
     assert main([*args[:-2], "--out", str(tmp_path / "p"), "--feature-scale", "both"]) == 2
+
+
+def test_command_line_grid_of_seeds_writes_the_study_report(teacher_dir, tmp_path, capsys):  # noqa: F811
+    data = tmp_path / "toy.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(*TRAIN, strict=True)))
+    out = tmp_path / "o"
+    assert main(["distill", str(teacher_dir), "drop:1", "--data", str(data), "--loss", "none", "cka", "--seeds", "2",
+                 "--geometry", "3", "--epochs", "1", "--batch-size", "16", "--max-length", "16", "--no-progress",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| cka | none |" in printed and "Geometry before and after" in printed
+    for run in ("none/seed0", "none/seed1", "cka/seed0", "cka/seed1"):
+        geometry = pd.read_csv(out / "runs" / run / "geometry.csv")
+        assert geometry["z"].notna().any()
+    assert (out / "before" / "geometry.csv").exists() and (out / "study_before_after.csv").exists()

@@ -384,6 +384,10 @@ def _add_distill(sub) -> None:
                    help="batch size for --finetune-teacher (default 32; the teacher's own, not --batch-size); "
                    "the teacher is fine-tuned with seed 0 whatever --seed says")
     p.add_argument("--out", default="distill-out", help="output folder (runs, summary.md, paired_tests.csv, figure)")
+    p.add_argument("--geometry", type=_COUNT, default=0, metavar="P",
+                   help="after each run, its geometry against the teacher on the validation texts (every layer "
+                   "pair; chance levels from P row permutations on the trained and neighbouring pairs): "
+                   "geometry.csv per run, a before/after table and the geometry-accuracy test (0: off)")
     p.add_argument("--keep-students", action="store_true",
                    help="keep each trained student (OUT/runs/LOSS/seedK/student) instead of deleting its weights")
     _add_training_options(p)

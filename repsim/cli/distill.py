@@ -24,7 +24,8 @@ def run_distill(args: argparse.Namespace) -> int:
                           projection_lr=args.projection_lr, max_grad_norm=args.max_grad_norm,
                           finetune_teacher=args.finetune_teacher,
                           teacher_epochs=args.teacher_epochs, teacher_lr=args.teacher_lr,
-                          teacher_batch_size=args.teacher_batch_size, keep_students=args.keep_students))
+                          teacher_batch_size=args.teacher_batch_size, keep_students=args.keep_students,
+                          geometry_permutations=args.geometry))
     return 0
 
 

@@ -29,6 +29,7 @@ from repsim.distill.data import encode, label_count, load_train_validation, text
 from repsim.distill.evaluation import classification_metrics, evaluate, summarize_grid
 from repsim.distill.geometry import geometry_table, layer_features, loss_values
 from repsim.distill.students import has_trained_head, load, make_student
+from repsim.distill.study import write_study_report
 from repsim.distill.trainer import DistillTrainer, seed_everything
 from repsim.system.errors import UserError
 from repsim.system.files import write_text_atomic, writing
@@ -293,8 +294,13 @@ def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data:
                     max_train: int | None = None, max_val: int | None = None, losses: Sequence[str] = ("none",),
                     seeds: int = 1, finetune_teacher: bool = False, teacher_epochs: int | None = None,
                     teacher_lr: float | None = None, teacher_batch_size: int | None = None,
-                    out: str | Path = "distill-out", keep_students: bool = False, **options: Any) -> str:
-    """``repsim distill``: every loss × seeds (seed, seed+1, ...) into ``out``; returns the summary (markdown)."""
+                    out: str | Path = "distill-out", keep_students: bool = False, geometry_permutations: int = 0,
+                    **options: Any) -> str:
+    """``repsim distill``: every loss × seeds (seed, seed+1, ...) into ``out``; returns the summary (markdown).
+
+    Classification with at least two seeds also gets the study report of :func:`repsim.distill.study.
+    write_study_report` (per-text tests, Holm, and with ``geometry_permutations`` > 0 each run's held-out
+    geometry, before/after and the geometry-accuracy test), appended to the summary."""
 
     config = DistillConfig(**options)
     if not _loss_list(losses):
@@ -313,7 +319,10 @@ def distill_command(teacher: str, student: str, *, data: str = "sst2", val_data:
     runs = run_grid(teacher, student, train, validation, losses=_loss_list(losses),
                     seeds=list(range(first, first + seeds)), config=config, out=out,
                     finetune_teacher=finetune_teacher, teacher_config=teacher_config,
-                    title=f"{teacher} → {student} on {getattr(train, 'name', data)}", keep_students=keep_students)
+                    title=f"{teacher} → {student} on {getattr(train, 'name', data)}", keep_students=keep_students,
+                    geometry_permutations=geometry_permutations)
     summary = Path(out) / "summary.md"
     text = summary.read_text() if summary.exists() else runs.to_string()
+    if config.task == "sequence-classification" and seeds >= 2 and len(runs):
+        text += "\n" + write_study_report(out)["markdown"].read_text()
     return f"{text}\nresults in {out}"
