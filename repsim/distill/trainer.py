@@ -187,18 +187,22 @@ class DistillTrainer:
         token_mask = drop_first_token(mask) if self.mask_first_token else mask
         for (t, s), loss_fn in zip(self.layer_map, self.feature_losses, strict=True):
             h_s = out.hidden_states[s]
-            if t_hidden is not None:
-                h_t = t_hidden[t].float()
-                h_t = pooled_mean(h_t, mask) if cfg.features == "mean" else h_t
-            else:
-                h_t = self.cached[f"feat{t}"][list(index)].to(self.device)
-                if cfg.features == "tokens":
-                    h_t = align_token_rows(h_t, mask, self.padding_side)
+            h_t = self._teacher_features(t, index, mask, t_hidden)
             if cfg.features == "mean":
                 pair_losses.append(loss_fn(h_t, pooled_mean(h_s, mask)))
             else:
                 pair_losses.append(loss_fn(h_t, h_s, attention_mask=token_mask))
         return terms, pair_losses, (out.hidden_states if want_hidden else ())
+
+    def _teacher_features(self, t: int, index: Sequence[int], mask: torch.Tensor, t_hidden: tuple | None
+                          ) -> torch.Tensor:
+        """The teacher's layer-``t`` features for the batch ``index``: from its forward pass ``t_hidden`` (pooled
+        when features are mean-pooled), else from the cache (token rows aligned with the student's padding)."""
+        if t_hidden is not None:
+            h_t = t_hidden[t].float()
+            return pooled_mean(h_t, mask) if self.config.features == "mean" else h_t
+        h_t = self.cached[f"feat{t}"][list(index)].to(self.device)
+        return h_t if self.config.features == "mean" else align_token_rows(h_t, mask, self.padding_side)
 
     def _task_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """CE + α·KD (CE alone without a teacher)."""
@@ -273,12 +277,7 @@ class DistillTrainer:
                                         output_hidden_states=True).hidden_states
             for k, (t, s) in enumerate(self.layer_map):
                 h_s = out.hidden_states[s].double()
-                if t_hidden is not None:
-                    h_t = t_hidden[t].double()
-                    h_t = pooled_mean(h_t, mask) if cfg.features == "mean" else h_t
-                else:
-                    h_t = self.cached[f"feat{t}"][index].to(self.device).double()
-                    h_t = h_t if cfg.features == "mean" else align_token_rows(h_t, mask, self.padding_side)
+                h_t = self._teacher_features(t, index, mask, t_hidden).double()
                 if cfg.features == "mean":
                     rows[k][0].append(h_t)
                     rows[k][1].append(pooled_mean(h_s, mask))
