@@ -45,7 +45,7 @@ import pandas as pd
 from scipy import stats
 
 from repsim.analysis.plot import read_csv_table
-from repsim.analysis.stats import percentile_interval
+from repsim.analysis.stats import percentile_interval, resample_indices
 from repsim.distill.evaluation import markdown, ordered
 from repsim.system.errors import UserError
 from repsim.system.files import atomic_file, write_text_atomic
@@ -153,11 +153,10 @@ def before_after(out: str | Path, *, replicates: int = DEFAULT_REPLICATES, seed:
     if not runs:
         raise UserError(f"no geometry.csv under {out / 'runs'}")
     runs = pd.concat(runs, ignore_index=True)
-    rng = np.random.default_rng(seed)
     rows = []
     for (arm, measure, trained), part in runs.groupby(["arm", "measure", "trained"], sort=False):
         values = part["value"].to_numpy(np.float64)
-        draws = values[rng.integers(0, len(values), size=(replicates, len(values)))].mean(axis=1)
+        draws = values[resample_indices(len(values), replicates, seed)].mean(axis=1)  # the same seed draws per group
         low, high = percentile_interval(draws[:, None], alpha)
         rows.append({"arm": arm, "measure": measure, "pairs": "trained" if trained else "untrained",
                      "before": before.get((measure, trained), math.nan), "after_mean": float(values.mean()),
