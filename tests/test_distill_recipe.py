@@ -154,6 +154,8 @@ def test_resume_restores_the_calibrated_weights(teacher, tmp_path):
 
 
 def test_ce_only_arm_has_no_teacher_terms(teacher, tmp_path):
+    with pytest.raises(UserError, match="ce_only, none, projection"):  # an unknown arm names the controls too
+        arm_config(RECIPE, "bogus")
     cfg = arm_config(RECIPE, "ce_only")
     assert (cfg.loss, cfg.alpha) == ("none", 0.0)
     result = D.distill(teacher, "drop:1", TRAIN, VALID, config=cfg, out=tmp_path)

@@ -146,6 +146,10 @@ def arm_config(config: DistillConfig, arm: str) -> DistillConfig:
     :data:`repsim.distill.config.CONTROLS` (``ce_only``: CE alone, α = 0 and no feature term)."""
     if arm == "ce_only":
         return dataclasses.replace(config, loss="none", alpha=0.0)
+    if str(arm).split("[")[0].strip() not in FEATURE_LOSSES:
+        arms = ", ".join((*CONTROLS, *FEATURE_LOSSES))
+        raise UserError(f"unknown feature loss {arm!r}; choose one of {arms} (a feature loss optionally with a "
+                        "convention, e.g. procrustes[squared]), or all")
     return dataclasses.replace(config, loss=arm)
 
 
